@@ -1,0 +1,53 @@
+"""The loss convention shared by every stage (docs/design.md, "Loss scale").
+
+A batch is a dict of tensors:
+    input_ids       LongTensor[B, T]
+    attention_mask  LongTensor[B, T]   1 for real tokens, 0 for padding
+    labels          LongTensor[B, T]   HF convention: aligned with input_ids, -100 where no loss is taken;
+                                       the shift (position t predicts token t+1) happens in `shifted`.
+    doc_id          LongTensor[B]      the source document of each sequence (training batches only)
+
+The loss of a sequence is the SUM over its predicted tokens; the curvature is the GGN of the MEAN over sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at positions 0..T-2 and the labels they predict (positions 1..T-1)."""
+    return logits[:, :-1, :], labels[:, 1:]
+
+
+def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [B, T, V] of an HF causal LM, in float32 whatever the model's dtype (stable log-softmax)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return out.logits.float()
+
+
+def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sequence loss [B]: the sum of token cross-entropies over positions whose label is not -100."""
+    logits, targets = shifted(logits, labels)
+    mask = targets != IGNORE_INDEX
+    token_loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.clamp_min(0).reshape(-1), reduction="none"
+    ).view_as(targets)
+    return (token_loss * mask).sum(dim=1)
+
+
+def sample_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Labels drawn from the model's own predictive distribution, one per predicted token (true Fisher, seeds §2-3).
+
+    Returned in the unshifted HF layout, with -100 kept wherever `labels` has it.
+    """
+    logits, targets = shifted(logits, labels)
+    probs = torch.softmax(logits.detach().double(), dim=-1).reshape(-1, logits.shape[-1])
+    drawn = torch.multinomial(probs, 1, generator=generator).view_as(targets)
+    sampled = labels.clone()
+    sampled[:, 1:] = torch.where(targets == IGNORE_INDEX, targets, drawn)
+    return sampled

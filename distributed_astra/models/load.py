@@ -1,0 +1,58 @@
+"""Load an HF causal LM from a local path or a hub id, in a chosen dtype, ready for attribution."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from distributed_astra.errors import DastraError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def prepare_for_attribution(model: nn.Module) -> nn.Module:
+    """eval() (dropout off: G must be symmetric), frozen parameters, and gradients that flow through activations.
+
+    Hooks then see every tracked module's input a and output gradient Ds, and no weight gradient is ever allocated.
+    """
+    model.eval()
+    model.requires_grad_(False)
+    model.enable_input_require_grads()
+    return model
+
+
+def _resolve(path: str | None, hub_id: str | None) -> str:
+    if path:
+        if not Path(path, "config.json").is_file():
+            raise DastraError(f"model.path '{path}' holds no config.json: point model.path at a saved HF model folder")
+        return path
+    if hub_id:
+        return hub_id
+    raise DastraError("model: set model.path (a local HF model folder) or model.hub_id")
+
+
+def load_causal_lm(path: str | None, hub_id: str | None, dtype: str) -> nn.Module:
+    """An `AutoModelForCausalLM` with eager attention (the CPU sdpa kernel lacks double backward and forward-mode AD)."""
+    source = _resolve(path, hub_id)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation="eager")
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+        hint = "the hub is offline (HF_HUB_OFFLINE=1) and" if offline else ""
+        raise DastraError(
+            f"model.hub_id '{source}' could not be loaded: {hint} it is not in the local cache; "
+            "set model.path to a local HF model folder"
+        ) from exc
+    return prepare_for_attribution(model)
+
+
+def load_tokenizer(path: str | None, hub_id: str | None) -> PreTrainedTokenizerBase:
+    source = _resolve(path, hub_id)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        raise DastraError(f"no tokenizer for '{source}': save one next to the model (tokenizer.json)") from exc
