@@ -1,0 +1,69 @@
+"""Artifacts on disk: atomic writes (temp name, fsync, rename) and metadata that stages check before reading.
+
+Every artifact folder holds a `meta.json`. A stage that reads an artifact states what it expects (model fingerprint,
+tracked modules, config hash...) and `check_meta` names the first field that differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from distributed_astra.errors import DastraError
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write a file or folder into; it replaces `final` only on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    try:
+        yield tmp
+        if tmp.is_file():
+            with tmp.open("rb") as fh:
+                os.fsync(fh.fileno())
+        if final.is_dir():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+
+
+def write_json(path: Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_meta(folder: Path, artifact: str, producer: str) -> dict[str, Any]:
+    meta = Path(folder) / "meta.json"
+    if not meta.is_file():
+        raise DastraError(f"{artifact} not found at '{folder}': run `dastra {producer}` first")
+    return json.loads(meta.read_text())
+
+
+def check_meta(found: dict[str, Any], expected: dict[str, Any], artifact: str, producer: str) -> None:
+    """Raise naming the first expected field whose value differs from the artifact's."""
+    for key, want in expected.items():
+        if found.get(key) != want:
+            raise DastraError(
+                f"{artifact}: field '{key}' is {found.get(key)!r} but this run expects {want!r}; "
+                f"re-run `dastra {producer}`"
+            )

@@ -1,0 +1,115 @@
+"""The `dastra` command: parse arguments, build the config, call a stage. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from distributed_astra.config import Config, load_config
+from distributed_astra.errors import DastraError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-data attribution with EK-FAC and ASTRA.")
+
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: configs/tiny.yaml)")]
+SetOption = Annotated[
+    Optional[list[str]], typer.Option("--set", "-s", help="dotted override, e.g. --set solver.damping=1e-3")
+]
+RunDirOption = Annotated[Optional[str], typer.Option("--run-dir", help="shortcut for --set output.run_dir=...")]
+
+
+def _config(config: Path | None, overrides: list[str] | None, run_dir: str | None) -> Config:
+    cfg = load_config(config, overrides)
+    if run_dir is not None:
+        cfg.output.run_dir = run_dir
+    return cfg
+
+
+def _guarded(action: Callable[[], None]) -> None:
+    """One line on bad input, exit code 2; Ctrl-C exits 130. Artifacts are written atomically, so nothing is torn."""
+    from distributed_astra.progress import console
+
+    try:
+        action()
+    except DastraError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]: finished artifacts are kept; re-run the same command to continue")
+        raise typer.Exit(130) from None
+
+
+def _stage(name: str, config: Path | None, overrides: list[str] | None, run_dir: str | None) -> None:
+    from distributed_astra import pipeline
+
+    def action() -> None:
+        ctx = pipeline.open_context(_config(config, overrides, run_dir), name)
+        try:
+            result = getattr(pipeline, name)(ctx)
+            if name == "score":
+                pipeline.print_topk(result, ctx.queries, ctx.cfg.scoring.top_k)
+        finally:
+            ctx.tracker.close()
+
+    _guarded(action)
+
+
+@app.command()
+def fit(config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None) -> None:
+    """Fit EK-FAC factors over the corpus (covariances, eigendecomposition, eigenvalue correction)."""
+    _stage("fit", config, set_, run_dir)
+
+
+@app.command()
+def query(config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None) -> None:
+    """Compute query gradients on the completion tokens."""
+    _stage("query", config, set_, run_dir)
+
+
+@app.command()
+def solve(config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None) -> None:
+    """Solve the iHVPs (G + λI)⁻¹∇f of the query gradients."""
+    _stage("solve", config, set_, run_dir)
+
+
+@app.command()
+def score(config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None) -> None:
+    """Stream the corpus and keep the top-k documents per query."""
+    _stage("score", config, set_, run_dir)
+
+
+def _run_and_report(cfg: Config, job: str) -> None:
+    from distributed_astra import pipeline
+    from distributed_astra.progress import console
+
+    result = pipeline.run(cfg, job)
+    pipeline.print_topk(result.topk, result.queries, cfg.scoring.top_k)
+    summary = result.summary
+    console.print(json.dumps(summary, indent=2))
+    recall = summary["fact_tracing"]
+    if recall.get("num_fact_queries"):
+        console.print(
+            f"[bold]fact tracing ({summary['solver']}):[/] recall@1 = {recall['recall@1']:.2f}, "
+            f"recall@10 = {recall['recall@10']:.2f} over {recall['num_fact_queries']} fact queries"
+        )
+    console.print(f"run directory: {cfg.output.run_dir}")
+
+
+@app.command()
+def run(config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None) -> None:
+    """Run every stage: fit, query, solve, score; write summary.json and topk.parquet."""
+    _guarded(lambda: _run_and_report(_config(config, set_, run_dir), "run"))
+
+
+@app.command()
+def demo(run_dir: Annotated[str, typer.Option("--run-dir")] = "runs/demo", set_: SetOption = None) -> None:
+    """The whole pipeline on the embedded default (configs/tiny.yaml): demo corpus, tiny GPT-2, EK-FAC-IF, top-10."""
+    _guarded(lambda: _run_and_report(_config(None, set_, run_dir), "demo"))
+
+
+def main() -> None:
+    sys.exit(app())

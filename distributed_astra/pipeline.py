@@ -1,0 +1,338 @@
+"""The single-process pipeline: one function per stage, each reading the previous stage's artifacts.
+
+    prepare -> fit -> query -> solve -> score        (`run` does them all and writes summary.json)
+
+Run directory layout (docs/design.md, "Artifacts"):
+    data/corpus.parquet, data/queries.parquet   the demo corpus (data.corpus / data.queries = demo)
+    model/                                      the demo's tokenizer and tiny GPT-2 (model.source = tiny)
+    factors/                                    EK-FAC factors (safetensors) + meta.json
+    queries/                                    query gradients + meta.json
+    ihvp/<solver>/                              solved directions (G + λI)⁻¹∇f + meta.json
+    topk.parquet, summary.json, metrics.jsonl, wandb/
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+import distributed_astra
+from distributed_astra.artifacts import atomic_path, check_meta, read_meta, write_json
+from distributed_astra.config import Config
+from distributed_astra.curvature.factors import EkfacFactors, fit_ekfac, load_factors, model_fingerprint, save_factors
+from distributed_astra.data.demo_corpus import build_demo_corpus
+from distributed_astra.data.sequences import iter_query_batches, iter_training_batches, load_queries
+from distributed_astra.data.tokenizer import train_bpe_tokenizer
+from distributed_astra.errors import DastraError
+from distributed_astra.eval.facts import fact_recall
+from distributed_astra.ihvp.ekfac import default_damping, ekfac_inverse
+from distributed_astra.models.load import load_causal_lm, load_tokenizer
+from distributed_astra.models.modules import TrackedModule, select_tracked_modules
+from distributed_astra.models.tiny import build_tiny_gpt2, train_tiny_gpt2
+from distributed_astra.progress import console, progress_bar
+from distributed_astra.scoring.gradients import captured_batches, query_gradients
+from distributed_astra.scoring.inner_products import sequence_scores
+from distributed_astra.scoring.topk import StreamingTopK
+from distributed_astra.tracking import Tracker
+
+STAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def factors(self) -> Path:
+        return self.root / "factors"
+
+    @property
+    def queries(self) -> Path:
+        return self.root / "queries"
+
+    def ihvp(self, solver: str) -> Path:
+        return self.root / "ihvp" / solver
+
+    @property
+    def topk(self) -> Path:
+        return self.root / "topk.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+
+@dataclass
+class Context:
+    """What every stage needs: the config, where things live, the model and its tracked modules."""
+
+    cfg: Config
+    paths: RunPaths
+    corpus: Path
+    queries: Path
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    tracked: dict[str, TrackedModule]
+    fingerprint: str
+    tracker: Tracker
+
+    @property
+    def stat_dtype(self) -> torch.dtype:
+        return STAT_DTYPES[self.cfg.factors.dtype]
+
+    def training_batches(self, batch_size: int, max_sequences: int | None = None):
+        return iter_training_batches(
+            self.corpus,
+            self.tokenizer,
+            self.cfg.data.max_length,
+            batch_size,
+            max_sequences=max_sequences,
+            text_column=self.cfg.data.text_column,
+            id_column=self.cfg.data.id_column,
+        )
+
+    def versions(self) -> dict[str, str]:
+        return {
+            "distributed_astra": distributed_astra.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        }
+
+    def model_meta(self) -> dict[str, object]:
+        return {"fingerprint": self.fingerprint, "tracked_modules": list(self.tracked)}
+
+
+def _prepare_demo_data(cfg: Config, paths: RunPaths) -> tuple[Path, Path]:
+    demo_corpus, demo_queries = paths.data / "corpus.parquet", paths.data / "queries.parquet"
+    if (cfg.data.corpus == "demo" or cfg.data.queries == "demo") and not (
+        demo_corpus.is_file() and demo_queries.is_file()
+    ):
+        console.print(f"building the demo corpus in {paths.data}")
+        build_demo_corpus(paths.data, cfg.data.num_stdlib_docs, cfg.data.num_facts, cfg.data.seed)
+    corpus = demo_corpus if cfg.data.corpus == "demo" else Path(cfg.data.corpus)
+    queries = demo_queries if cfg.data.queries == "demo" else Path(cfg.data.queries)
+    for field, path in (("data.corpus", corpus), ("data.queries", queries)):
+        if not path.is_file():
+            raise DastraError(f"{field}: file '{path}' not found; point {field} at a Parquet file or use 'demo'")
+    return corpus, queries
+
+
+def _train_tiny_model(cfg: Config, paths: RunPaths, corpus: Path) -> None:
+    tiny = cfg.model.tiny
+    texts = pq.read_table(corpus, columns=[cfg.data.text_column]).column(0).to_pylist()
+    with atomic_path(paths.model) as tmp:
+        tokenizer = train_bpe_tokenizer(texts, tiny.vocab_size, tmp)
+        model = build_tiny_gpt2(len(tokenizer), tiny.n_layer, tiny.n_head, tiny.n_embd, cfg.data.max_length, tiny.seed)
+        batches = list(
+            iter_training_batches(
+                corpus, tokenizer, cfg.data.max_length, tiny.train_batch_size,
+                text_column=cfg.data.text_column, id_column=cfg.data.id_column,
+            )
+        )
+        with progress_bar("train tiny GPT-2", tiny.train_steps, "steps") as advance:
+            losses = train_tiny_gpt2(
+                model, batches, tiny.train_steps, tiny.learning_rate, tiny.seed, on_step=lambda step, loss: advance(1)
+            )
+        model.save_pretrained(tmp)
+    console.print(f"tiny GPT-2 trained: final loss {losses[-1]:.3f}, saved to {paths.model}")
+
+
+def open_context(cfg: Config, job: str) -> Context:
+    """Resolve data and model (building the demo's corpus and tiny GPT-2 when absent), choose tracked modules."""
+    paths = RunPaths(Path(cfg.output.run_dir))
+    if cfg.ray.num_workers > 1 or cfg.ray.address or cfg.deepspeed.stage > 0:
+        raise DastraError(
+            "ray.num_workers/ray.address/deepspeed.stage: this build runs single-process only; "
+            "leave them at 1/null/0"
+        )
+    corpus, queries = _prepare_demo_data(cfg, paths)
+    if cfg.model.source == "tiny":
+        if not (paths.model / "config.json").is_file():
+            _train_tiny_model(cfg, paths, corpus)
+        model_path, hub_id = str(paths.model), None
+    else:
+        model_path, hub_id = (cfg.model.path, None) if cfg.model.source == "path" else (None, cfg.model.hub_id)
+        if cfg.model.source == "path" and not cfg.model.path:
+            raise DastraError("model.path is empty: set it to a local HF model folder (model.source is 'path')")
+    model = load_causal_lm(model_path, hub_id, cfg.model.dtype)
+    tokenizer = load_tokenizer(model_path, hub_id)
+    tracked = select_tracked_modules(model, cfg.model.tracked_modules)
+    tracker = Tracker(paths.root, cfg.tracking, cfg.model_dump(mode="json"), job)
+    return Context(cfg, paths, corpus, queries, model, tokenizer, tracked, model_fingerprint(model, tracked), tracker)
+
+
+def _factor_meta(ctx: Context) -> dict[str, object]:
+    return {**ctx.model_meta(), "config_hash": ctx.cfg.section_hash("data", "factors")}
+
+
+def fit(ctx: Context) -> EkfacFactors:
+    """Two passes over the corpus: covariances A, S, then the eigenvalue correction Λ (seeds §3)."""
+    cfg = ctx.cfg.factors
+    num_sequences = sum(len(b["doc_id"]) for b in ctx.training_batches(cfg.batch_size, cfg.max_sequences))
+    if num_sequences == 0:
+        raise DastraError(f"data.corpus '{ctx.corpus}' yields no token sequences; give it non-empty documents")
+    with progress_bar("fit EK-FAC (2 passes)", 2 * num_sequences, "seq") as advance:
+        factors = fit_ekfac(
+            ctx.model,
+            ctx.tracked,
+            lambda: ctx.training_batches(cfg.batch_size, cfg.max_sequences),
+            ctx.stat_dtype,
+            cfg.seed,
+            on_batch=advance,
+        )
+    save_factors(factors, ctx.paths.factors, {**_factor_meta(ctx), "dtype": cfg.dtype, "versions": ctx.versions()})
+    ctx.tracker.log({"fit/num_sequences": num_sequences, "fit/mean_lambda": default_damping(factors) / 0.1})
+    return factors
+
+
+def query(ctx: Context) -> None:
+    """∇θ f(z_q) on the completion tokens of every query, saved per module."""
+    queries = load_queries(ctx.queries)
+    batches = iter_query_batches(queries, ctx.tokenizer, ctx.cfg.solver.query_batch_size)
+    with progress_bar("query gradients", len(queries), "queries") as advance:
+        ids, grads = query_gradients(ctx.model, ctx.tracked, batches, ctx.stat_dtype, on_batch=advance)
+    with atomic_path(ctx.paths.queries) as tmp:
+        tmp.mkdir()
+        save_file({"query_ids": ids, **grads}, str(tmp / "gradients.safetensors"))
+        write_json(tmp / "meta.json", {**ctx.model_meta(), "queries": str(ctx.queries), "num_queries": len(ids)})
+
+
+def _load_query_gradients(ctx: Context) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    check_meta(read_meta(ctx.paths.queries, "query gradients", "query"), ctx.model_meta(), "query gradients", "query")
+    tensors = load_file(str(ctx.paths.queries / "gradients.safetensors"))
+    return tensors.pop("query_ids"), tensors
+
+
+def solve(ctx: Context) -> float:
+    """The EK-FAC iHVP (P + λI)⁻¹∇f of every query; returns the damping λ used."""
+    factors = load_factors(ctx.paths.factors, _factor_meta(ctx))
+    ids, grads = _load_query_gradients(ctx)
+    damping = default_damping(factors) if ctx.cfg.solver.damping == "auto" else float(ctx.cfg.solver.damping)
+    directions = ekfac_inverse(factors, grads, damping, strategy=ctx.cfg.factors.strategy)
+    out = ctx.paths.ihvp(ctx.cfg.solver.name)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        save_file({"query_ids": ids, **directions}, str(tmp / "directions.safetensors"))
+        write_json(tmp / "meta.json", {**ctx.model_meta(), "solver": ctx.cfg.solver.name, "damping": damping})
+    ctx.tracker.log({"solve/damping": damping})
+    return damping
+
+
+def _documents_text(corpus: Path, id_column: str, text_column: str, doc_ids: list[int]) -> dict[int, str]:
+    wanted = pa.array(sorted(set(doc_ids)), type=pa.int64())
+    found: dict[int, str] = {}
+    for batch in pq.ParquetFile(corpus).iter_batches(columns=[id_column, text_column]):
+        table = pa.Table.from_batches([batch])
+        hits = table.filter(pc.is_in(table[id_column].cast(pa.int64()), value_set=wanted))
+        found.update(zip(hits[id_column].to_pylist(), hits[text_column].to_pylist()))
+    return found
+
+
+def score(ctx: Context) -> pa.Table:
+    """Stream the corpus: τ(z_q, z_m) = X_qᵀ ∇L(z_m) per document, keeping the top-k per query (seeds §1, Eq 2)."""
+    solver_dir = ctx.paths.ihvp(ctx.cfg.solver.name)
+    check_meta(read_meta(solver_dir, "solved directions", "solve"), ctx.model_meta(), "solved directions", "solve")
+    tensors = load_file(str(solver_dir / "directions.safetensors"))
+    query_ids = tensors.pop("query_ids")
+    top = StreamingTopK(len(query_ids), ctx.cfg.scoring.top_k, keep_all=ctx.cfg.scoring.dense)
+    num_sequences = sum(len(b["doc_id"]) for b in ctx.training_batches(ctx.cfg.scoring.batch_size))
+    with progress_bar("score corpus", num_sequences, "seq") as advance:
+        for batch, capture in captured_batches(
+            ctx.model, ctx.tracked, ctx.training_batches(ctx.cfg.scoring.batch_size), ctx.stat_dtype
+        ):
+            top.update(batch["doc_id"], sequence_scores(capture.output_grads, capture.activations, tensors))
+            advance(len(batch["doc_id"]))
+    scores, doc_ids = top.finish()
+    texts = _documents_text(ctx.corpus, ctx.cfg.data.id_column, ctx.cfg.data.text_column, doc_ids.flatten().tolist())
+    k = scores.shape[1]
+    table = pa.table(
+        {
+            "query_id": query_ids.repeat_interleave(k).numpy(),
+            "rank": torch.arange(1, k + 1).repeat(len(query_ids)).numpy(),
+            "doc_id": doc_ids.flatten().numpy(),
+            "score": scores.flatten().numpy(),
+            "text": [texts.get(d, "") for d in doc_ids.flatten().tolist()],
+        }
+    )
+    with atomic_path(ctx.paths.topk) as tmp:
+        pq.write_table(table, tmp)
+    if ctx.cfg.scoring.dense:
+        all_ids, all_scores = top.all_scores()
+        dense = pa.table({"doc_id": all_ids.numpy(), **{f"q{q}": all_scores[:, i].numpy() for i, q in enumerate(query_ids.tolist())}})
+        with atomic_path(ctx.paths.root / "scores" / "dense.parquet") as tmp:
+            pq.write_table(dense, tmp)
+    ctx.tracker.log({"score/num_documents": top.num_documents, "score/num_queries": len(query_ids)})
+    return table
+
+
+def print_topk(table: pa.Table, queries_path: Path, show: int) -> None:
+    """A readable table: each query's prompt and completion, then its top documents."""
+    from rich.table import Table
+
+    prompts = {q.query_id: q for q in load_queries(queries_path)}
+    rows = table.to_pylist()
+    for query_id in sorted({r["query_id"] for r in rows}):
+        q = prompts.get(query_id)
+        title = f"query {query_id}: {q.prompt!r} -> {q.completion!r}" if q else f"query {query_id}"
+        view = Table(title=title, title_justify="left", show_lines=False)
+        for column in ("rank", "doc_id", "score", "text"):
+            view.add_column(column, overflow="ellipsis", no_wrap=column == "text", max_width=90 if column == "text" else None)
+        for r in [r for r in rows if r["query_id"] == query_id][:show]:
+            marker = " *" if q and q.fact_doc_id == r["doc_id"] else ""
+            view.add_row(str(r["rank"]), f"{r['doc_id']}{marker}", f"{r['score']:.4g}", r["text"].replace("\n", " ")[:200])
+        console.print(view)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    summary: dict[str, object]
+    topk: pa.Table
+    queries: Path
+
+
+def run(cfg: Config, job: str = "run") -> RunResult:
+    """All stages in order; writes summary.json with per-stage seconds and the fact-tracing recall."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    ctx = open_context(cfg, job)
+    timings["prepare"] = time.perf_counter() - start
+    try:
+        for name, stage in (("fit", fit), ("query", query), ("solve", solve), ("score", score)):
+            t0 = time.perf_counter()
+            result = stage(ctx)
+            timings[name] = time.perf_counter() - t0
+            ctx.tracker.log({f"time/{name}": timings[name]})
+        damping = float(read_meta(ctx.paths.ihvp(cfg.solver.name), "solved directions", "solve")["damping"])
+        recall = fact_recall(result, load_queries(ctx.queries))
+        summary = {
+            "solver": cfg.solver.name,
+            "damping": damping,
+            "seconds": {**timings, "total": time.perf_counter() - start},
+            "fact_tracing": recall,
+            "num_queries": int(len(set(result.column("query_id").to_pylist()))),
+        }
+        write_json(ctx.paths.summary, summary)
+        ctx.tracker.summary({**{f"recall@{k}": v for k, v in recall.items()}, "damping": damping})
+    finally:
+        ctx.tracker.close()
+    return RunResult(summary, result, ctx.queries)

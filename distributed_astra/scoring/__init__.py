@@ -1,0 +1,1 @@
+"""Query gradients, per-document training-gradient inner products, and streaming top-k."""

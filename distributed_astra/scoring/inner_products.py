@@ -1,0 +1,31 @@
+"""Inner products between per-sequence training gradients and Q solved query directions (seeds §1, Eq 2).
+
+For a module with per-token inputs ā_t [I] and output gradients Ds_t [O], the sequence gradient is Σ_t Ds_t ā_tᵀ and
+its inner product with a direction X_q [O, I] is Σ_t Ds_tᵀ X_q ā_t. Two ways to compute it for a batch of B
+sequences of T tokens:
+  - materialise the per-sequence gradients: B·T·O·I + B·Q·O·I multiply-adds, B·O·I memory;
+  - stay per token (X_q ā_t first): Q·B·T·O·I multiply-adds, B·Q·T·O memory, no O×I per sequence.
+`sequence_scores` picks the cheaper one per module; both give the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def module_scores(ds: torch.Tensor, a: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """[B, Q] scores of one module from Ds [B,T,O], ā [B,T,I] and directions [Q,O,I]."""
+    batch, tokens, out_dim = ds.shape
+    num_queries, _, in_dim = directions.shape
+    materialised_cost = batch * out_dim * in_dim * (tokens + num_queries)
+    per_token_cost = num_queries * batch * tokens * out_dim * in_dim
+    if materialised_cost <= per_token_cost:
+        return torch.einsum("boi,qoi->bq", torch.einsum("bto,bti->boi", ds, a), directions)
+    return torch.einsum("bto,bqto->bq", ds, torch.einsum("qoi,bti->bqto", directions, a))
+
+
+def sequence_scores(
+    output_grads: dict[str, torch.Tensor], activations: dict[str, torch.Tensor], directions: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """[B, Q] = Σ_modules Σ_t Ds_tᵀ X_q ā_t for every sequence of a captured batch."""
+    return sum(module_scores(output_grads[name], activations[name], directions[name]) for name in directions)
