@@ -198,7 +198,7 @@ def fit(ctx: Context) -> EkfacFactors:
             lambda: ctx.training_batches(cfg.batch_size, cfg.max_sequences),
             ctx.stat_dtype,
             cfg.seed,
-            on_batch=advance,
+            on_batch=lambda _stage, rows: advance(rows),
         )
     save_factors(factors, ctx.paths.factors, {**_factor_meta(ctx), "dtype": cfg.dtype, "versions": ctx.versions()})
     ctx.tracker.log({"fit/num_sequences": num_sequences, "fit/mean_lambda": default_damping(factors) / 0.1})

@@ -40,4 +40,8 @@ def progress_bar(description: str, total: int | None, unit: str) -> Iterator[Cal
             speed = progress.tasks[0].speed
             progress.update(task, rate=f"{speed:,.1f} {unit}/s" if speed else "")
 
-        yield advance
+        try:
+            yield advance
+        except BaseException:
+            progress.update(task, visible=False)  # the error line alone tells what happened
+            raise

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from distributed_astra.errors import DastraError
 
@@ -38,6 +39,7 @@ def _resolve(path: str | None, hub_id: str | None) -> str:
 def load_causal_lm(path: str | None, hub_id: str | None, dtype: str) -> nn.Module:
     """An `AutoModelForCausalLM` with eager attention (the CPU sdpa kernel lacks double backward and forward-mode AD)."""
     source = _resolve(path, hub_id)
+    hf_logging.disable_progress_bar()  # stages draw their own progress; HF's would interleave with error lines
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation="eager")
     except OSError as exc:

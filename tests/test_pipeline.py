@@ -1,0 +1,169 @@
+"""The pipeline through the real `dastra` CLI on a small saved model: stages, artifacts, and every bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from distributed_astra.cli import app
+from distributed_astra.data.tokenizer import train_bpe_tokenizer
+from distributed_astra.models.tiny import build_tiny_gpt2
+
+WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river city stone".split()
+
+
+def _corpus_rows(n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        picks = torch.randint(len(WORDS), (int(torch.randint(6, 40, (1,), generator=g)),), generator=g)
+        rows.append({"doc_id": 1000 + i, "text": " ".join(WORDS[j] for j in picks)})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    rows = _corpus_rows(48)
+    pq.write_table(pa.Table.from_pylist(rows), root / "corpus.parquet")
+    queries = [
+        {"query_id": 0, "prompt": "alpha beta", "completion": " gamma delta", "fact_doc_id": 1003},
+        {"query_id": 1, "prompt": "river city", "completion": " stone", "fact_doc_id": None},
+        {"query_id": 2, "prompt": "omega", "completion": " sigma kappa lambda", "fact_doc_id": 1010},
+    ]
+    pq.write_table(pa.Table.from_pylist(queries), root / "queries.parquet")
+    tokenizer = train_bpe_tokenizer([r["text"] for r in rows], 300, root / "model")
+    build_tiny_gpt2(len(tokenizer), 2, 2, 16, 32, seed=0).save_pretrained(root / "model")
+    return root
+
+
+def _args(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
+    overrides = [
+        "model.source=path",
+        f"model.path={workspace / 'model'}",
+        f"data.corpus={workspace / 'corpus.parquet'}",
+        f"data.queries={workspace / 'queries.parquet'}",
+        "data.max_length=32",
+        "factors.batch_size=8",
+        "scoring.batch_size=8",
+        "scoring.top_k=5",
+        "tracking.wandb_mode=disabled",
+        *extra,
+    ]
+    return ["--run-dir", str(run_dir), *[a for o in overrides for a in ("--set", o)]]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def _one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+def test_stages_one_by_one_then_run_give_the_same_topk(workspace: Path, tmp_path: Path):
+    staged = tmp_path / "staged"
+    for stage in ("fit", "query", "solve", "score"):
+        result = invoke(stage, *_args(workspace, staged))
+        assert result.exit_code == 0, result.output
+    assert (staged / "factors" / "meta.json").is_file()
+    assert (staged / "ihvp" / "ekfac" / "directions.safetensors").is_file()
+    staged_topk = pq.read_table(staged / "topk.parquet").to_pylist()
+
+    whole = tmp_path / "whole"
+    result = invoke("run", *_args(workspace, whole, "scoring.dense=true"))
+    assert result.exit_code == 0, result.output
+    topk = pq.read_table(whole / "topk.parquet")
+    assert topk.column_names == ["query_id", "rank", "doc_id", "score", "text"]
+    assert topk.num_rows == 3 * 5
+    assert [r["doc_id"] for r in topk.to_pylist()] == [r["doc_id"] for r in staged_topk]
+    summary = json.loads((whole / "summary.json").read_text())
+    assert set(summary["seconds"]) >= {"prepare", "fit", "query", "solve", "score", "total"}
+    assert summary["fact_tracing"]["num_fact_queries"] == 2
+
+    # The streamed top-k is the top of the dense N x Q matrix, and the text matches the corpus.
+    dense = pq.read_table(whole / "scores" / "dense.parquet").to_pandas().set_index("doc_id")
+    assert len(dense) == 48
+    texts = {r["doc_id"]: r["text"] for r in _corpus_rows(48)}
+    for query_id in range(3):
+        expected = dense[f"q{query_id}"].sort_values(ascending=False).head(5)
+        rows = [r for r in topk.to_pylist() if r["query_id"] == query_id]
+        assert [r["doc_id"] for r in rows] == list(expected.index)
+        assert [r["score"] for r in rows] == pytest.approx(list(expected.values), rel=1e-12)
+        assert all(r["text"] == texts[r["doc_id"]] for r in rows)
+
+
+def test_unknown_config_key(workspace: Path, tmp_path: Path):
+    _one_line_error(invoke("fit", *_args(workspace, tmp_path, "factors.batchsize=3")), "unknown key 'factors.batchsize'")
+
+
+def test_wrong_type(workspace: Path, tmp_path: Path):
+    _one_line_error(invoke("fit", *_args(workspace, tmp_path, "factors.batch_size=many")), "factors.batch_size")
+
+
+def test_missing_model_path(workspace: Path, tmp_path: Path):
+    missing = tmp_path / "no-such-model"
+    _one_line_error(invoke("fit", *_args(workspace, tmp_path, f"model.path={missing}")), "model.path", str(missing))
+
+
+def test_uncached_hub_id_offline_says_to_set_model_path(workspace: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("fit", *_args(workspace, tmp_path, "model.source=hub", "model.hub_id=nobody/not-a-model"))
+    _one_line_error(result, "nobody/not-a-model", "set model.path")
+
+
+def test_empty_corpus(workspace: Path, tmp_path: Path):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"doc_id": pa.array([], pa.int64()), "text": pa.array([], pa.string())}), empty)
+    run_dir = tmp_path / "run"
+    _one_line_error(invoke("fit", *_args(workspace, run_dir, f"data.corpus={empty}")), str(empty), "empty")
+    assert not (run_dir / "factors").exists()
+
+
+def test_factors_from_another_model_are_refused(workspace: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    assert invoke("fit", *_args(workspace, run_dir)).exit_code == 0
+    assert invoke("query", *_args(workspace, run_dir)).exit_code == 0
+    other = tmp_path / "other-model"
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
+    tokenizer.save_pretrained(other)
+    build_tiny_gpt2(len(tokenizer), 2, 2, 16, 32, seed=1).save_pretrained(other)
+    result = invoke("solve", *_args(workspace, run_dir, f"model.path={other}"))
+    _one_line_error(result, "fingerprint", "dastra fit")
+    assert not (run_dir / "ihvp").exists()
+
+
+def test_nan_gradient_names_the_module(workspace: Path, tmp_path: Path):
+    poisoned = tmp_path / "poisoned"
+    model = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    model.save_pretrained(poisoned)
+    AutoTokenizer.from_pretrained(workspace / "model").save_pretrained(poisoned)
+    run_dir = tmp_path / "run"
+    result = invoke("query", *_args(workspace, run_dir, f"model.path={poisoned}"))
+    _one_line_error(result, "transformer.h.1.mlp.c_fc")
+    assert not (run_dir / "queries").exists()
+
+
+def test_query_without_completion_tokens(workspace: Path, tmp_path: Path):
+    bad = tmp_path / "queries.parquet"
+    pq.write_table(pa.Table.from_pylist([{"query_id": 7, "prompt": "alpha", "completion": ""}]), bad)
+    run_dir = tmp_path / "run"
+    _one_line_error(invoke("query", *_args(workspace, run_dir, f"data.queries={bad}")), "query 7", "completion")
+    assert not (run_dir / "queries").exists()
+
+
+def test_solve_before_fit_says_which_stage_to_run(workspace: Path, tmp_path: Path):
+    _one_line_error(invoke("solve", *_args(workspace, tmp_path / "fresh")), "dastra fit")
