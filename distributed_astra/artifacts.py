@@ -39,8 +39,14 @@ def atomic_path(final: Path) -> Iterator[Path]:
             with tmp.open("rb") as fh:
                 os.fsync(fh.fileno())
         if final.is_dir():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            # A folder cannot be replaced in one rename: move the old one aside first, so that readers see
+            # either the complete old folder or the complete new one.
+            aside = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside)
+        else:
+            os.replace(tmp, final)
         _fsync_dir(final.parent)
     finally:
         if tmp.exists():
@@ -59,11 +65,16 @@ def read_meta(folder: Path, artifact: str, producer: str) -> dict[str, Any]:
     return json.loads(meta.read_text())
 
 
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def check_meta(found: dict[str, Any], expected: dict[str, Any], artifact: str, producer: str) -> None:
-    """Raise naming the first expected field whose value differs from the artifact's."""
-    for key, want in expected.items():
+    """Raise naming the first expected field whose value differs from the artifact's (JSON-normalised)."""
+    for key, want in json.loads(json.dumps(expected)).items():
         if found.get(key) != want:
             raise DastraError(
-                f"{artifact}: field '{key}' is {found.get(key)!r} but this run expects {want!r}; "
+                f"{artifact}: field '{key}' is {_short(found.get(key))} but this run expects {_short(want)}; "
                 f"re-run `dastra {producer}`"
             )

@@ -153,7 +153,7 @@ def test_nan_gradient_names_the_module(workspace: Path, tmp_path: Path):
     AutoTokenizer.from_pretrained(workspace / "model").save_pretrained(poisoned)
     run_dir = tmp_path / "run"
     result = invoke("query", *_args(workspace, run_dir, f"model.path={poisoned}"))
-    _one_line_error(result, "transformer.h.1.mlp.c_fc")
+    _one_line_error(result, "module transformer.h.1.mlp.c_fc: its weights hold NaN/Inf")
     assert not (run_dir / "queries").exists()
 
 

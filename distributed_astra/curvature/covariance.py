@@ -1,0 +1,155 @@
+"""Pass 1 of the EK-FAC fit: the uncentered Kronecker factors A = E[ā āᵀ] and S = E[Ds Dsᵀ] (seeds §3).
+
+Labels are sampled from the model's own predictive distribution (true Fisher = GGN for softmax-CE, seeds §2), one
+per predicted token, and the loss is the sum over tokens and sequences, so Ds_t is the gradient of the sampled
+sequence loss with respect to the module output at position t.
+
+Token set (used for A, S and `num_tokens` alike): every position with attention_mask == 1. This is kronfluence's
+convention and docs/design.md's ("padding positions have ā = 0 and do not count as tokens"). Positions without a
+label of their own are kept on purpose: for attention and for every layer below it, an unlabelled position (a
+masked prompt, the last token) still feeds later positions' losses, so its Ds is not zero and its ā Ds pair is part
+of the sequence gradient Σ_t Ds_t ā_tᵀ. Only positions whose Ds is exactly zero (e.g. the last real token) add to
+A without adding to S. A and S are normalised by the same count.
+
+Everything here is a SUM with counts, mergeable with `+` (and all-reducible tensor by tensor), so that shards of
+the data can be processed anywhere and combined before normalising.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distributed_astra.curvature.hooks import GradientCapture, loss_sequence_mask
+from distributed_astra.errors import DastraError
+from distributed_astra.models.lm import forward_logits, sample_labels, summed_token_loss
+from distributed_astra.models.modules import TrackedModule
+
+OnBatch = Callable[[int], None]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def sampled_fisher_capture(
+    model: nn.Module,
+    tracked: dict[str, TrackedModule],
+    batch: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    generator: torch.Generator | None,
+) -> tuple[GradientCapture, torch.Tensor]:
+    """One forward, labels drawn from the model, one backward of the summed loss: (capture, attention mask).
+
+    `batch` must already be on the model's device. The returned capture holds ā and Ds of every tracked module.
+    """
+    for key in ("input_ids", "attention_mask", "labels"):
+        if key not in batch:
+            raise DastraError(f"batch has no '{key}' (keys: {sorted(batch)}): build batches with the data loader")
+    mask = batch["attention_mask"]
+    with torch.enable_grad(), GradientCapture(tracked, mask, dtype) as capture:
+        logits = forward_logits(model, batch)
+        labels = sample_labels(logits, batch["labels"], generator)
+        loss = summed_token_loss(logits, labels).sum()
+        capture.backward(loss)
+    return capture, mask
+
+
+@dataclass
+class CovarianceStats:
+    """Σ ā āᵀ and Σ Ds Dsᵀ per module over `num_tokens` positions drawn from `num_sequences` sequences."""
+
+    a_sum: dict[str, torch.Tensor]  # [in+1, in+1]
+    s_sum: dict[str, torch.Tensor]  # [out, out]
+    num_tokens: int
+    num_sequences: int
+
+    @classmethod
+    def zeros(
+        cls, tracked: dict[str, TrackedModule], dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> CovarianceStats:
+        return cls(
+            {n: torch.zeros(t.in_dim, t.in_dim, dtype=dtype, device=device) for n, t in tracked.items()},
+            {n: torch.zeros(t.out_features, t.out_features, dtype=dtype, device=device) for n, t in tracked.items()},
+            0,
+            0,
+        )
+
+    def __add__(self, other: CovarianceStats) -> CovarianceStats:
+        if set(self.a_sum) != set(other.a_sum):
+            differ = sorted(set(self.a_sum) ^ set(other.a_sum))
+            raise DastraError(f"cannot merge covariance statistics over different modules: {differ}")
+        return CovarianceStats(
+            {n: self.a_sum[n] + other.a_sum[n].to(self.a_sum[n].device) for n in self.a_sum},
+            {n: self.s_sum[n] + other.s_sum[n].to(self.s_sum[n].device) for n in self.s_sum},
+            self.num_tokens + other.num_tokens,
+            self.num_sequences + other.num_sequences,
+        )
+
+    def _check_count(self) -> None:
+        if self.num_tokens <= 0:
+            raise DastraError("the covariance pass saw no tokens: the corpus (or this shard) is empty")
+
+    def covariance_a(self, name: str) -> torch.Tensor:
+        """A = Σ ā āᵀ / num_tokens."""
+        self._check_count()
+        return self.a_sum[name] / self.num_tokens
+
+    def covariance_s(self, name: str) -> torch.Tensor:
+        """S = Σ Ds Dsᵀ / num_tokens."""
+        self._check_count()
+        return self.s_sum[name] / self.num_tokens
+
+    def to(self, device: torch.device | str) -> CovarianceStats:
+        return CovarianceStats(
+            {n: t.to(device) for n, t in self.a_sum.items()},
+            {n: t.to(device) for n, t in self.s_sum.items()},
+            self.num_tokens,
+            self.num_sequences,
+        )
+
+
+def collect_covariances(
+    model: nn.Module,
+    tracked: dict[str, TrackedModule],
+    batches: Iterable[dict[str, torch.Tensor]],
+    dtype: torch.dtype = torch.float64,
+    generator: torch.Generator | None = None,
+    on_batch: OnBatch | None = None,
+) -> CovarianceStats:
+    """Accumulate A and S sums over `batches` (labels sampled with `generator`).
+
+    `on_batch(n)` is called after each batch with its number of rows n (progress reporting). `num_sequences` counts
+    only rows that carry a loss (`loss_sequence_mask`).
+
+    The generator must live on the model's device (torch.multinomial's requirement).
+    """
+    device = model_device(model)
+    stats = CovarianceStats.zeros(tracked, dtype, device)
+    for batch in batches:
+        batch = batch_to_device(batch, device)
+        capture, mask = sampled_fisher_capture(model, tracked, batch, dtype, generator)
+        rows = (mask != 0).reshape(-1)
+        for name in tracked:
+            a = capture.activation(name)
+            a = a.reshape(-1, a.shape[-1])[rows]
+            stats.a_sum[name].addmm_(a.T, a)
+            ds = capture.output_grad(name)
+            ds = ds.reshape(-1, ds.shape[-1])[rows]
+            stats.s_sum[name].addmm_(ds.T, ds)
+        stats.num_tokens += int(rows.sum())
+        stats.num_sequences += int(loss_sequence_mask(batch["labels"]).sum())
+        del capture
+        if on_batch is not None:
+            on_batch(int(batch["input_ids"].shape[0]))
+    return stats

@@ -1,0 +1,172 @@
+"""Shared fixtures: a tiny random GPT-2 (eager attention, Conv1D modules), random LM batches in the format of
+`models/lm.py`, and a tiny classifier wrapped as a "language model" so that the LM code paths (shifted labels,
+sampled labels, attention mask) run unchanged on a model whose Fisher can be built densely.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from distributed_astra.models.lm import IGNORE_INDEX
+
+VOCAB = 64
+
+
+def build_tiny_gpt2(
+    n_embd: int = 16,
+    n_layer: int = 2,
+    n_head: int = 2,
+    vocab_size: int = VOCAB,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 in eval mode (NOT yet prepared for attribution).
+
+    Layer-norm parameters and biases are randomised too, so that no factor has an accidental structure
+    (GPT-2's default init sets biases to 0 and LN gains to 1).
+    """
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=64,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif name.endswith("weight") and p.dim() == 2:
+                p.mul_(5.0)  # std 0.1 instead of 0.02: less uniform predictions, larger gradients
+    return model.to(dtype).eval()
+
+
+def build_batches(
+    num_batches: int = 3,
+    batch_size: int = 4,
+    seq_len: int = 12,
+    vocab_size: int = VOCAB,
+    seed: int = 0,
+    prompt_len: int = 0,
+    empty_row: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """Random right-padded batches: input_ids, attention_mask, labels (-100 at padding), doc_id.
+
+    prompt_len > 0 masks the labels of the first tokens of odd rows (a prompt carrying no loss);
+    empty_row makes the last row of each batch pure padding (no token, no loss).
+    """
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for i in range(num_batches):
+        ids = torch.randint(2, vocab_size, (batch_size, seq_len), generator=g)
+        lengths = torch.randint(2, seq_len + 1, (batch_size,), generator=g)
+        lengths[0] = seq_len
+        if empty_row:
+            lengths[-1] = 0
+        mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
+        ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))
+        labels = torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE_INDEX))
+        if prompt_len:
+            labels[1::2, :prompt_len] = IGNORE_INDEX
+        doc_id = torch.arange(i * batch_size, (i + 1) * batch_size)
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels, "doc_id": doc_id})
+    return batches
+
+
+class TinyClassifier(nn.Module):
+    """x -> head(tanh(hidden(x))) over a fixed table of inputs, shaped like a causal LM.
+
+    input_ids [B, 2]: position 0 holds the example index (its logits predict the label at position 1); position 1
+    is padding (attention_mask [1, 0]), so every example is a one-token sequence and A, S, Λ see exactly one
+    (ā, Ds) per example. Only `head` is meant to be tracked: its Fisher block is (1/N) Σ ā āᵀ ⊗ (diag p − p pᵀ).
+    """
+
+    def __init__(self, inputs: torch.Tensor, hidden: int, num_classes: int, seed: int = 0, scale: float = 2.0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.register_buffer("inputs", inputs)
+        self.hidden = nn.Linear(inputs.shape[1], hidden)
+        self.head = nn.Linear(hidden, num_classes)
+        with torch.no_grad():
+            self.hidden.weight.mul_(scale)
+            self.head.weight.mul_(scale * 2)
+            self.head.bias.normal_()
+        self.to(inputs.dtype).eval().requires_grad_(False)
+
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        """ā = [tanh(hidden(x)); 1] of examples idx: [n, hidden+1]."""
+        a = torch.tanh(self.hidden(self.inputs[idx]))
+        return torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        x = self.inputs[input_ids].requires_grad_(True)  # gradients flow through activations only
+        return SimpleNamespace(logits=self.head(torch.tanh(self.hidden(x))))
+
+
+def classifier_batches(num_examples: int, repeats: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Every example index `repeats` times, in batches of one-token sequences (see TinyClassifier)."""
+    idx = torch.arange(num_examples).repeat(repeats)
+    batches = []
+    for start in range(0, idx.numel(), batch_size):
+        chunk = idx[start : start + batch_size]
+        n = chunk.numel()
+        ids = torch.stack([chunk, chunk], dim=1)
+        mask = torch.tensor([[1, 0]]).repeat(n, 1)
+        labels = torch.stack([torch.full((n,), IGNORE_INDEX), torch.zeros(n, dtype=torch.long)], dim=1)
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_factory():
+    return build_tiny_gpt2
+
+
+@pytest.fixture(scope="session")
+def batch_factory():
+    return build_batches
+
+
+@pytest.fixture
+def tiny_gpt2():
+    """float64 tiny GPT-2, prepared for attribution (frozen parameters, input embeddings require grad)."""
+    from distributed_astra.models.load import prepare_for_attribution
+
+    return prepare_for_attribution(build_tiny_gpt2())
+
+
+@pytest.fixture
+def tiny_batches():
+    return build_batches(num_batches=3, batch_size=4, seq_len=12, prompt_len=3, empty_row=True)
+
+
+@pytest.fixture
+def tiny_classifier():
+    """(model, num_examples): 24 examples in R^3, 6 hidden units, 4 classes, float64."""
+    g = torch.Generator().manual_seed(1)
+    inputs = torch.randn(24, 3, generator=g, dtype=torch.float64)
+    return TinyClassifier(inputs, hidden=6, num_classes=4), 24
+
+
+@pytest.fixture(scope="session")
+def classifier_batch_factory():
+    return classifier_batches
