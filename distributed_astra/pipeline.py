@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 import distributed_astra
 from distributed_astra.artifacts import atomic_path, check_meta, read_meta, write_json
 from distributed_astra.config import Config
+from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import EkfacFactors, fit_ekfac, load_factors, model_fingerprint, save_factors
 from distributed_astra.data.demo_corpus import build_demo_corpus
 from distributed_astra.data.sequences import iter_query_batches, iter_training_batches, load_queries
@@ -254,13 +255,15 @@ def score(ctx: Context) -> pa.Table:
     check_meta(read_meta(solver_dir, "solved directions", "solve"), ctx.model_meta(), "solved directions", "solve")
     tensors = load_file(str(solver_dir / "directions.safetensors"))
     query_ids = tensors.pop("query_ids")
+    compute = product_dtype(ctx.model, ctx.stat_dtype)
+    directions = {name: x.to(compute) for name, x in tensors.items()}
     top = StreamingTopK(len(query_ids), ctx.cfg.scoring.top_k, keep_all=ctx.cfg.scoring.dense)
     num_sequences = sum(len(b["doc_id"]) for b in ctx.training_batches(ctx.cfg.scoring.batch_size))
     with progress_bar("score corpus", num_sequences, "seq") as advance:
         for batch, capture in captured_batches(
-            ctx.model, ctx.tracked, ctx.training_batches(ctx.cfg.scoring.batch_size), ctx.stat_dtype
+            ctx.model, ctx.tracked, ctx.training_batches(ctx.cfg.scoring.batch_size), compute
         ):
-            top.update(batch["doc_id"], sequence_scores(capture.output_grads, capture.activations, tensors))
+            top.update(batch["doc_id"], sequence_scores(capture.output_grads, capture.activations, directions))
             advance(len(batch["doc_id"]))
     scores, doc_ids = top.finish()
     texts = _documents_text(ctx.corpus, ctx.cfg.data.id_column, ctx.cfg.data.text_column, doc_ids.flatten().tolist())

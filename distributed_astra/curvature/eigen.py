@@ -24,6 +24,7 @@ from distributed_astra.curvature.covariance import (
     OnBatch,
     batch_to_device,
     model_device,
+    product_dtype,
     sampled_fisher_capture,
 )
 from distributed_astra.curvature.hooks import loss_sequence_mask
@@ -138,13 +139,14 @@ def collect_eigenvalue_correction(
     device = model_device(model)
     eigens = {n: eigens[n].to(device) for n in tracked}
     stats = LambdaStats.zeros(tracked, dtype, device)
+    compute = product_dtype(model, dtype)
     for batch in batches:
         batch = batch_to_device(batch, device)
-        capture, _ = sampled_fisher_capture(model, tracked, batch, dtype, generator)
+        capture, _ = sampled_fisher_capture(model, tracked, batch, compute, generator)
         for name in tracked:
             stats.lambda_sum[name] += rotated_squared_gradients(
                 capture.output_grad(name), capture.activation(name), eigens[name]
-            )
+            ).to(dtype)
         stats.num_sequences += int(loss_sequence_mask(batch["labels"]).sum())
         del capture
         if on_batch is not None:

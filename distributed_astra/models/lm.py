@@ -43,11 +43,14 @@ def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 def sample_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Labels drawn from the model's own predictive distribution, one per predicted token (true Fisher, seeds §2-3).
 
-    Returned in the unshifted HF layout, with -100 kept wherever `labels` has it.
+    Inverse-CDF sampling (one uniform per token, a float64 cumulative sum, `searchsorted`): exact, and an order of
+    magnitude faster than `torch.multinomial` over a large vocabulary. Returned in the unshifted HF layout, with
+    -100 kept wherever `labels` has it.
     """
     logits, targets = shifted(logits, labels)
-    probs = torch.softmax(logits.detach().double(), dim=-1).reshape(-1, logits.shape[-1])
-    drawn = torch.multinomial(probs, 1, generator=generator).view_as(targets)
+    cdf = torch.softmax(logits.detach().float(), dim=-1).reshape(-1, logits.shape[-1]).double().cumsum_(dim=-1)
+    uniform = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, uniform, right=True).clamp_(max=cdf.shape[1] - 1).view_as(targets)
     sampled = labels.clone()
     sampled[:, 1:] = torch.where(targets == IGNORE_INDEX, targets, drawn)
     return sampled
