@@ -66,9 +66,25 @@ class FactorsConfig(Section):
 
 
 class SolverConfig(Section):
-    name: Literal["ekfac"] = "ekfac"
+    """iHVP solver settings (seeds §4-5). Defaults are the ASTRA paper's GPT-2 column (seeds §10.2, Table 3)."""
+
+    name: Literal["ekfac", "sni", "lissa", "astra"] = "ekfac"
     damping: float | Literal["auto"] = "auto"
+    preconditioner_damping: float | None = Field(None, gt=0)  # λ̃ of ASTRA; None = λ (the paper's choice)
+    product: Literal["ggn", "fisher"] = "ggn"  # exact minibatch GGN·v, or the hook-only sampled-label Fisher·v
+    fisher_samples: int = Field(1, gt=0)  # label samples per token for the Fisher product
+    iterations: int = Field(300, ge=0)
+    lr: float = Field(1.0, gt=0)
+    lr_mode: Literal["relative", "absolute"] = "relative"  # relative: α = lr × λ (Table 3); absolute: α = lr (Fig 3)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    lr_decay: float = Field(0.9, gt=0, le=1)
+    lr_decay_every: int = Field(100, gt=0)
+    minibatch_size: int = Field(16, gt=0)  # ℬ, sequences per G̃ minibatch, sampled with replacement
+    lissa_repeats: int = Field(1, gt=0)  # R of LiSSA (R = 1 is SNI)
+    tolerance: float = Field(0.0, ge=0)  # stop a query when |Δh| / |h| stays below this for `patience` iterations
+    patience: int = Field(10, gt=0)  # iterations of rising h (or of tiny |Δh|) before stopping a query
     query_batch_size: int = Field(16, gt=0)
+    seed: int = 0
 
 
 class ScoringConfig(Section):

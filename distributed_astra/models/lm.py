@@ -25,9 +25,9 @@ def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits [B, T, V] of an HF causal LM, in float32 whatever the model's dtype (stable log-softmax)."""
+    """Logits [B, T, V] of an HF causal LM, upcast to at least float32 (bf16/fp16 log-softmax is not stable)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return out.logits.float()
+    return out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))
 
 
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

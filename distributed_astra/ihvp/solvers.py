@@ -1,0 +1,351 @@
+"""iHVP solvers x ≈ (G + λI)⁻¹ v, batched over Q queries that share every curvature minibatch (seeds §4-5).
+
+    solve(v, preconditioner, product, batches, cfg, damping) -> SolveResult
+
+`cfg` is a `SolverConfig`; `cfg.name` picks the method:
+
+  ekfac   x = (P + λI)⁻¹ v: the preconditioner applied once (no product, no minibatch).
+  sni     Eq 3: x_{k+1} = x_k − α[(G̃_k + λI) x_k − v], from x_0 = v (Koh & Liang's and the public LiSSA code's
+          initialisation, seeds §4: the 0-iteration answer is the gradient dot product; pass x0 = zeros for the
+          truncated-Neumann form α Σ_{j<J} (I − α(G+λI))^j v).
+  lissa   Alg 1: cfg.lissa_repeats independent SNI runs of cfg.iterations steps each from x_0 = v, on fresh
+          minibatches, averaged (R = 1 is SNI).
+  astra   Eq 5: x_{k+1} = x_k − α (P + λ̃I)⁻¹[(G̃_k + λI) x_k − v], from x_0 = (P + λ̃I)⁻¹ v (the EK-FAC solution;
+          with x_0 = 0 and α = 1 the first step lands there exactly, seeds §5).
+
+All three iterative methods take the step through the same SGD: heavy-ball momentum cfg.momentum (PyTorch's
+convention b_k = μ b_{k−1} + d_k, x ← x − α_k b_k) and the step schedule α_k = α · decay^⌊k / every⌋
+(cfg.lr_decay, cfg.lr_decay_every), with α = cfg.lr · λ when cfg.lr_mode == "relative" (seeds Table 3) and
+α = cfg.lr when "absolute" (Fig 3). SNI and LiSSA are exactly Eq 3 / Alg 1 with cfg.momentum = 0 and
+cfg.lr_decay = 1; ASTRA differs from SNI only by its preconditioner and initialisation, which keeps the comparison
+fair.
+
+`preconditioner` is a callable applying (P + λ̃I)⁻¹ to a direction dict (`ekfac_preconditioner` builds it, with
+λ̃ = cfg.preconditioner_damping or λ). It is required by ekfac and astra; for sni/lissa it is optional and only
+gives the fallback of diverged queries (without one they fall back to their initial iterate).
+
+`batches` is any iterator of minibatches (a `MinibatchSampler` draws them with replacement; `itertools.repeat(b)`
+gives the full-batch G). One minibatch is drawn per iteration and shared by all queries still running.
+Per-query monitoring, stopping and the trace are in `monitor.py`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from distributed_astra.config import SolverConfig
+from distributed_astra.curvature.factors import EkfacFactors
+from distributed_astra.curvature.hooks import loss_sequence_mask
+from distributed_astra.errors import DastraError
+from distributed_astra.ihvp.ekfac import ekfac_inverse
+from distributed_astra.ihvp.monitor import (
+    DIVERGED,
+    EXACT,
+    MAX_ITERATIONS,
+    RUNNING,
+    ConvergenceMonitor,
+    OnIteration,
+    Trace,
+    trace_table,
+)
+from distributed_astra.ihvp.products import (
+    CurvatureProduct,
+    Vectors,
+    vec_axpy,
+    vec_clone,
+    vec_dot,
+    vec_norm,
+    vec_num_queries,
+    vec_put,
+    vec_scale,
+    vec_sub,
+    vec_take,
+    vec_to,
+    vec_zeros_like,
+)
+from distributed_astra.models.lm import IGNORE_INDEX
+
+Preconditioner = Callable[[Vectors], Vectors]
+SOLVERS = ("ekfac", "sni", "lissa", "astra")
+
+
+# ============================================================================================ settings
+def step_size(cfg: SolverConfig, damping: float) -> float:
+    """α: cfg.lr × λ ("relative", seeds Table 3) or cfg.lr ("absolute", Fig 3)."""
+    if cfg.lr_mode == "relative":
+        if not damping > 0:
+            raise DastraError(
+                f"solver.lr_mode 'relative' sets α = lr × λ, which is 0 with damping {damping}: "
+                "use a positive solver.damping or solver.lr_mode=absolute"
+            )
+        return float(cfg.lr) * float(damping)
+    return float(cfg.lr)
+
+
+def preconditioner_damping(cfg: SolverConfig, damping: float) -> float:
+    """λ̃ = cfg.preconditioner_damping, or λ when unset (the paper's choice)."""
+    return float(damping) if cfg.preconditioner_damping is None else float(cfg.preconditioner_damping)
+
+
+def ekfac_preconditioner(
+    factors: EkfacFactors, cfg: SolverConfig, damping: float, strategy: str = "ekfac"
+) -> Preconditioner:
+    """g ↦ (P + λ̃I)⁻¹ g with P = G_EKFAC (or KFAC); λ̃ = λ for the ekfac solver (its answer IS (P + λI)⁻¹ v)."""
+    tilde = float(damping) if cfg.name == "ekfac" else preconditioner_damping(cfg, damping)
+    return lambda g: ekfac_inverse(factors, g, tilde, strategy)
+
+
+# ============================================================================================ minibatches
+class MinibatchSampler:
+    """An endless iterator of minibatches of `minibatch_size` sequences drawn uniformly WITH replacement.
+
+    `sequences` is one batch dict or an iterable of batch dicts in the format of `models/lm.py` (input_ids,
+    attention_mask, labels of shape [B, T], right-padded; other per-row tensors such as doc_id are carried along).
+    Their rows are pooled; rows that carry no loss (no label after the shift) are dropped, since they add nothing
+    to G and are not counted in N_B, so every drawn row counts and G̃ is an unbiased estimate of
+    G = (1/N) Σ_n J_nᵀ H_n J_n over the N loss-carrying sequences. Drawn rows are right-padded to a common width
+    (attention_mask 0, labels -100) and trailing all-padding columns are trimmed.
+
+    The draws depend only on `generator` (a CPU generator), so two samplers seeded alike give the same sequence.
+    """
+
+    def __init__(
+        self,
+        sequences: Mapping[str, torch.Tensor] | Iterable[Mapping[str, torch.Tensor]],
+        minibatch_size: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if minibatch_size < 1:
+            raise DastraError(f"solver.minibatch_size must be >= 1, got {minibatch_size}")
+        batches = [sequences] if isinstance(sequences, Mapping) else list(sequences)
+        if not batches:
+            raise DastraError("no curvature sequences: the minibatch sampler needs at least one batch")
+        self.minibatch_size = int(minibatch_size)
+        self.generator = generator
+        self._rows = self._pool(batches)
+        self.num_sequences = int(self._rows["input_ids"].shape[0])
+        self.last_indices: torch.Tensor | None = None
+
+    @staticmethod
+    def _pool(batches: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        for key in ("input_ids", "attention_mask", "labels"):
+            if key not in batches[0]:
+                raise DastraError(f"curvature batch has no '{key}' (keys: {sorted(batches[0])})")
+        rows_first = batches[0]["input_ids"].shape[0]
+        keys = [k for k, t in batches[0].items() if isinstance(t, torch.Tensor) and t.dim() >= 1
+                and t.shape[0] == rows_first]
+        width = max(int(b["input_ids"].shape[1]) for b in batches)
+        pad = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+        pooled: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+        for b in batches:
+            keep = loss_sequence_mask(b["labels"])
+            for k in keys:
+                t = b[k]
+                if k in pad and t.shape[1] < width:
+                    t = torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad[k])
+                pooled[k].append(t[keep])
+        rows = {k: torch.cat(v) for k, v in pooled.items()}
+        if rows["input_ids"].shape[0] == 0:
+            raise DastraError(
+                "no curvature sequence carries a loss (every label is -100 after the shift): "
+                "the minibatches need sequences of at least two real tokens"
+            )
+        return rows
+
+    def _collate(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch = {k: t.index_select(0, index) for k, t in self._rows.items()}
+        real = batch["attention_mask"].ne(0).any(dim=0) | batch["labels"].ne(IGNORE_INDEX).any(dim=0)
+        width = int(real.nonzero().max()) + 1 if bool(real.any()) else 1
+        for k in ("input_ids", "attention_mask", "labels"):
+            batch[k] = batch[k][:, :width]
+        return batch
+
+    def sample(self) -> dict[str, torch.Tensor]:
+        """One minibatch of `minibatch_size` rows drawn with replacement."""
+        index = torch.randint(self.num_sequences, (self.minibatch_size,), generator=self.generator)
+        self.last_indices = index
+        return self._collate(index)
+
+    def full_batch(self) -> dict[str, torch.Tensor]:
+        """Every loss-carrying sequence once (its product is the full G = (1/N) Σ_n J_nᵀ H_n J_n)."""
+        return self._collate(torch.arange(self.num_sequences))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return self.sample()
+
+
+def full_batches(sequences: Mapping[str, torch.Tensor] | Iterable[Mapping[str, torch.Tensor]]):
+    """An endless iterator yielding the full batch of every loss-carrying sequence (deterministic G̃ = G)."""
+    return itertools.repeat(MinibatchSampler(sequences, 1).full_batch())
+
+
+# ============================================================================================ result
+@dataclass
+class SolveResult:
+    """x: the solved directions ({module: [Q, out, in+1]}, in v's dtype and device).
+
+    status[q]: "exact" (ekfac), "converged", "max_iterations" or "diverged" (then x[q] is the EK-FAC solution and
+    fell_back[q] is True). iterations[q]: iterations run for q (summed over LiSSA repeats). trace: the monitor's
+    rows; `table()` gives the pyarrow.Table for trace.parquet. messages: the divergence warnings.
+    """
+
+    x: Vectors
+    status: list[str]
+    fell_back: torch.Tensor
+    iterations: list[int]
+    trace: Trace
+    messages: list[str]
+
+    def table(self):
+        return trace_table(self.trace)
+
+
+# ============================================================================================ solve
+def solve(
+    v: Vectors,
+    preconditioner: Preconditioner | None,
+    product: CurvatureProduct | None,
+    batches: Iterable[Mapping[str, torch.Tensor]] | None,
+    cfg: SolverConfig,
+    damping: float,
+    *,
+    x0: Vectors | None = None,
+    query_ids: Sequence[str] | None = None,
+    on_iteration: OnIteration | None = None,
+) -> SolveResult:
+    """Solve (G + λI) x = v for every query (see the module docstring); λ = `damping` (a number: resolve "auto"
+    with `default_damping(factors)` first).
+
+    x0 overrides the initial iterate (default: v for sni/lissa, (P + λ̃I)⁻¹ v for astra).
+    query_ids name the queries in the trace and in divergence messages (default: their indices).
+    on_iteration(iteration, h[Q], residual[Q], lr) is called once per iteration (NaN for stopped queries); for
+    lissa, `iteration` counts across repeats.
+    """
+    if cfg.name not in SOLVERS:
+        raise DastraError(f"solver.name '{cfg.name}' is not one of: {', '.join(SOLVERS)}")
+    damping = float(damping)
+    if not damping >= 0:
+        raise DastraError(f"solver.damping must be a non-negative number, got {damping}")
+    num_queries = vec_num_queries(v)
+    dtype = next(iter(v.values())).dtype
+    device = next(iter(v.values())).device
+
+    def precondition(g: Vectors) -> Vectors:
+        return vec_to(preconditioner(g), device=device, dtype=dtype)
+
+    if cfg.name in ("ekfac", "astra") and preconditioner is None:
+        raise DastraError(f"solver '{cfg.name}' needs the EK-FAC preconditioner: fit the factors first (`dastra fit`)")
+    ekfac_x = precondition(v) if preconditioner is not None else None
+
+    if cfg.name == "ekfac":
+        return SolveResult(
+            ekfac_x, [EXACT] * num_queries, torch.zeros(num_queries, dtype=torch.bool), [0] * num_queries, Trace(), []
+        )
+    if product is None or batches is None:
+        raise DastraError(f"solver '{cfg.name}' needs a curvature product and minibatches")
+
+    if x0 is not None:
+        init = vec_to(x0, device=device, dtype=dtype)
+    elif cfg.name == "astra":
+        init = ekfac_x
+    else:
+        init = v
+    fallback = ekfac_x if ekfac_x is not None else init
+
+    alpha = step_size(cfg, damping)
+    lr_setting = (
+        f" (now solver.lr = {cfg.lr:g}, α = lr × λ = {alpha:.3g})"
+        if cfg.lr_mode == "relative"
+        else f" (now solver.lr = α = {alpha:.3g})"
+    )
+    monitor = ConvergenceMonitor(
+        num_queries,
+        cfg.tolerance,
+        cfg.patience,
+        cfg.iterations,
+        solver=cfg.name,
+        lr_setting=lr_setting,
+        query_ids=query_ids,
+        on_iteration=on_iteration,
+    )
+    iterator = iter(batches)
+    repeats = cfg.lissa_repeats if cfg.name == "lissa" else 1
+    precond_step = precondition if cfg.name == "astra" else None
+
+    total = vec_zeros_like(v)
+    for repeat in range(repeats):
+        monitor.start_repeat(repeat)
+        alive = [q for q in range(num_queries) if monitor.status[q] != DIVERGED]
+        for q in alive:
+            monitor.status[q] = RUNNING
+        if not alive:
+            break
+        x = vec_clone(init)
+        if cfg.iterations == 0:
+            for q in alive:
+                monitor.status[q] = MAX_ITERATIONS
+        else:
+            _iterate(
+                x, v, torch.tensor(alive, dtype=torch.long), product, iterator, precond_step, cfg, damping, alpha,
+                monitor, step_offset=repeat * cfg.iterations,
+            )
+        total = vec_axpy(1.0, x, total)
+
+    diverged = torch.tensor([s == DIVERGED for s in monitor.status], dtype=torch.bool)
+    x = vec_scale(1.0 / repeats, total)
+    if bool(diverged.any()):
+        index = diverged.nonzero().squeeze(1)
+        vec_put(x, index, vec_take(fallback, index))
+    return SolveResult(x, list(monitor.status), diverged, list(monitor.iterations), monitor.trace, monitor.messages)
+
+
+def _iterate(
+    x: Vectors,
+    v: Vectors,
+    index: torch.Tensor,
+    product: CurvatureProduct,
+    batches: Iterator[Mapping[str, torch.Tensor]],
+    precondition: Preconditioner | None,
+    cfg: SolverConfig,
+    damping: float,
+    alpha: float,
+    monitor: ConvergenceMonitor,
+    step_offset: int,
+) -> None:
+    """Run up to cfg.iterations SGD steps on the queries `index` of x, in place; the monitor stops queries."""
+    momentum = float(cfg.momentum)
+    buf: Vectors | None = None
+    for k in range(cfg.iterations):
+        if index.numel() == 0:
+            return
+        lr = alpha * cfg.lr_decay ** (k // cfg.lr_decay_every)
+        try:
+            batch = next(batches)
+        except StopIteration:
+            raise DastraError(
+                f"the curvature minibatches ran out after {step_offset + k} iterations: pass an endless sampler "
+                "(MinibatchSampler) or enough minibatches for solver.iterations"
+            ) from None
+        xk = vec_take(x, index)
+        vk = vec_take(v, index)
+        gx = product.product(xk, batch)
+        ax = vec_axpy(damping, xk, gx)  # (G̃_k + λI) x_k
+        grad = vec_sub(ax, vk)  # ∇h(x_k) on minibatch k
+        h = 0.5 * vec_dot(xk, ax) - vec_dot(vk, xk)
+        stop = monitor.update(
+            k, index, h, vec_norm(grad), lr, step=step_offset + k, last=(k == cfg.iterations - 1)
+        )
+        d = precondition(grad) if precondition is not None else grad
+        buf = d if buf is None or momentum == 0 else vec_axpy(momentum, buf, d)
+        vec_put(x, index, vec_axpy(-lr, buf, xk))
+        if bool(stop.any()):
+            keep = (~stop).nonzero().squeeze(1)
+            index = index.index_select(0, keep)
+            buf = vec_take(buf, keep)
