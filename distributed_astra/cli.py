@@ -20,13 +20,20 @@ SetOption = Annotated[
     Optional[list[str]], typer.Option("--set", "-s", help="dotted override, e.g. --set solver.damping=1e-3")
 ]
 RunDirOption = Annotated[Optional[str], typer.Option("--run-dir", help="shortcut for --set output.run_dir=...")]
+SolverOption = Annotated[
+    Optional[str], typer.Option("--solver", help="ekfac | sni | lissa | astra (shortcut for --set solver.name=...)")
+]
 
 
-def _config(config: Path | None, overrides: list[str] | None, run_dir: str | None) -> Config:
-    cfg = load_config(config, overrides)
+def _config(
+    config: Path | None, overrides: list[str] | None, run_dir: str | None, solver: str | None = None
+) -> Config:
+    overrides = list(overrides or [])
     if run_dir is not None:
-        cfg.output.run_dir = run_dir
-    return cfg
+        overrides.append(f"output.run_dir={run_dir}")
+    if solver is not None:
+        overrides.append(f"solver.name={solver}")
+    return load_config(config, overrides)
 
 
 def _guarded(action: Callable[[], None]) -> None:
@@ -43,11 +50,13 @@ def _guarded(action: Callable[[], None]) -> None:
         raise typer.Exit(130) from None
 
 
-def _stage(name: str, config: Path | None, overrides: list[str] | None, run_dir: str | None) -> None:
+def _stage(
+    name: str, config: Path | None, overrides: list[str] | None, run_dir: str | None, solver: str | None = None
+) -> None:
     from distributed_astra import pipeline
 
     def action() -> None:
-        ctx = pipeline.open_context(_config(config, overrides, run_dir), name)
+        ctx = pipeline.open_context(_config(config, overrides, run_dir, solver), name)
         try:
             result = getattr(pipeline, name)(ctx)
             if name == "score":
@@ -71,15 +80,19 @@ def query(config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOp
 
 
 @app.command()
-def solve(config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None) -> None:
+def solve(
+    config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None, solver: SolverOption = None
+) -> None:
     """Solve the iHVPs (G + λI)⁻¹∇f of the query gradients."""
-    _stage("solve", config, set_, run_dir)
+    _stage("solve", config, set_, run_dir, solver)
 
 
 @app.command()
-def score(config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None) -> None:
+def score(
+    config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None, solver: SolverOption = None
+) -> None:
     """Stream the corpus and keep the top-k documents per query."""
-    _stage("score", config, set_, run_dir)
+    _stage("score", config, set_, run_dir, solver)
 
 
 def _run_and_report(cfg: Config, job: str) -> None:
@@ -100,9 +113,11 @@ def _run_and_report(cfg: Config, job: str) -> None:
 
 
 @app.command()
-def run(config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None) -> None:
+def run(
+    config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None, solver: SolverOption = None
+) -> None:
     """Run every stage: fit, query, solve, score; write summary.json and topk.parquet."""
-    _guarded(lambda: _run_and_report(_config(config, set_, run_dir), "run"))
+    _guarded(lambda: _run_and_report(_config(config, set_, run_dir, solver), "run"))
 
 
 @app.command()

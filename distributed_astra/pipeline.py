@@ -37,7 +37,10 @@ from distributed_astra.data.sequences import iter_query_batches, iter_training_b
 from distributed_astra.data.tokenizer import train_bpe_tokenizer
 from distributed_astra.errors import DastraError
 from distributed_astra.eval.facts import fact_recall
-from distributed_astra.ihvp.ekfac import default_damping, ekfac_inverse
+from distributed_astra.ihvp.ekfac import default_damping
+from distributed_astra.ihvp.products import FisherProduct, GGNProduct
+from distributed_astra.ihvp.solvers import MinibatchSampler, SolveResult, ekfac_preconditioner
+from distributed_astra.ihvp.solvers import solve as solve_ihvp
 from distributed_astra.models.load import load_causal_lm, load_tokenizer
 from distributed_astra.models.modules import TrackedModule, select_tracked_modules
 from distributed_astra.models.tiny import build_tiny_gpt2, train_tiny_gpt2
@@ -224,18 +227,95 @@ def _load_query_gradients(ctx: Context) -> tuple[torch.Tensor, dict[str, torch.T
     return tensors.pop("query_ids"), tensors
 
 
+def _solver_logger(ctx: Context, query_ids: list[int]):
+    """W&B/jsonl series for one query chunk: h and the residual per query, their mean over running queries, lr."""
+    name = ctx.cfg.solver.name
+
+    def on_iteration(iteration: int, objective: torch.Tensor, residual: torch.Tensor, lr: float) -> None:
+        running = torch.isfinite(objective)
+        if not bool(running.any()):
+            return
+        metrics: dict[str, float] = {
+            f"solve/{name}/objective_mean": float(objective[running].mean()),
+            f"solve/{name}/residual_mean": float(residual[running].mean()),
+            f"solve/{name}/lr": float(lr),
+        }
+        for qid, h, r in zip(query_ids, objective.tolist(), residual.tolist()):
+            if h == h:  # NaN once a query has stopped
+                metrics[f"solve/{name}/objective/q{qid}"] = h
+                metrics[f"solve/{name}/residual/q{qid}"] = r
+        ctx.tracker.log(metrics, step=iteration)
+
+    return on_iteration
+
+
 def solve(ctx: Context) -> float:
-    """The EK-FAC iHVP (P + λI)⁻¹∇f of every query; returns the damping λ used."""
+    """(G + λI)⁻¹∇f for every query with the configured solver (seeds §3-5); returns the damping λ used.
+
+    Iterative solvers share each curvature minibatch across a chunk of `solver.query_batch_size` queries; their
+    minibatches are drawn with replacement from the corpus sequences (the first `factors.max_sequences`).
+    """
+    cfg = ctx.cfg.solver
     factors = load_factors(ctx.paths.factors, _factor_meta(ctx))
     ids, grads = _load_query_gradients(ctx)
-    damping = default_damping(factors) if ctx.cfg.solver.damping == "auto" else float(ctx.cfg.solver.damping)
-    directions = ekfac_inverse(factors, grads, damping, strategy=ctx.cfg.factors.strategy)
-    out = ctx.paths.ihvp(ctx.cfg.solver.name)
+    damping = default_damping(factors) if cfg.damping == "auto" else float(cfg.damping)
+    preconditioner = ekfac_preconditioner(factors, cfg, damping, ctx.cfg.factors.strategy)
+    product, sampler = None, None
+    if cfg.name != "ekfac":  # the iterative solvers need G̃·v on minibatches of the corpus
+        generator = torch.Generator().manual_seed(cfg.seed)
+        product = (
+            GGNProduct(ctx.model, ctx.tracked)
+            if cfg.product == "ggn"
+            else FisherProduct(ctx.model, ctx.tracked, cfg.fisher_samples, generator)
+        )
+        sequences = ctx.training_batches(ctx.cfg.factors.batch_size, ctx.cfg.factors.max_sequences)
+        sampler = MinibatchSampler(sequences, cfg.minibatch_size, generator)
+    starts = range(0, len(ids), cfg.query_batch_size)
+    iterative = cfg.name != "ekfac"
+    steps_per_chunk = cfg.iterations * (cfg.lissa_repeats if cfg.name == "lissa" else 1) if iterative else 1
+    results: list[SolveResult] = []
+    with progress_bar(f"solve ({cfg.name})", len(starts) * steps_per_chunk, "it") as advance:
+        for start in starts:
+            chunk_ids = ids[start : start + cfg.query_batch_size].tolist()
+            log = _solver_logger(ctx, chunk_ids)
+
+            def on_iteration(iteration, objective, residual, lr, log=log):
+                log(iteration, objective, residual, lr)
+                advance(1)
+
+            result = solve_ihvp(
+                {name: g[start : start + len(chunk_ids)] for name, g in grads.items()},
+                preconditioner,
+                product,
+                sampler,
+                cfg,
+                damping,
+                query_ids=[str(q) for q in chunk_ids],
+                on_iteration=on_iteration,
+            )
+            for message in result.messages:
+                console.print(f"[yellow]warning:[/] {message}", highlight=False)
+            results.append(result)
+            if not iterative:
+                advance(1)
+    directions = {name: torch.cat([r.x[name] for r in results]) for name in grads}
+    statuses = [status for r in results for status in r.status]
+    out = ctx.paths.ihvp(cfg.name)
     with atomic_path(out) as tmp:
         tmp.mkdir()
         save_file({"query_ids": ids, **directions}, str(tmp / "directions.safetensors"))
-        write_json(tmp / "meta.json", {**ctx.model_meta(), "solver": ctx.cfg.solver.name, "damping": damping})
-    ctx.tracker.log({"solve/damping": damping})
+        if iterative:
+            pq.write_table(pa.concat_tables([r.table() for r in results]), tmp / "trace.parquet")
+        write_json(
+            tmp / "meta.json",
+            {
+                **ctx.model_meta(),
+                "solver": cfg.model_dump(mode="json"),
+                "damping": damping,
+                "status": {s: statuses.count(s) for s in sorted(set(statuses))},
+            },
+        )
+    ctx.tracker.log({"solve/damping": damping, **{f"solve/{cfg.name}/num_{s}": statuses.count(s) for s in set(statuses)}})
     return damping
 
 

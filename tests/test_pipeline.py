@@ -167,3 +167,21 @@ def test_query_without_completion_tokens(workspace: Path, tmp_path: Path):
 
 def test_solve_before_fit_says_which_stage_to_run(workspace: Path, tmp_path: Path):
     _one_line_error(invoke("solve", *_args(workspace, tmp_path / "fresh")), "dastra fit")
+
+
+@pytest.mark.parametrize("solver", ["sni", "lissa", "astra"])
+def test_iterative_solvers_write_directions_and_a_trace(workspace: Path, tmp_path: Path, solver: str):
+    run_dir = tmp_path / "run"
+    assert invoke("fit", *_args(workspace, run_dir)).exit_code == 0
+    assert invoke("query", *_args(workspace, run_dir)).exit_code == 0
+    extra = ("solver.iterations=6", "solver.minibatch_size=4", "solver.query_batch_size=2", "solver.lissa_repeats=2")
+    result = invoke("solve", "--solver", solver, *_args(workspace, run_dir, *extra))
+    assert result.exit_code == 0, result.output
+    trace = pq.read_table(run_dir / "ihvp" / solver / "trace.parquet").to_pandas()
+    assert set(trace["query_id"].astype(str)) == {"0", "1", "2"}
+    assert trace["iteration"].max() >= 5
+    meta = json.loads((run_dir / "ihvp" / solver / "meta.json").read_text())
+    assert meta["solver"]["name"] == solver and sum(meta["status"].values()) == 3
+    result = invoke("score", "--solver", solver, *_args(workspace, run_dir))
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(run_dir / "topk.parquet").num_rows == 15
