@@ -31,7 +31,7 @@ class TinyModelConfig(Section):
     n_layer: int = Field(2, gt=0)
     n_head: int = Field(4, gt=0)
     n_embd: int = Field(128, gt=0)
-    train_steps: int = Field(600, gt=0)
+    train_steps: int = Field(1300, gt=0)
     train_batch_size: int = Field(32, gt=0)
     learning_rate: float = Field(3e-3, gt=0)
     seed: int = 0
@@ -52,7 +52,7 @@ class DataConfig(Section):
     text_column: str = "text"
     id_column: str = "doc_id"
     max_length: int = Field(64, gt=1)
-    num_stdlib_docs: int = Field(2000, gt=0)
+    num_stdlib_docs: int = Field(1500, gt=0)
     num_facts: int = Field(40, gt=0)
     seed: int = 0
 

@@ -33,7 +33,7 @@ from distributed_astra.config import Config
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import EkfacFactors, fit_ekfac, load_factors, model_fingerprint, save_factors
 from distributed_astra.data.demo_corpus import build_demo_corpus
-from distributed_astra.data.sequences import iter_query_batches, iter_training_batches, load_queries
+from distributed_astra.data.sequences import iter_query_batches, iter_training_batches, load_queries, shuffled_epochs
 from distributed_astra.data.tokenizer import train_bpe_tokenizer
 from distributed_astra.errors import DastraError
 from distributed_astra.eval.facts import fact_recall
@@ -147,11 +147,14 @@ def _train_tiny_model(cfg: Config, paths: RunPaths, corpus: Path) -> None:
     with atomic_path(paths.model) as tmp:
         tokenizer = train_bpe_tokenizer(texts, tiny.vocab_size, tmp)
         model = build_tiny_gpt2(len(tokenizer), tiny.n_layer, tiny.n_head, tiny.n_embd, cfg.data.max_length, tiny.seed)
-        batches = list(
-            iter_training_batches(
-                corpus, tokenizer, cfg.data.max_length, tiny.train_batch_size,
-                text_column=cfg.data.text_column, id_column=cfg.data.id_column,
-            )
+        batches = shuffled_epochs(
+            corpus,
+            tokenizer,
+            cfg.data.max_length,
+            tiny.train_batch_size,
+            tiny.seed,
+            text_column=cfg.data.text_column,
+            id_column=cfg.data.id_column,
         )
         with progress_bar("train tiny GPT-2", tiny.train_steps, "steps") as advance:
             losses = train_tiny_gpt2(

@@ -1,0 +1,294 @@
+"""Streaming a Parquet corpus into padded training batches, and queries into prompt-masked query batches.
+
+Batches follow `models/lm.py`: input_ids / attention_mask / labels (HF unshifted layout, -100 = no loss) [B, T],
+plus `doc_id` [B] for training batches and `query_id` [B] for query batches. Padding is on the right, with the
+tokenizer's pad id, attention_mask 0 and label -100.
+
+A document is tokenised, given a trailing eos, and cut into consecutive sequences of at most `max_length` tokens;
+a sequence never mixes two documents (docs/design.md), so a document's gradient is the sum of its sequences'.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from distributed_astra.errors import DastraError
+from distributed_astra.models.lm import IGNORE_INDEX
+
+READ_BATCH_ROWS = 1024
+
+Sequence = tuple[list[int], int]  # (token ids, doc_id or query_id)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# corpus
+
+
+def _open_corpus(corpus_path: Path, text_column: str, id_column: str) -> pq.ParquetFile:
+    corpus_path = Path(corpus_path)
+    if not corpus_path.is_file():
+        raise DastraError(f"corpus file '{corpus_path}' not found; point data.corpus at a Parquet file")
+    try:
+        parquet = pq.ParquetFile(corpus_path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DastraError(f"corpus file '{corpus_path}' is not a readable Parquet file ({exc})") from exc
+    names = parquet.schema_arrow.names
+    for role, column in (("data.text_column", text_column), ("data.id_column", id_column)):
+        if column not in names:
+            raise DastraError(
+                f"corpus {corpus_path} has no column '{column}' ({role}); its columns are {names}"
+            )
+    if not pa.types.is_integer(parquet.schema_arrow.field(id_column).type):
+        raise DastraError(
+            f"corpus {corpus_path}: column '{id_column}' (data.id_column) must hold integers, "
+            f"not {parquet.schema_arrow.field(id_column).type}"
+        )
+    if parquet.metadata.num_rows == 0:
+        raise DastraError(f"corpus {corpus_path} is empty")
+    return parquet
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DastraError("the tokenizer has neither a pad token nor an eos token; give it an eos token")
+    return int(pad)
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DastraError("the tokenizer has no eos token; documents are ended with eos, so give it one")
+    return int(tokenizer.eos_token_id)
+
+
+def iter_document_sequences(
+    corpus_path: Path,
+    tokenizer,
+    max_length: int,
+    *,
+    text_column: str = "text",
+    id_column: str = "doc_id",
+    read_batch_rows: int = READ_BATCH_ROWS,
+) -> Iterator[Sequence]:
+    """(token ids, doc_id) for every sequence of the corpus, in file order, streamed by Parquet record batches."""
+    if max_length < 2:
+        raise DastraError(f"data.max_length must be at least 2 (got {max_length})")
+    parquet = _open_corpus(corpus_path, text_column, id_column)
+    eos = _eos_id(tokenizer)
+    for record_batch in parquet.iter_batches(batch_size=read_batch_rows, columns=[id_column, text_column]):
+        ids = record_batch.column(id_column).to_pylist()
+        texts = record_batch.column(text_column).to_pylist()
+        if any(i is None for i in ids):
+            raise DastraError(f"corpus {corpus_path}: column '{id_column}' has a null doc id")
+        encoded = tokenizer([t or "" for t in texts], add_special_tokens=False)["input_ids"]
+        for doc_id, tokens in zip(ids, encoded):
+            tokens = list(tokens) + [eos]
+            for start in range(0, len(tokens), max_length):
+                piece = tokens[start : start + max_length]
+                # A lone trailing token predicts nothing (the loss is shifted): fold it out rather than emit it.
+                if len(piece) < 2 and start > 0:
+                    break
+                yield piece, int(doc_id)
+
+
+def collate_sequences(sequences: list[Sequence], pad_id: int, id_key: str = "doc_id") -> dict[str, torch.Tensor]:
+    """Right-pad sequences to the longest; labels are the token ids on real tokens and -100 on padding."""
+    width = max(len(tokens) for tokens, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (tokens, _) in enumerate(sequences):
+        input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        attention_mask[row, : len(tokens)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    ids = torch.tensor([i for _, i in sequences], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, id_key: ids}
+
+
+def iter_training_batches(
+    corpus_path: Path,
+    tokenizer,
+    max_length: int,
+    batch_size: int,
+    max_sequences: int | None = None,
+    *,
+    text_column: str = "text",
+    id_column: str = "doc_id",
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches of `batch_size` sequences in corpus order (the last one may be smaller).
+
+    `max_sequences` stops after that many sequences (None: the whole corpus).
+    """
+    if batch_size <= 0:
+        raise DastraError(f"batch size must be positive (got {batch_size})")
+    pad = _pad_id(tokenizer)
+    pending: list[Sequence] = []
+    emitted = 0
+    for sequence in iter_document_sequences(
+        corpus_path, tokenizer, max_length, text_column=text_column, id_column=id_column
+    ):
+        if max_sequences is not None and emitted + len(pending) >= max_sequences:
+            break
+        pending.append(sequence)
+        if len(pending) == batch_size:
+            yield collate_sequences(pending, pad)
+            emitted += len(pending)
+            pending = []
+    if pending:
+        yield collate_sequences(pending, pad)
+
+
+def count_sequences(
+    corpus_path: Path,
+    tokenizer,
+    max_length: int,
+    *,
+    text_column: str = "text",
+    id_column: str = "doc_id",
+) -> int:
+    """How many sequences `iter_training_batches` yields over the whole corpus (one streaming pass)."""
+    return sum(
+        1
+        for _ in iter_document_sequences(
+            corpus_path, tokenizer, max_length, text_column=text_column, id_column=id_column
+        )
+    )
+
+
+def shuffled_epochs(
+    corpus_path: Path,
+    tokenizer,
+    max_length: int,
+    batch_size: int,
+    seed: int,
+    *,
+    text_column: str = "text",
+    id_column: str = "doc_id",
+    bucket_batches: int = 16,
+) -> Callable[[int], list[dict[str, torch.Tensor]]]:
+    """For training the demo model: `epoch -> batches`, the corpus's sequences reshuffled each epoch with `seed`.
+
+    Each window of `bucket_batches * batch_size` shuffled sequences is sorted by length before it is cut into
+    batches (less padding), and the batches are then shuffled. Holds the tokenised corpus in memory (fine for the
+    demo corpus; attribution stages stream instead).
+    """
+    pad = _pad_id(tokenizer)
+    sequences = list(
+        iter_document_sequences(corpus_path, tokenizer, max_length, text_column=text_column, id_column=id_column)
+    )
+    window = max(1, bucket_batches) * batch_size
+
+    def epoch_batches(epoch: int) -> list[dict[str, torch.Tensor]]:
+        rng = random.Random(f"{seed}-{epoch}")
+        order = list(range(len(sequences)))
+        rng.shuffle(order)
+        groups: list[list[int]] = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: len(sequences[i][0]))
+            groups.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+        rng.shuffle(groups)
+        return [collate_sequences([sequences[i] for i in group], pad) for group in groups]
+
+    return epoch_batches
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# queries
+
+
+@dataclass(frozen=True)
+class Query:
+    query_id: int
+    prompt: str
+    completion: str
+    fact_doc_id: int | None = None
+
+
+def load_queries(queries_path: Path) -> list[Query]:
+    """Queries from a Parquet file with columns query_id, prompt, completion and, optionally, fact_doc_id."""
+    queries_path = Path(queries_path)
+    if not queries_path.is_file():
+        raise DastraError(f"queries file '{queries_path}' not found; point data.queries at a Parquet file")
+    try:
+        table = pq.read_table(queries_path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DastraError(f"queries file '{queries_path}' is not a readable Parquet file ({exc})") from exc
+    for column in ("query_id", "prompt", "completion"):
+        if column not in table.column_names:
+            raise DastraError(
+                f"queries {queries_path} has no column '{column}'; it needs query_id, prompt and completion "
+                f"(its columns are {table.column_names})"
+            )
+    if table.num_rows == 0:
+        raise DastraError(f"queries {queries_path} is empty")
+    ids = table.column("query_id").to_pylist()
+    prompts = table.column("prompt").to_pylist()
+    completions = table.column("completion").to_pylist()
+    targets = table.column("fact_doc_id").to_pylist() if "fact_doc_id" in table.column_names else [None] * len(ids)
+    if len(set(ids)) != len(ids):
+        raise DastraError(f"queries {queries_path}: query_id values must be unique")
+    return [
+        Query(int(i), p or "", c or "", None if t is None else int(t))
+        for i, p, c, t in zip(ids, prompts, completions, targets)
+    ]
+
+
+def encode_query(query: Query, tokenizer) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids), tokenised separately so the boundary between them is exact."""
+    prompt = tokenizer(query.prompt, add_special_tokens=False)["input_ids"]
+    completion = tokenizer(query.completion, add_special_tokens=False)["input_ids"]
+    if not completion:
+        raise DastraError(
+            f"query {query.query_id}: the completion has no tokens; give each query a non-empty completion"
+        )
+    if not prompt:
+        raise DastraError(
+            f"query {query.query_id}: the prompt has no tokens; the first token is never predicted, "
+            "so give each query a non-empty prompt"
+        )
+    return list(prompt), list(completion)
+
+
+def collate_queries(queries: list[Query], tokenizer) -> dict[str, torch.Tensor]:
+    """One padded batch: labels are -100 on prompt tokens and padding, the token ids on completion tokens."""
+    pad = _pad_id(tokenizer)
+    encoded = [encode_query(q, tokenizer) for q in queries]
+    batch = collate_sequences([(p + c, q.query_id) for (p, c), q in zip(encoded, queries)], pad, id_key="query_id")
+    for row, (prompt, _) in enumerate(encoded):
+        batch["labels"][row, : len(prompt)] = IGNORE_INDEX
+    return batch
+
+
+def iter_query_batches(queries: Iterable[Query], tokenizer, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Query batches of `batch_size` in the given order (the last one may be smaller)."""
+    if batch_size <= 0:
+        raise DastraError(f"batch size must be positive (got {batch_size})")
+    pending: list[Query] = []
+    for query in queries:
+        pending.append(query)
+        if len(pending) == batch_size:
+            yield collate_queries(pending, tokenizer)
+            pending = []
+    if pending:
+        yield collate_queries(pending, tokenizer)
+
+
+def epoch_source(batches) -> Callable[[int], Iterable[dict[str, torch.Tensor]]]:
+    """Normalise a training-batch source to `epoch -> batches`: a list, a callable of the epoch, or of nothing."""
+    if callable(batches):
+        try:
+            takes_epoch = len(inspect.signature(batches).parameters) >= 1
+        except (TypeError, ValueError):
+            takes_epoch = True
+        return batches if takes_epoch else (lambda epoch: batches())
+    fixed = list(batches)
+    if not fixed:
+        raise DastraError("no training batches: the corpus gave no sequences")
+    return lambda epoch: fixed
