@@ -261,12 +261,15 @@ class PlantedFact:
 def planted_facts(num_facts: int, seed: int, forbidden: str = "") -> list[PlantedFact]:
     """`num_facts` made-up facts with distinct entities and distinct values, cycling through the templates.
 
-    Names are built from syllables with `seed`; a name that occurs in `forbidden` (e.g. the stdlib documents'
-    text) or overlaps an earlier name (one a substring of the other) is drawn again, so each value appears in exactly one document.
+    Each document opens with one wording of the fact, then a context sentence, then a restatement in another
+    wording; `prompts` are those two wordings. Names are built from syllables with `seed`; a name that occurs in
+    `forbidden` (e.g. the stdlib documents' text) or overlaps an earlier name (one a substring of the other) is drawn
+    again, so each value appears in exactly one document.
     """
     rng = random.Random(f"facts-{seed}")
     used: set[str] = set()
-    forbidden_lower = forbidden.lower()
+    template_text = " ".join(t.context + " ".join(t.phrasings) + " ".join(t.fillers) for t in _TEMPLATES)
+    forbidden_lower = f"{forbidden}\n{template_text}".lower()
 
     def fresh(syllables: int, suffix: str | None = None) -> str:
         for _ in range(10_000):

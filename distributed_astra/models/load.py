@@ -12,6 +12,8 @@ from transformers.utils import logging as hf_logging
 
 from distributed_astra.errors import DastraError
 
+hf_logging.disable_progress_bar()  # stages draw their own progress bars; HF's would interleave with error lines
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,7 +41,6 @@ def _resolve(path: str | None, hub_id: str | None) -> str:
 def load_causal_lm(path: str | None, hub_id: str | None, dtype: str) -> nn.Module:
     """An `AutoModelForCausalLM` with eager attention (the CPU sdpa kernel lacks double backward and forward-mode AD)."""
     source = _resolve(path, hub_id)
-    hf_logging.disable_progress_bar()  # stages draw their own progress; HF's would interleave with error lines
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation="eager")
     except OSError as exc:
