@@ -117,7 +117,8 @@ def test_demo_corpus_rejects_zero_sizes(tmp_path):
 
 
 def test_tokenizer_round_trip_and_reload(demo, tokenizer, tmp_path_factory):
-    texts = pq.read_table(demo[1]).column("text").to_pylist()[:20] + ["naïve café ✓ — 日本", "  two  spaces\n\ttab"]
+    texts = pq.read_table(demo[1]).column("text").to_pylist()[:20]
+    texts += ["naïve café ✓ — 日本", "  two  spaces\n\ttab"]
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tokenizer.decode(ids) == text
