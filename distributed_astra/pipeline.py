@@ -418,7 +418,7 @@ def run(cfg: Config, job: str = "run") -> RunResult:
             "num_queries": int(len(set(result.column("query_id").to_pylist()))),
         }
         write_json(ctx.paths.summary, summary)
-        ctx.tracker.summary({**{f"recall@{k}": v for k, v in recall.items()}, "damping": damping})
+        ctx.tracker.summary({**recall, "damping": damping})
     finally:
         ctx.tracker.close()
     return RunResult(summary, result, ctx.queries)
