@@ -59,8 +59,12 @@ def _stage(
         ctx = pipeline.open_context(_config(config, overrides, run_dir, solver), name)
         try:
             result = getattr(pipeline, name)(ctx)
-            if name == "score":
+            if name in ("score", "search"):
                 pipeline.print_topk(result, ctx.queries, ctx.cfg.scoring.top_k)
+            if name == "report":
+                from distributed_astra.progress import console
+
+                console.print(f"report written to {result}", highlight=False)
         finally:
             ctx.tracker.close()
 
@@ -95,6 +99,35 @@ def score(
     _stage("score", config, set_, run_dir, solver)
 
 
+@app.command()
+def index(config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None) -> None:
+    """Project every document's gradient into the Arrow store and build the faiss index over it."""
+    _stage("index", config, set_, run_dir)
+
+
+@app.command()
+def search(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    run_dir: RunDirOption = None,
+    solver: SolverOption = None,
+    queries: Annotated[
+        Optional[str], typer.Option("--queries", help="queries Parquet file (shortcut for --set data.queries=...)")
+    ] = None,
+) -> None:
+    """Precondition and project the queries, shortlist from the index, re-score exactly, keep the top-k."""
+    overrides = list(set_ or []) + ([f"data.queries={queries}"] if queries is not None else [])
+    _stage("search", config, overrides, run_dir, solver)
+
+
+@app.command()
+def report(
+    config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None, solver: SolverOption = None
+) -> None:
+    """Write report.html: top-k documents with per-token shading, score distribution, convergence, spectra."""
+    _stage("report", config, set_, run_dir, solver)
+
+
 def _run_and_report(cfg: Config, job: str) -> None:
     from distributed_astra import pipeline
     from distributed_astra.progress import console
@@ -109,7 +142,7 @@ def _run_and_report(cfg: Config, job: str) -> None:
             f"[bold]fact tracing ({summary['solver']}):[/] recall@1 = {recall['recall@1']:.2f}, "
             f"recall@10 = {recall['recall@10']:.2f} over {recall['num_fact_queries']} fact queries"
         )
-    console.print(f"run directory: {cfg.output.run_dir}")
+    console.print(f"run directory: {cfg.output.run_dir} (open report.html in a browser)")
 
 
 @app.command()
@@ -117,13 +150,86 @@ def run(
     config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None, solver: SolverOption = None
 ) -> None:
     """Run every stage: fit, query, solve, score; write summary.json and topk.parquet."""
-    _guarded(lambda: _run_and_report(_config(config, set_, run_dir, solver), "run"))
+
+    def action() -> None:
+        from distributed_astra.plan import check_fits
+
+        cfg = _config(config, set_, run_dir, solver)
+        check_fits(cfg)  # a config the planner says cannot fit is refused before any work (plan.check)
+        _run_and_report(cfg, "run")
+
+    _guarded(action)
+
+
+@app.command()
+def plan(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    gpus: Annotated[Optional[int], typer.Option("--gpus", help="GPUs in all (default: plan.gpus)")] = None,
+    gpu_mem: Annotated[Optional[str], typer.Option("--gpu-mem", help="memory per GPU, e.g. 80GB")] = None,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="also write the plan as Markdown")] = None,
+) -> None:
+    """Memory per GPU and per node, FLOPs and time of every stage, from the model config alone (no weights)."""
+
+    def action() -> None:
+        from rich.console import Console
+
+        from distributed_astra.artifacts import atomic_path
+        from distributed_astra.plan import make_plan
+        from distributed_astra.plan.render import plan_markdown, print_plan
+
+        result = make_plan(_config(config, set_, None), gpus, gpu_mem)
+        print_plan(result, Console(width=200))
+        if markdown is not None:
+            with atomic_path(markdown) as tmp:
+                tmp.write_text(plan_markdown(result))
+
+    _guarded(action)
 
 
 @app.command()
 def demo(run_dir: Annotated[str, typer.Option("--run-dir")] = "runs/demo", set_: SetOption = None) -> None:
     """The whole pipeline on the embedded default (configs/tiny.yaml): demo corpus, tiny GPT-2, EK-FAC-IF, top-10."""
     _guarded(lambda: _run_and_report(_config(None, set_, run_dir), "demo"))
+
+
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluation: LDS with retraining (Ray), fact tracing.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("lds")
+def eval_lds(
+    task: Annotated[str, typer.Option("--task", help="digits | diabetes | gpt2 | ridge")] = "digits",
+    methods: Annotated[
+        str, typer.Option("--methods", help="comma-separated: graddot,tracin,trak,ekfac,sni,astra")
+    ] = "graddot,tracin,trak,ekfac,sni,astra",
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """LDS of each method on one task (retraining as Ray tasks, cached); writes eval.results_dir/lds.md."""
+    from distributed_astra.eval.commands import lds_command
+
+    _guarded(lambda: lds_command(_config(config, set_, None), task, [m.strip() for m in methods.split(",") if m]))
+
+
+@eval_app.command("facts")
+def eval_facts(
+    methods: Annotated[
+        Optional[str], typer.Option("--methods", help="comma-separated: graddot,ekfac,sni,astra (default eval.facts_methods)")
+    ] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    run_dir: RunDirOption = None,
+) -> None:
+    """Fact tracing on the demo: recall@1, recall@10 and MRR of the planted document per method."""
+    from distributed_astra.eval.commands import facts_command
+
+    def action() -> None:
+        cfg = _config(config, set_, run_dir)
+        names = [m.strip() for m in methods.split(",") if m] if methods else cfg.eval.facts_methods
+        facts_command(cfg, names)
+
+    _guarded(action)
 
 
 def main() -> None:

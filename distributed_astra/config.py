@@ -50,11 +50,13 @@ class DataConfig(Section):
     corpus: str = "demo"
     queries: str = "demo"
     text_column: str = "text"
-    id_column: str = "doc_id"
+    id_column: str | None = "doc_id"  # None: the document id is the row number (data/corpus.py)
+    split: str = "train"  # the split read from a DatasetDict `save_to_disk` folder
     max_length: int = Field(64, gt=1)
     num_stdlib_docs: int = Field(1500, gt=0)
     num_facts: int = Field(40, gt=0)
     seed: int = 0
+    shard_rows: int = Field(256, gt=0)  # corpus rows per shard (stable shard ids: distributed scoring, its resume)
 
 
 class FactorsConfig(Section):
@@ -75,7 +77,7 @@ class SolverConfig(Section):
     fisher_samples: int = Field(1, gt=0)  # label samples per token for the Fisher product
     iterations: int = Field(300, ge=0)
     lr: float = Field(1.0, gt=0)
-    lr_mode: Literal["relative", "absolute"] = "relative"  # relative: α = lr × λ (Table 3); absolute: α = lr (Fig 3)
+    lr_mode: Literal["auto", "relative", "absolute"] = "auto"  # auto: α = lr / μ̂_max; relative: α = lr × λ (Table 3); absolute: α = lr (Fig 3)
     momentum: float = Field(0.9, ge=0, lt=1)
     lr_decay: float = Field(0.9, gt=0, le=1)
     lr_decay_every: int = Field(100, gt=0)
@@ -93,13 +95,57 @@ class ScoringConfig(Section):
     dense: bool = False
 
 
+class ReportConfig(Section):
+    """`report.html` (`dastra report`): how much of the run a person is shown."""
+
+    num_queries: int = Field(20, gt=0)  # the first queries of topk.parquet that get a section (per-token pass)
+    max_tokens: int = Field(64, gt=0)  # tokens of document text shown: the window holding the most influence
+
+
+class ProjectionConfig(Section):
+    """Kronecker-factored random projection of per-module gradients (scoring/projection.py)."""
+
+    seed: int = 0
+    out_dim: int = Field(16, gt=0)  # k_out: rows of P_out, per module
+    in_dim: int = Field(16, gt=0)  # k_in: rows of P_in, per module
+    per_module: dict[str, tuple[int, int]] = Field(default_factory=dict)  # glob -> (k_out, k_in), first match wins
+
+
+class IndexConfig(Section):
+    """The projected gradient store and its faiss index (index/), and `dastra search`."""
+
+    store_dtype: Literal["float16", "float32"] = "float16"
+    kind: Literal["auto", "flat", "ivfpq"] = "auto"  # auto: flat below ivfpq_min_documents, IVF-PQ + refine above
+    ivfpq_min_documents: int = Field(100_000, gt=0)
+    nlist: int | None = Field(None, gt=0)  # IVF lists; None: 4 sqrt(N)
+    pq_m: int | None = Field(None, gt=0)  # PQ sub-quantizers (must divide the total dimension); None: D / 8
+    pq_bits: int = Field(8, gt=0, le=16)
+    nprobe: int = Field(16, gt=0)
+    refine_factor: int = Field(20, gt=0)  # IndexRefineFlat k_factor: PQ candidates re-ranked exactly per result
+    train_size: int = Field(65_536, gt=0)  # vectors sampled (evenly) to train IVF-PQ
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: GPU when faiss has one; gpu without one warns, uses CPU
+    shortlist_factor: int = Field(10, gt=0)  # r: the index returns top_k x r candidates per query
+    rescore: bool = True  # re-score the candidates exactly with full gradients before keeping the top-k
+
+
 class RayConfig(Section):
-    address: str | None = None
-    num_workers: int = Field(1, gt=0)
+    """Distributed execution (docs/distributed.md): num_workers > 1, an address or deepspeed.stage > 0 turn it on."""
+
+    address: str | None = None  # a running cluster ("host:6379"); null = an embedded local Ray on 127.0.0.1
+    num_workers: int = Field(1, gt=0)  # ranks of the DeepSpeed group (fit, solve) and scoring actors
+    use_gpu: bool = False  # one GPU per worker (NCCL); false = CPU workers (gloo)
+    cpus_per_worker: int = Field(1, gt=0)  # CPUs per worker bundle, also its torch/BLAS threads
+    num_cpus: int | None = Field(None, gt=0)  # CPUs of an embedded Ray (null: every core of this machine)
+    object_store_mb: int = Field(256, gt=0)  # object store of an embedded Ray
+    connect_timeout_s: float = Field(30.0, gt=0)  # an unreachable ray.address fails after this
+    timeout_s: float = Field(1800.0, gt=0)  # longest wait for one distributed step (a collective, a shard)
+    max_restarts: int = Field(2, ge=0)  # restarts of a dead scoring actor; its shard is retried as often
+    solve_mode: Literal["auto", "queries", "data"] = "auto"  # auto: queries on replicated models, data under ZeRO-3
 
 
 class DeepSpeedConfig(Section):
     stage: Literal[0, 1, 2, 3] = 0
+    config: str | None = None  # a DeepSpeed JSON; null = configs/ds/zero{stage}.json
 
 
 class TrackingConfig(Section):
@@ -108,8 +154,47 @@ class TrackingConfig(Section):
     run_name: str | None = None
 
 
+class PlanConfig(Section):
+    """The memory/time planner (`dastra plan`, docs/gpt2xl.md); `dastra run` refuses a config it says cannot fit."""
+
+    gpus: int | None = Field(None, gt=0)  # GPUs (ranks) in all; null = ray.num_workers
+    gpus_per_node: int = Field(8, gt=0)
+    gpu_memory: str | None = None  # per GPU, e.g. "80GB"; null = this machine's GPU, else its RAM
+    memory_reserve: float = Field(0.1, ge=0, lt=1)  # fraction kept free (CUDA context, allocator fragmentation)
+    throughput_tflops: float = Field(200.0, gt=0)  # sustained matmul TFLOP/s per GPU used for the time column
+    documents: int | None = Field(None, gt=0)  # corpus size when data.corpus cannot be read (null: its row count)
+    tokens_per_document: int | None = Field(None, gt=0)  # null = data.max_length (one full sequence per document)
+    hf_config: str | None = None  # a config.json to plan from without weights (e.g. configs/models/gpt2-xl.json)
+    check: bool = True  # `dastra run` refuses a config whose stages do not fit, before any work
+
+
 class OutputConfig(Section):
     run_dir: str = "runs/demo"
+
+
+class EvalConfig(Section):
+    """The LDS harness and fact tracing (`dastra eval lds|facts`; seeds §9.1, docs/results/lds.md)."""
+
+    num_subsets: int = Field(100, gt=1)  # M: random subsets S_j kept for retraining
+    subset_fraction: float = Field(0.5, gt=0, lt=1)  # β: |S_j| = ⌊βN⌋
+    num_retrain_seeds: int = Field(5, gt=0)  # R: retraining seeds per subset, averaged
+    ensemble_size: int = Field(5, gt=0)  # E: models trained on all data, each with its own factors and iHVPs
+    damping_scale: float = Field(1.0, gt=0)  # λ = damping_scale × mean(Λ) of each model (docs/results/lds.md sweep)
+    damping_sweep: list[float] = Field(default_factory=list)  # extra damping_scale values for the λ sweep
+    iterations: int = Field(200, ge=0)  # SNI and ASTRA iterations (seeds Table 3)
+    minibatch_size: int = Field(64, gt=0)  # ℬ of the G̃ minibatches
+    astra_lr: float = Field(0.01, gt=0)  # ASTRA's absolute step α (docs/results/convergence.md: best on the MLP)
+    sni_lr: float = Field(1.0, gt=0)  # SNI's step as a multiple of 1/(max Λ + λ)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    lr_decay: float = Field(0.5, gt=0, le=1)  # ×0.5 every 50 iterations (seeds Table 3)
+    lr_decay_every: int = Field(50, gt=0)
+    trak_dim: int = Field(256, gt=0)  # TRAK projection dimension k (capped at N/2)
+    num_workers: int = Field(2, gt=0)  # Ray CPUs for retraining (one per task) when ray.address is null
+    cache_dir: str = "runs/eval"  # retrained models, measurements and scores, keyed by task/recipe/subset/seed
+    results_dir: str = "docs/results"  # lds.md, lds.png and lds.json (per-task results, merged across runs)
+    seed: int = 0  # subsets
+    recipe: dict[str, int | float | list[int]] = Field(default_factory=dict)  # overrides of the task's recipe fields
+    facts_methods: list[str] = Field(default_factory=lambda: ["graddot", "ekfac", "astra"])
 
 
 class Config(Section):
@@ -118,10 +203,15 @@ class Config(Section):
     factors: FactorsConfig = Field(default_factory=FactorsConfig)
     solver: SolverConfig = Field(default_factory=SolverConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    projection: ProjectionConfig = Field(default_factory=ProjectionConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def section_hash(self, *sections: str) -> str:
         """A short, stable hash of the named sections: artifacts record it and stages compare it."""

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import transformers
@@ -32,9 +31,11 @@ from distributed_astra.artifacts import atomic_path, check_meta, read_meta, writ
 from distributed_astra.config import Config
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import EkfacFactors, fit_ekfac, load_factors, model_fingerprint, save_factors
+from distributed_astra.data.corpus import corpus_files, open_corpus
 from distributed_astra.data.demo_corpus import build_demo_corpus
 from distributed_astra.data.sequences import iter_query_batches, iter_training_batches, load_queries, shuffled_epochs
 from distributed_astra.data.tokenizer import train_bpe_tokenizer
+from distributed_astra.distributed import is_distributed
 from distributed_astra.errors import DastraError
 from distributed_astra.eval.facts import fact_recall
 from distributed_astra.ihvp.ekfac import default_damping
@@ -84,6 +85,10 @@ class RunPaths:
     def summary(self) -> Path:
         return self.root / "summary.json"
 
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
 
 @dataclass
 class Context:
@@ -105,7 +110,7 @@ class Context:
 
     def training_batches(self, batch_size: int, max_sequences: int | None = None):
         return iter_training_batches(
-            self.corpus,
+            open_corpus(self.corpus, self.cfg.data.text_column, self.cfg.data.id_column, self.cfg.data.split),
             self.tokenizer,
             self.cfg.data.max_length,
             batch_size,
@@ -125,6 +130,18 @@ class Context:
     def model_meta(self) -> dict[str, object]:
         return {"fingerprint": self.fingerprint, "tracked_modules": list(self.tracked)}
 
+    @property
+    def distributed(self) -> bool:
+        """fit, solve and score run on Ray workers under DeepSpeed (docs/distributed.md)."""
+        return is_distributed(self.cfg)
+
+
+def distributed_stages():
+    """distributed/stages.py, imported on first use: Ray and DeepSpeed load only for distributed runs."""
+    from distributed_astra.distributed import stages
+
+    return stages
+
 
 def _prepare_demo_data(cfg: Config, paths: RunPaths) -> tuple[Path, Path]:
     demo_corpus, demo_queries = paths.data / "corpus.parquet", paths.data / "queries.parquet"
@@ -135,9 +152,9 @@ def _prepare_demo_data(cfg: Config, paths: RunPaths) -> tuple[Path, Path]:
         build_demo_corpus(paths.data, cfg.data.num_stdlib_docs, cfg.data.num_facts, cfg.data.seed)
     corpus = demo_corpus if cfg.data.corpus == "demo" else Path(cfg.data.corpus)
     queries = demo_queries if cfg.data.queries == "demo" else Path(cfg.data.queries)
-    for field, path in (("data.corpus", corpus), ("data.queries", queries)):
-        if not path.is_file():
-            raise DastraError(f"{field}: file '{path}' not found; point {field} at a Parquet file or use 'demo'")
+    corpus_files(corpus, cfg.data.split)  # a file, a glob or a dataset folder (data/corpus.py); raises naming it
+    if not queries.is_file():
+        raise DastraError(f"data.queries: file '{queries}' not found; point data.queries at a Parquet file or use 'demo'")
     return corpus, queries
 
 
@@ -167,11 +184,8 @@ def _train_tiny_model(cfg: Config, paths: RunPaths, corpus: Path) -> None:
 def open_context(cfg: Config, job: str) -> Context:
     """Resolve data and model (building the demo's corpus and tiny GPT-2 when absent), choose tracked modules."""
     paths = RunPaths(Path(cfg.output.run_dir))
-    if cfg.ray.num_workers > 1 or cfg.ray.address or cfg.deepspeed.stage > 0:
-        raise DastraError(
-            "ray.num_workers/ray.address/deepspeed.stage: this build runs single-process only; "
-            "leave them at 1/null/0"
-        )
+    if is_distributed(cfg):
+        distributed_stages().validate(cfg)
     corpus, queries = _prepare_demo_data(cfg, paths)
     if cfg.model.source == "tiny":
         if not (paths.model / "config.json").is_file():
@@ -194,6 +208,8 @@ def _factor_meta(ctx: Context) -> dict[str, object]:
 
 def fit(ctx: Context) -> EkfacFactors:
     """Two passes over the corpus: covariances A, S, then the eigenvalue correction Λ (seeds §3)."""
+    if ctx.distributed:
+        return distributed_stages().fit(ctx)
     cfg = ctx.cfg.factors
     num_sequences = sum(len(b["doc_id"]) for b in ctx.training_batches(cfg.batch_size, cfg.max_sequences))
     if num_sequences == 0:
@@ -205,7 +221,7 @@ def fit(ctx: Context) -> EkfacFactors:
             lambda: ctx.training_batches(cfg.batch_size, cfg.max_sequences),
             ctx.stat_dtype,
             cfg.seed,
-            on_batch=lambda _stage, rows: advance(rows),
+            on_batch=lambda part, rows, log=ctx.tracker.progress("fit", num_sequences): (advance(rows), log(part, rows)),
         )
     save_factors(factors, ctx.paths.factors, {**_factor_meta(ctx), "dtype": cfg.dtype, "versions": ctx.versions()})
     ctx.tracker.log({"fit/num_sequences": num_sequences, "fit/mean_lambda": default_damping(factors) / 0.1})
@@ -258,6 +274,8 @@ def solve(ctx: Context) -> float:
     Iterative solvers share each curvature minibatch across a chunk of `solver.query_batch_size` queries; their
     minibatches are drawn with replacement from the corpus sequences (the first `factors.max_sequences`).
     """
+    if ctx.distributed:
+        return distributed_stages().solve(ctx)
     cfg = ctx.cfg.solver
     factors = load_factors(ctx.paths.factors, _factor_meta(ctx))
     ids, grads = _load_query_gradients(ctx)
@@ -322,33 +340,12 @@ def solve(ctx: Context) -> float:
     return damping
 
 
-def _documents_text(corpus: Path, id_column: str, text_column: str, doc_ids: list[int]) -> dict[int, str]:
-    wanted = pa.array(sorted(set(doc_ids)), type=pa.int64())
-    found: dict[int, str] = {}
-    for batch in pq.ParquetFile(corpus).iter_batches(columns=[id_column, text_column]):
-        table = pa.Table.from_batches([batch])
-        hits = table.filter(pc.is_in(table[id_column].cast(pa.int64()), value_set=wanted))
-        found.update(zip(hits[id_column].to_pylist(), hits[text_column].to_pylist()))
-    return found
+def _documents_text(corpus: Path, id_column: str | None, text_column: str, doc_ids: list[int]) -> dict[int, str]:
+    return open_corpus(corpus, text_column, id_column).texts(doc_ids)
 
 
-def score(ctx: Context) -> pa.Table:
-    """Stream the corpus: τ(z_q, z_m) = X_qᵀ ∇L(z_m) per document, keeping the top-k per query (seeds §1, Eq 2)."""
-    solver_dir = ctx.paths.ihvp(ctx.cfg.solver.name)
-    check_meta(read_meta(solver_dir, "solved directions", "solve"), ctx.model_meta(), "solved directions", "solve")
-    tensors = load_file(str(solver_dir / "directions.safetensors"))
-    query_ids = tensors.pop("query_ids")
-    compute = product_dtype(ctx.model, ctx.stat_dtype)
-    directions = {name: x.to(compute) for name, x in tensors.items()}
-    top = StreamingTopK(len(query_ids), ctx.cfg.scoring.top_k, keep_all=ctx.cfg.scoring.dense)
-    num_sequences = sum(len(b["doc_id"]) for b in ctx.training_batches(ctx.cfg.scoring.batch_size))
-    with progress_bar("score corpus", num_sequences, "seq") as advance:
-        for batch, capture in captured_batches(
-            ctx.model, ctx.tracked, ctx.training_batches(ctx.cfg.scoring.batch_size), compute
-        ):
-            top.update(batch["doc_id"], sequence_scores(capture.output_grads, capture.activations, directions))
-            advance(len(batch["doc_id"]))
-    scores, doc_ids = top.finish()
+def topk_table(ctx: Context, query_ids: torch.Tensor, scores: torch.Tensor, doc_ids: torch.Tensor) -> pa.Table:
+    """topk.parquet's table (query_id, rank, doc_id, score, text) from [Q, k] scores and doc ids; written atomically."""
     texts = _documents_text(ctx.corpus, ctx.cfg.data.id_column, ctx.cfg.data.text_column, doc_ids.flatten().tolist())
     k = scores.shape[1]
     table = pa.table(
@@ -362,12 +359,37 @@ def score(ctx: Context) -> pa.Table:
     )
     with atomic_path(ctx.paths.topk) as tmp:
         pq.write_table(table, tmp)
+    return table
+
+
+def score(ctx: Context) -> pa.Table:
+    """Stream the corpus: τ(z_q, z_m) = X_qᵀ ∇L(z_m) per document, keeping the top-k per query (seeds §1, Eq 2)."""
+    if ctx.distributed:
+        return distributed_stages().score(ctx)
+    solver_dir = ctx.paths.ihvp(ctx.cfg.solver.name)
+    check_meta(read_meta(solver_dir, "solved directions", "solve"), ctx.model_meta(), "solved directions", "solve")
+    tensors = load_file(str(solver_dir / "directions.safetensors"))
+    query_ids = tensors.pop("query_ids")
+    compute = product_dtype(ctx.model, ctx.stat_dtype)
+    directions = {name: x.to(compute) for name, x in tensors.items()}
+    top = StreamingTopK(len(query_ids), ctx.cfg.scoring.top_k, keep_all=ctx.cfg.scoring.dense)
+    num_sequences = sum(len(b["doc_id"]) for b in ctx.training_batches(ctx.cfg.scoring.batch_size))
+    started = time.perf_counter()
+    with progress_bar("score corpus", num_sequences, "seq") as advance:
+        for batch, capture in captured_batches(
+            ctx.model, ctx.tracked, ctx.training_batches(ctx.cfg.scoring.batch_size), compute
+        ):
+            top.update(batch["doc_id"], sequence_scores(capture.output_grads, capture.activations, directions))
+            advance(len(batch["doc_id"]))
+    scores, doc_ids = top.finish()
+    table = topk_table(ctx, query_ids, scores, doc_ids)
     if ctx.cfg.scoring.dense:
         all_ids, all_scores = top.all_scores()
         dense = pa.table({"doc_id": all_ids.numpy(), **{f"q{q}": all_scores[:, i].numpy() for i, q in enumerate(query_ids.tolist())}})
         with atomic_path(ctx.paths.root / "scores" / "dense.parquet") as tmp:
             pq.write_table(dense, tmp)
-    ctx.tracker.log({"score/num_documents": top.num_documents, "score/num_queries": len(query_ids)})
+    ctx.tracker.log({"score/num_documents": top.num_documents, "score/num_queries": len(query_ids),
+                     "score/sequences_per_s": num_sequences / max(time.perf_counter() - started, 1e-9)})
     return table
 
 
@@ -389,6 +411,37 @@ def print_topk(table: pa.Table, queries_path: Path, show: int) -> None:
         console.print(view)
 
 
+def index(ctx: Context) -> dict[str, object]:
+    """Projected gradient store (Arrow IPC shards) + faiss index over it (index/stages.py)."""
+    from distributed_astra.index import stages  # faiss loads only for these stages
+
+    return stages.index(ctx)
+
+
+def search(ctx: Context) -> pa.Table:
+    """Shortlist from the faiss index, exact re-score, top-k per query into search/topk.parquet (index/stages.py)."""
+    from distributed_astra.index import stages
+
+    return stages.search(ctx)
+
+
+def report(ctx: Context) -> Path:
+    """Per-token attribution of the shown queries' top-k documents, then the self-contained `report.html`."""
+    from distributed_astra.report.build import build_report  # matplotlib and jinja2 load only for this stage
+
+    return build_report(ctx)
+
+
+def _log_stage_result(ctx: Context, name: str, result: object, seconds: float) -> None:
+    """W&B views of a finished stage: fit's tokens/s and the eigen-spectrum (log10 Λ) per module; the top-k table."""
+    if name == "fit" and isinstance(result, EkfacFactors):
+        ctx.tracker.log({"fit/tokens_per_s": 2 * result.num_tokens / max(seconds, 1e-9)})  # two passes
+        for module in result.names:
+            ctx.tracker.histogram(f"fit/spectrum/{module}", torch.log10(result[module].lambda_.clamp_min(1e-30)))
+    if name == "score" and isinstance(result, pa.Table):
+        ctx.tracker.table("score/topk", {column: result.column(column).to_pylist() for column in result.column_names})
+
+
 @dataclass(frozen=True)
 class RunResult:
     summary: dict[str, object]
@@ -408,6 +461,7 @@ def run(cfg: Config, job: str = "run") -> RunResult:
             result = stage(ctx)
             timings[name] = time.perf_counter() - t0
             ctx.tracker.log({f"time/{name}": timings[name]})
+            _log_stage_result(ctx, name, result, timings[name])
         damping = float(read_meta(ctx.paths.ihvp(cfg.solver.name), "solved directions", "solve")["damping"])
         recall = fact_recall(result, load_queries(ctx.queries))
         summary = {
@@ -418,7 +472,13 @@ def run(cfg: Config, job: str = "run") -> RunResult:
             "num_queries": int(len(set(result.column("query_id").to_pylist()))),
         }
         write_json(ctx.paths.summary, summary)
+        t0 = time.perf_counter()
+        report(ctx)
+        ctx.tracker.log({"time/report": time.perf_counter() - t0})
+        ctx.tracker.artifact(f"{ctx.paths.root.name}-results", "results", [ctx.paths.summary, ctx.paths.report])
         ctx.tracker.summary({**recall, "damping": damping})
     finally:
         ctx.tracker.close()
+        if ctx.distributed:
+            distributed_stages().close_session()
     return RunResult(summary, result, ctx.queries)

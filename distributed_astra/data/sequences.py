@@ -1,4 +1,4 @@
-"""Streaming a Parquet corpus into padded training batches, and queries into prompt-masked query batches.
+"""Streaming a corpus (data/corpus.py: Parquet/Arrow files, globs, `save_to_disk` folders) into padded training batches, and queries into prompt-masked query batches.
 
 Batches follow `models/lm.py`: input_ids / attention_mask / labels (HF unshifted layout, -100 = no loss) [B, T],
 plus `doc_id` [B] for training batches and `query_id` [B] for query batches. Padding is on the right, with the
@@ -11,6 +11,7 @@ a sequence never mixes two documents (docs/design.md), so a document's gradient 
 from __future__ import annotations
 
 import inspect
+import itertools
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -20,40 +21,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from distributed_astra.data.corpus import READ_BATCH_ROWS, Corpus, CorpusShard, CorpusStats, Document, open_corpus
 from distributed_astra.errors import DastraError
 from distributed_astra.models.lm import IGNORE_INDEX
 
-READ_BATCH_ROWS = 1024
+CorpusSource = Path | str | Corpus  # a file, glob or folder (see data/corpus.py), or an open Corpus
 
 Sequence = tuple[list[int], int]  # (token ids, doc_id or query_id)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # corpus
-
-
-def _open_corpus(corpus_path: Path, text_column: str, id_column: str) -> pq.ParquetFile:
-    corpus_path = Path(corpus_path)
-    if not corpus_path.is_file():
-        raise DastraError(f"corpus file '{corpus_path}' not found; point data.corpus at a Parquet file")
-    try:
-        parquet = pq.ParquetFile(corpus_path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DastraError(f"corpus file '{corpus_path}' is not a readable Parquet file ({exc})") from exc
-    names = parquet.schema_arrow.names
-    for role, column in (("data.text_column", text_column), ("data.id_column", id_column)):
-        if column not in names:
-            raise DastraError(
-                f"corpus {corpus_path} has no column '{column}' ({role}); its columns are {names}"
-            )
-    if not pa.types.is_integer(parquet.schema_arrow.field(id_column).type):
-        raise DastraError(
-            f"corpus {corpus_path}: column '{id_column}' (data.id_column) must hold integers, "
-            f"not {parquet.schema_arrow.field(id_column).type}"
-        )
-    if parquet.metadata.num_rows == 0:
-        raise DastraError(f"corpus {corpus_path} is empty")
-    return parquet
 
 
 def _pad_id(tokenizer) -> int:
@@ -69,34 +47,61 @@ def _eos_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def iter_document_sequences(
-    corpus_path: Path,
-    tokenizer,
-    max_length: int,
-    *,
-    text_column: str = "text",
-    id_column: str = "doc_id",
-    read_batch_rows: int = READ_BATCH_ROWS,
-) -> Iterator[Sequence]:
-    """(token ids, doc_id) for every sequence of the corpus, in file order, streamed by Parquet record batches."""
+def _document_pieces(
+    documents: Iterable[Document], tokenizer, max_length: int, read_batch_rows: int = READ_BATCH_ROWS
+) -> Iterator[tuple[list[int], Document]]:
+    """(token ids, document) for every sequence, tokenising `read_batch_rows` documents at a time."""
     if max_length < 2:
         raise DastraError(f"data.max_length must be at least 2 (got {max_length})")
-    parquet = _open_corpus(corpus_path, text_column, id_column)
     eos = _eos_id(tokenizer)
-    for record_batch in parquet.iter_batches(batch_size=read_batch_rows, columns=[id_column, text_column]):
-        ids = record_batch.column(id_column).to_pylist()
-        texts = record_batch.column(text_column).to_pylist()
-        if any(i is None for i in ids):
-            raise DastraError(f"corpus {corpus_path}: column '{id_column}' has a null doc id")
-        encoded = tokenizer([t or "" for t in texts], add_special_tokens=False)["input_ids"]
-        for doc_id, tokens in zip(ids, encoded):
+    documents = iter(documents)
+    while chunk := list(itertools.islice(documents, read_batch_rows)):
+        encoded = tokenizer([doc.text for doc in chunk], add_special_tokens=False)["input_ids"]
+        for doc, tokens in zip(chunk, encoded):
             tokens = list(tokens) + [eos]
             for start in range(0, len(tokens), max_length):
                 piece = tokens[start : start + max_length]
                 # A lone trailing token predicts nothing (the loss is shifted): fold it out rather than emit it.
                 if len(piece) < 2 and start > 0:
                     break
-                yield piece, int(doc_id)
+                yield piece, doc
+
+
+def iter_document_sequences(
+    corpus_path: CorpusSource,
+    tokenizer,
+    max_length: int,
+    *,
+    text_column: str = "text",
+    id_column: str | None = "doc_id",
+    read_batch_rows: int = READ_BATCH_ROWS,
+    shard: CorpusShard | None = None,
+    stats: CorpusStats | None = None,
+) -> Iterator[Sequence]:
+    """(token ids, doc_id) for every sequence of the corpus (or of one shard), in row order, streamed.
+
+    `corpus_path` is anything `data.corpus.open_corpus` reads (a file, glob or folder) or an open `Corpus`.
+    Rows skipped as empty or not UTF-8 are counted in `stats`.
+    """
+    corpus = open_corpus(corpus_path, text_column, id_column)
+    documents = corpus.iter_documents(shard, stats, batch_rows=read_batch_rows)
+    for piece, doc in _document_pieces(documents, tokenizer, max_length, read_batch_rows):
+        yield piece, doc.doc_id
+
+
+def iter_document_batches(
+    documents: Iterable[Document], tokenizer, max_length: int, batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Training batches (as `iter_training_batches`) of the given documents (e.g. `Corpus.iter_documents(shard)`),
+    that also carry `row` [B], each sequence's global corpus row."""
+    if batch_size <= 0:
+        raise DastraError(f"batch size must be positive (got {batch_size})")
+    pad = _pad_id(tokenizer)
+    pieces = _document_pieces(documents, tokenizer, max_length)
+    while chunk := list(itertools.islice(pieces, batch_size)):
+        batch = collate_sequences([(tokens, doc.doc_id) for tokens, doc in chunk], pad)
+        batch["row"] = torch.tensor([doc.row for _, doc in chunk], dtype=torch.long)
+        yield batch
 
 
 def collate_sequences(sequences: list[Sequence], pad_id: int, id_key: str = "doc_id") -> dict[str, torch.Tensor]:
@@ -113,18 +118,21 @@ def collate_sequences(sequences: list[Sequence], pad_id: int, id_key: str = "doc
 
 
 def iter_training_batches(
-    corpus_path: Path,
+    corpus_path: CorpusSource,
     tokenizer,
     max_length: int,
     batch_size: int,
     max_sequences: int | None = None,
     *,
     text_column: str = "text",
-    id_column: str = "doc_id",
+    id_column: str | None = "doc_id",
+    shard: CorpusShard | None = None,
+    stats: CorpusStats | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches of `batch_size` sequences in corpus order (the last one may be smaller).
 
-    `max_sequences` stops after that many sequences (None: the whole corpus).
+    `max_sequences` stops after that many sequences (None: the whole corpus); `shard` restricts the pass to one
+    shard of `Corpus.shard_plan`; `stats` counts the rows read and skipped.
     """
     if batch_size <= 0:
         raise DastraError(f"batch size must be positive (got {batch_size})")
@@ -132,7 +140,7 @@ def iter_training_batches(
     pending: list[Sequence] = []
     emitted = 0
     for sequence in iter_document_sequences(
-        corpus_path, tokenizer, max_length, text_column=text_column, id_column=id_column
+        corpus_path, tokenizer, max_length, text_column=text_column, id_column=id_column, shard=shard, stats=stats
     ):
         if max_sequences is not None and emitted + len(pending) >= max_sequences:
             break
@@ -146,12 +154,12 @@ def iter_training_batches(
 
 
 def count_sequences(
-    corpus_path: Path,
+    corpus_path: CorpusSource,
     tokenizer,
     max_length: int,
     *,
     text_column: str = "text",
-    id_column: str = "doc_id",
+    id_column: str | None = "doc_id",
 ) -> int:
     """How many sequences `iter_training_batches` yields over the whole corpus (one streaming pass)."""
     return sum(
@@ -163,14 +171,14 @@ def count_sequences(
 
 
 def shuffled_epochs(
-    corpus_path: Path,
+    corpus_path: CorpusSource,
     tokenizer,
     max_length: int,
     batch_size: int,
     seed: int,
     *,
     text_column: str = "text",
-    id_column: str = "doc_id",
+    id_column: str | None = "doc_id",
     bucket_batches: int = 16,
 ) -> Callable[[int], list[dict[str, torch.Tensor]]]:
     """For training the demo model: `epoch -> batches`, the corpus's sequences reshuffled each epoch with `seed`.

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
 
-from distributed_astra.data.sequences import Query
+from distributed_astra.config import Config
+from distributed_astra.data.sequences import Query, load_queries
+from distributed_astra.errors import DastraError
 
 
 def fact_recall(topk: pa.Table, queries: list[Query]) -> dict[str, float]:
@@ -24,3 +28,62 @@ def fact_recall(topk: pa.Table, queries: list[Query]) -> dict[str, float]:
         "recall@10": sum(r is not None and r <= 10 for r in found) / n,
         "mrr": sum(1.0 / r for r in found if r is not None) / n,
     }
+
+
+# Fact tracing per method through the pipeline's own stages: method -> (label, solver overrides).
+FACT_METHODS: dict[str, tuple[str, dict[str, object]]] = {
+    "graddot": ("grad-dot", {"name": "sni", "iterations": 0}),  # SNI's x0 = ∇f: the iHVP replaced by the identity
+    "ekfac": ("EK-FAC-IF", {"name": "ekfac"}),
+    "sni": ("SNI-IF", {"name": "sni"}),
+    "astra": ("ASTRA-IF", {"name": "astra"}),
+}
+
+
+def check_fact_methods(methods: list[str]) -> None:
+    unknown = [m for m in methods if m not in FACT_METHODS]
+    if unknown or not methods:
+        name = unknown[0] if unknown else ""
+        raise DastraError(f"fact-tracing method '{name}' is unknown; valid methods: {', '.join(FACT_METHODS)}")
+
+
+def trace_facts(cfg: Config, methods: list[str]) -> dict:
+    """recall@1, recall@10 and MRR of the planted documents for each method, on `cfg`'s corpus and model.
+
+    One context (`pipeline.open_context`) serves every method: its factors and query gradients are fitted once
+    (reused from the run directory when their metadata match), then each method solves and scores. The recalls
+    go to the context's tracker (metrics.jsonl of the run directory and W&B) as facts/<method>/<metric>.
+    """
+    from distributed_astra import pipeline
+
+    check_fact_methods(methods)
+    rows = []
+    ctx = pipeline.open_context(cfg, "eval-facts")
+    try:
+        fitted = False
+        for method in methods:
+            label, overrides = FACT_METHODS[method]
+            solver = ctx.cfg.solver.model_copy(update=overrides)
+            ctx.cfg = ctx.cfg.model_copy(update={"solver": solver})
+            start = time.perf_counter()
+            try:
+                pipeline.solve(ctx)
+            except DastraError:  # no (or stale) factors / query gradients in the run directory
+                if fitted:
+                    raise
+                pipeline.fit(ctx)
+                pipeline.query(ctx)
+                fitted = True
+                start = time.perf_counter()
+                pipeline.solve(ctx)
+            fitted = True
+            recall = fact_recall(pipeline.score(ctx), load_queries(ctx.queries))
+            settings = "x = ∇f" if method == "graddot" else (
+                f"λ = {solver.damping}" if method == "ekfac" else
+                f"{solver.iterations} it, ℬ {solver.minibatch_size}, lr {solver.lr:g} ({solver.lr_mode})")
+            row = {"method": method, "label": label, "settings": settings, **recall,
+                   "seconds": time.perf_counter() - start}
+            rows.append(row)
+            ctx.tracker.log({f"facts/{method}/{k}": v for k, v in recall.items()})
+    finally:
+        ctx.tracker.close()
+    return {"rows": rows, "num_fact_queries": rows[0]["num_fact_queries"] if rows else 0}

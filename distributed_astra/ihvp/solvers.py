@@ -15,8 +15,11 @@
 
 All three iterative methods take the step through the same SGD: heavy-ball momentum cfg.momentum (PyTorch's
 convention b_k = μ b_{k−1} + d_k, x ← x − α_k b_k) and the step schedule α_k = α · decay^⌊k / every⌋
-(cfg.lr_decay, cfg.lr_decay_every), with α = cfg.lr · λ when cfg.lr_mode == "relative" (seeds Table 3) and
-α = cfg.lr when "absolute" (Fig 3). SNI and LiSSA are exactly Eq 3 / Alg 1 with cfg.momentum = 0 and
+(cfg.lr_decay, cfg.lr_decay_every), with α = cfg.lr · λ when cfg.lr_mode == "relative" (seeds Table 3),
+α = cfg.lr when "absolute" (Fig 3), and α = cfg.lr / μ̂ when "auto", μ̂ being the largest eigenvalue of the
+minibatch operator (P + λ̃I)⁻¹(G̃ + λI) (of G̃ + λI for sni/lissa) found by power iteration before the first step
+(`largest_eigenvalue`): heavy-ball momentum μ is stable for α·μ_max < 2(1 + μ), so α = 1/μ̂ keeps a margin for
+minibatches steeper than the probed ones whatever the scale of G. SNI and LiSSA are exactly Eq 3 / Alg 1 with cfg.momentum = 0 and
 cfg.lr_decay = 1; ASTRA differs from SNI only by its preconditioner and initialisation, which keeps the comparison
 fair.
 
@@ -74,8 +77,12 @@ SOLVERS = ("ekfac", "sni", "lissa", "astra")
 
 
 # ============================================================================================ settings
-def step_size(cfg: SolverConfig, damping: float) -> float:
-    """α: cfg.lr × λ ("relative", seeds Table 3) or cfg.lr ("absolute", Fig 3)."""
+def step_size(cfg: SolverConfig, damping: float, mu_max: float | None = None) -> float:
+    """α: cfg.lr × λ ("relative", seeds Table 3), cfg.lr ("absolute", Fig 3) or cfg.lr / μ̂ ("auto", μ̂ = mu_max)."""
+    if cfg.lr_mode == "auto":
+        if mu_max is None or not mu_max > 0:
+            raise DastraError("solver.lr_mode 'auto' needs the largest eigenvalue of the iteration operator")
+        return float(cfg.lr) / float(mu_max)
     if cfg.lr_mode == "relative":
         if not damping > 0:
             raise DastraError(
@@ -97,6 +104,45 @@ def ekfac_preconditioner(
     """g ↦ (P + λ̃I)⁻¹ g with P = G_EKFAC (or KFAC); λ̃ = λ for the ekfac solver (its answer IS (P + λI)⁻¹ v)."""
     tilde = float(damping) if cfg.name == "ekfac" else preconditioner_damping(cfg, damping)
     return lambda g: ekfac_inverse(factors, g, tilde, strategy)
+
+
+def largest_eigenvalue(
+    product: CurvatureProduct,
+    precondition: Preconditioner | None,
+    batches: Iterator[Mapping[str, torch.Tensor]],
+    damping: float,
+    like: Vectors,
+    generator: torch.Generator,
+    num_batches: int = 3,
+    power_iterations: int = 10,
+) -> float:
+    """μ̂: the largest eigenvalue of M_k = (P + λ̃I)⁻¹(G̃_k + λI) (M_k = G̃_k + λI without `precondition`), the max
+    over `num_batches` minibatches of `power_iterations` power steps from a random start each.
+
+    M_k is similar to the symmetric (P + λ̃I)^{-1/2}(G̃_k + λI)(P + λ̃I)^{-1/2}, so its eigenvalues are real and
+    positive and the norm ratio ‖M z‖/‖z‖ of the power iterate converges to the largest from below.
+    """
+    estimate = 0.0
+    for _ in range(num_batches):
+        batch = next(batches)
+        z = {
+            k: torch.randn(t[:1].shape, generator=generator, dtype=torch.float64).to(t.dtype) for k, t in like.items()
+        }
+        z = vec_scale(1.0 / float(vec_norm(z)[0]), z)
+        ratio = torch.zeros(())
+        for _ in range(power_iterations):
+            mz = vec_axpy(damping, z, product.product(z, batch))
+            if precondition is not None:
+                mz = precondition(mz)
+            ratio = vec_norm(mz)[0]
+            if not bool(torch.isfinite(ratio)) or float(ratio) == 0.0:
+                raise DastraError(
+                    f"the curvature operator's power iteration gave {float(ratio)}: check the factors and the model "
+                    "for NaN/Inf, or use solver.lr_mode=absolute"
+                )
+            z = vec_scale(1.0 / float(ratio), mz)
+        estimate = max(estimate, float(ratio))
+    return estimate
 
 
 # ============================================================================================ minibatches
@@ -259,12 +305,18 @@ def solve(
         init = v
     fallback = ekfac_x if ekfac_x is not None else init
 
-    alpha = step_size(cfg, damping)
-    lr_setting = (
-        f" (now solver.lr = {cfg.lr:g}, α = lr × λ = {alpha:.3g})"
-        if cfg.lr_mode == "relative"
-        else f" (now solver.lr = α = {alpha:.3g})"
-    )
+    iterator = iter(batches)
+    precond_step = precondition if cfg.name == "astra" else None
+    mu_max = None
+    if cfg.lr_mode == "auto":
+        probe = torch.Generator().manual_seed(cfg.seed)
+        mu_max = largest_eigenvalue(product, precond_step, iterator, damping, v, probe)
+    alpha = step_size(cfg, damping, mu_max)
+    lr_setting = {
+        "relative": f" (now solver.lr = {cfg.lr:g}, α = lr × λ = {alpha:.3g})",
+        "absolute": f" (now solver.lr = α = {alpha:.3g})",
+        "auto": f" (now solver.lr = {cfg.lr:g}, α = lr / μ̂ = {alpha:.3g})",
+    }[cfg.lr_mode]
     monitor = ConvergenceMonitor(
         num_queries,
         cfg.tolerance,
@@ -275,9 +327,7 @@ def solve(
         query_ids=query_ids,
         on_iteration=on_iteration,
     )
-    iterator = iter(batches)
     repeats = cfg.lissa_repeats if cfg.name == "lissa" else 1
-    precond_step = precondition if cfg.name == "astra" else None
 
     total = vec_zeros_like(v)
     for repeat in range(repeats):

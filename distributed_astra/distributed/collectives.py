@@ -1,0 +1,136 @@
+"""torch.distributed helpers shared by the rank-side stages: flat all-reduce of tensor dicts, module-by-module
+broadcast, work balancing, and the bookkeeping that keeps N ranks bit-compatible with one process.
+
+Two rules make a distributed stage reproduce the single-process result:
+
+* Label sampling (true Fisher, `models.lm.sample_labels`) draws one float32 uniform per predicted position, row by
+  row, from one seeded generator. A rank that skips a batch (or a slice of one) advances its generator by exactly the
+  uniforms that batch would have drawn (`advance_label_stream`), so every row gets the label it gets in one process.
+* Under ZeRO-3 every forward is a collective (parameters are gathered layer by layer), so every rank must run the
+  same number of forwards: a rank with fewer batches runs `padding_batch`es, which carry no token and no loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+from distributed_astra.models.lm import IGNORE_INDEX
+
+
+def all_reduce_sum(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Σ over ranks of every tensor, through ONE flat all-reduce per dtype (in place order: dict order)."""
+    out: dict[str, torch.Tensor] = {}
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, t in tensors.items():
+        by_dtype.setdefault(t.dtype, []).append(name)
+    for dtype, names in by_dtype.items():
+        flat = torch.cat([tensors[n].reshape(-1) for n in names])
+        dist.all_reduce(flat)
+        offset = 0
+        for n in names:
+            size = tensors[n].numel()
+            out[n] = flat[offset : offset + size].view_as(tensors[n])
+            offset += size
+    return out
+
+
+def all_reduce_counts(*counts: int, op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[int]:
+    """Integer counts reduced over ranks (sum by default)."""
+    t = torch.tensor(counts, dtype=torch.float64)
+    dist.all_reduce(t, op=op)
+    return [int(round(v)) for v in t.tolist()]
+
+
+def broadcast_tensors(tensors: list[torch.Tensor], src: int) -> None:
+    """Broadcast a list of tensors from rank `src`, in place, as one flat buffer."""
+    flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1).clone()
+    dist.broadcast(flat, src=src)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def balance_by_cost(costs: Mapping[str, float], world_size: int) -> dict[str, int]:
+    """Assign items to ranks, largest first onto the least-loaded rank (LPT); ties go to the lower rank."""
+    load = [0.0] * world_size
+    owner: dict[str, int] = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[name] = rank
+        load[rank] += costs[name]
+    return owner
+
+
+def slice_bounds(rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rows [start, stop) of a batch that `rank` takes: contiguous, sizes differing by at most one, rank order."""
+    base, extra = divmod(rows, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def label_draws(batch: Mapping[str, torch.Tensor]) -> int:
+    """Uniforms `sample_labels` draws for a batch: one per position that predicts a next token, B·(T-1)."""
+    rows, width = batch["input_ids"].shape
+    return int(rows) * max(0, int(width) - 1)
+
+
+def advance_label_stream(generator: torch.Generator | None, draws: int) -> None:
+    """Consume `draws` float32 uniforms of `generator` exactly as `sample_labels` would (then discard them)."""
+    if generator is not None and draws > 0:
+        torch.rand(draws, 1, generator=generator, dtype=torch.float32, device=generator.device)
+
+
+def padding_batch(like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One row of two padding tokens: a full forward and backward that adds no token, sequence or loss."""
+    ids = torch.zeros(1, 2, dtype=like["input_ids"].dtype)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.zeros_like(ids),
+        "labels": torch.full_like(ids, IGNORE_INDEX),
+        **({"doc_id": torch.full((1,), -1, dtype=torch.long)} if "doc_id" in like else {}),
+    }
+
+
+class RankBatches:
+    """This rank's share of a deterministic batch stream: batch i belongs to rank i mod world_size.
+
+    Iterating yields the owned batches in order, advances `generator` past the labels of the others, then (once the
+    stream is exhausted and `generator.get_state()` recorded as `state_after`) yields padding batches until this
+    rank has run as many batches as the rank with the most, ceil(n / world_size).
+    """
+
+    def __init__(
+        self, batches: Iterable[dict[str, torch.Tensor]], rank: int, world_size: int, generator: torch.Generator | None
+    ) -> None:
+        self.batches = batches
+        self.rank = rank
+        self.world_size = world_size
+        self.generator = generator
+        self.state_after: torch.Tensor | None = None
+        self.num_batches = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        owned = 0
+        last: dict[str, torch.Tensor] | None = None
+        for index, batch in enumerate(self.batches):
+            self.num_batches = index + 1
+            last = batch
+            if index % self.world_size == self.rank:
+                owned += 1
+                yield batch
+            else:
+                advance_label_stream(self.generator, label_draws(batch))
+        if self.generator is not None:
+            self.state_after = self.generator.get_state()
+        most = -(-self.num_batches // self.world_size)
+        for _ in range(most - owned):
+            yield padding_batch(last)
+
+    def restore(self) -> None:
+        """Put the generator where one process would have it after the whole stream (padding draws undone)."""
+        if self.generator is not None and self.state_after is not None:
+            self.generator.set_state(self.state_after)

@@ -1,0 +1,247 @@
+"""Attribution methods for the LDS harness, in a registry keyed by name (seeds §1, §8).
+
+A method is a `Method`: a name, a table label, and `score(model, settings) -> Tensor[Q, N]`, the score τ(z_m, z_q)
+of every training example m for every query q of ONE trained model. Ensembles average these over models, each with
+its own factors and iHVPs (seeds §1 Eq 11, §13.11). Sign convention everywhere (docs/design.md): positive = helpful,
+i.e. removing z_m is predicted to INCREASE the query's measurement f.
+
+    graddot  ∇f_qᵀ ∇L_m                                   (IF with G + λI = I)
+    tracin   Σ_c η_c ∇f_q(θ_c)ᵀ ∇L_m(θ_c)                 over the recipe's checkpoints (SOURCE Eq 29)
+    trak     (Pᵀ∇f_q)ᵀ (ΦᵀΦ)⁻¹ (Pᵀ∇L_m),  Φ = [Pᵀ∇out(z_n)]_n, P a Gaussian projection to k dims (TRAK, §8)
+    ekfac    ∇f_qᵀ (G_EKFAC + λI)⁻¹ ∇L_m                  (`ihvp.ekfac_inverse`)
+    sni      the SNI iHVP (`ihvp.solve`, name sni, x0 = ∇f)
+    astra    the ASTRA iHVP (`ihvp.solve`, name astra, x0 = EK-FAC solution, EK-FAC-preconditioned; Eq 5)
+
+More methods (SOURCE, ...) join with `register_method(Method(...))`.
+
+TRAK's output function is the margin for classification (then ∇L_m = −(1 − p_m)∇margin_m exactly, which is TRAK's
+Q weighting), the regression output g (Φᵀ Φ is then the projected GGN), and the sequence loss for the language
+model (TRAK has no LM recipe; the paper omits it there).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from distributed_astra.config import EvalConfig, SolverConfig
+from distributed_astra.curvature.factors import EkfacFactors, fit_ekfac
+from distributed_astra.curvature.hooks import GradientCapture
+from distributed_astra.errors import DastraError
+from distributed_astra.eval.mse import MSEGGNProduct, fit_ekfac_mse
+from distributed_astra.eval.tasks import State, Task, TrainedModel
+from distributed_astra.ihvp.ekfac import default_damping, ekfac_inverse
+from distributed_astra.ihvp.products import CurvatureProduct, GGNProduct, Vectors
+from distributed_astra.ihvp.solvers import MinibatchSampler, ekfac_preconditioner, solve
+from distributed_astra.models.lm import forward_logits
+from distributed_astra.models.modules import TrackedModule, select_tracked_modules
+
+STAT_DTYPE = torch.float64
+GRADIENT_BATCH = 64
+
+
+def example_gradients(
+    model: nn.Module,
+    tracked: dict[str, TrackedModule],
+    batches: Iterable[dict[str, torch.Tensor]],
+    objective: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+    dtype: torch.dtype = STAT_DTYPE,
+) -> Vectors:
+    """∇θ objective(z_n) of every example, {module: [N, out, in+1]}, from hooks (no parameter gradients)."""
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in tracked}
+    for batch in batches:
+        with torch.enable_grad(), GradientCapture(tracked, batch["attention_mask"], dtype) as capture:
+            capture.backward(objective(forward_logits(model, batch), batch).sum())
+        for name, grad in capture.per_sequence_gradients().items():
+            chunks[name].append(grad)
+    return {name: torch.cat(parts) for name, parts in chunks.items()}
+
+
+def pair_scores(directions: Vectors, train: Vectors) -> torch.Tensor:
+    """[Q, N] = Σ_modules ⟨X_q, ∇L_m⟩ for directions X [Q, out, in+1] and training gradients [N, out, in+1]."""
+    return sum(torch.einsum("qoi,noi->qn", directions[n], train[n].to(directions[n].dtype)) for n in directions)
+
+
+def flatten(x: Vectors) -> torch.Tensor:
+    return torch.cat([t.reshape(t.shape[0], -1) for t in x.values()], dim=1)
+
+
+class ModelAttribution:
+    """One trained model of the ensemble and everything the methods share: gradients, factors, products."""
+
+    def __init__(self, task: Task, trained: TrainedModel, seed: int) -> None:
+        self.task = task
+        self.trained = trained
+        self.seed = seed
+        self.model = task.attribution_model(trained.checkpoints[-1])
+        self.tracked = select_tracked_modules(self.model, task.tracked_modules)
+
+    def at_checkpoint(self, state: State) -> ModelAttribution:
+        return ModelAttribution(self.task, TrainedModel([state], [1.0], self.trained.final_loss), self.seed)
+
+    @cached_property
+    def train_gradients(self) -> Vectors:
+        """∇L(z_m) of every training example at θ^s."""
+        return example_gradients(self.model, self.tracked, self.task.train_batches(GRADIENT_BATCH), self.task.training_loss)
+
+    @cached_property
+    def query_gradients(self) -> Vectors:
+        """∇f(z_q) of every query at θ^s (f = the task's measurement)."""
+        return example_gradients(self.model, self.tracked, self.task.query_batches(GRADIENT_BATCH), self.task.measurement)
+
+    @cached_property
+    def factors(self) -> EkfacFactors:
+        """EK-FAC over the whole training set: sampled labels for softmax tasks, the exact J Jᵀ for regression."""
+        make = lambda: self.task.train_batches(GRADIENT_BATCH)  # noqa: E731
+        if self.task.curvature == "mse":
+            return fit_ekfac_mse(self.model, self.tracked, make, STAT_DTYPE)
+        return fit_ekfac(self.model, self.tracked, make, STAT_DTYPE, seed=self.seed)
+
+    def damping(self, scale: float) -> float:
+        """λ = scale × mean(Λ) (scale 0.1 = the solver's `auto`), or the task's exact λ (ridge)."""
+        if self.task.exact_damping is not None:
+            return float(self.task.exact_damping)
+        return scale * default_damping(self.factors) / 0.1
+
+    @cached_property
+    def top_eigenvalue(self) -> float:
+        """σ_max of the full-training-set G by power iteration (30 full-batch G products)."""
+        batch = self.sampler(1).full_batch()
+        product = self.product()
+        generator = torch.Generator().manual_seed(self.seed)
+        v = {n: torch.randn(1, *t.shape, generator=generator, dtype=STAT_DTYPE) for n, t in self.tracked.items()}
+        value = 0.0
+        for _ in range(30):
+            norm = float(flatten(v).norm())
+            v = product.product({n: t / norm for n, t in v.items()}, batch)
+            value = float(flatten(v).norm())
+        return value
+
+    def product(self) -> CurvatureProduct:
+        if self.task.curvature == "mse":
+            return MSEGGNProduct(self.model, self.tracked)
+        return GGNProduct(self.model, self.tracked)
+
+    def sampler(self, minibatch_size: int) -> MinibatchSampler:
+        generator = torch.Generator().manual_seed(self.seed)
+        return MinibatchSampler(self.task.train_batches(GRADIENT_BATCH), minibatch_size, generator)
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """What a method may depend on: the eval config and the damping multiplier of this run (the λ sweep)."""
+
+    eval: EvalConfig
+    damping_scale: float
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    score: Callable[[ModelAttribution, MethodSettings], torch.Tensor]
+    uses_damping: bool = False
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if method.name in METHODS:
+        raise DastraError(f"attribution method '{method.name}' is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The method called `name`; an unknown name raises `DastraError` listing the valid ones."""
+    if name not in METHODS:
+        raise DastraError(f"attribution method '{name}' is unknown; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+# ==================================================================================================== baselines
+def graddot_scores(ctx: ModelAttribution, settings: MethodSettings) -> torch.Tensor:
+    return pair_scores(ctx.query_gradients, ctx.train_gradients)
+
+
+def tracin_scores(ctx: ModelAttribution, settings: MethodSettings) -> torch.Tensor:
+    total = None
+    for state, rate in zip(ctx.trained.checkpoints, ctx.trained.learning_rates):
+        at = ctx.at_checkpoint(state)
+        part = rate * pair_scores(at.query_gradients, at.train_gradients)
+        total = part if total is None else total + part
+    return total
+
+
+def trak_scores(ctx: ModelAttribution, settings: MethodSettings) -> torch.Tensor:
+    """TRAK with one random projection per model: k = min(eval.trak_dim, N // 2) keeps ΦᵀΦ well posed; no damping."""
+    task = ctx.task
+    out_grads = flatten(
+        example_gradients(ctx.model, ctx.tracked, task.train_batches(GRADIENT_BATCH), task.model_output)
+    )
+    dim = out_grads.shape[1]
+    k = max(1, min(settings.eval.trak_dim, task.num_train // 2))
+    generator = torch.Generator().manual_seed(10_007 * (ctx.seed + 1))
+    projection = torch.randn(dim, k, generator=generator, dtype=out_grads.dtype) / math.sqrt(k)
+    phi = out_grads @ projection
+    kernel = phi.T @ phi
+    query = flatten(ctx.query_gradients) @ projection
+    train = flatten(ctx.train_gradients) @ projection
+    return query @ torch.linalg.solve(kernel, train.T)
+
+
+# ==================================================================================================== IF methods
+def _solver_config(settings: MethodSettings, name: str, lr: float) -> SolverConfig:
+    e = settings.eval
+    return SolverConfig(
+        name=name,
+        lr=lr,
+        lr_mode="absolute",
+        momentum=e.momentum,
+        lr_decay=e.lr_decay,
+        lr_decay_every=e.lr_decay_every,
+        iterations=e.iterations,
+        minibatch_size=e.minibatch_size,
+        tolerance=0.0,
+    )
+
+
+def ekfac_scores(ctx: ModelAttribution, settings: MethodSettings) -> torch.Tensor:
+    damping = ctx.damping(settings.damping_scale)
+    return pair_scores(ekfac_inverse(ctx.factors, ctx.query_gradients, damping), ctx.train_gradients)
+
+
+def sni_scores(ctx: ModelAttribution, settings: MethodSettings) -> torch.Tensor:
+    """SNI from x0 = ∇f with α = eval.sni_lr / (σ_max(G) + λ) (Koh & Liang scale G below 1 the same way; with
+    heavy-ball momentum μ the full-batch iteration is stable for α(σ + λ) < 2(1 + μ)). No EK-FAC fallback: a
+    diverged query falls back to ∇f, i.e. to grad-dot."""
+    damping = ctx.damping(settings.damping_scale)
+    cfg = _solver_config(settings, "sni", settings.eval.sni_lr / (ctx.top_eigenvalue + damping))
+    result = solve(ctx.query_gradients, None, ctx.product(), ctx.sampler(cfg.minibatch_size), cfg, damping)
+    return pair_scores(result.x, ctx.train_gradients)
+
+
+def astra_scores(ctx: ModelAttribution, settings: MethodSettings) -> torch.Tensor:
+    """ASTRA (seeds Eq 5) from the EK-FAC solution, λ̃ = λ, absolute step α = eval.astra_lr."""
+    damping = ctx.damping(settings.damping_scale)
+    cfg = _solver_config(settings, "astra", settings.eval.astra_lr)
+    preconditioner = ekfac_preconditioner(ctx.factors, cfg, damping)
+    result = solve(ctx.query_gradients, preconditioner, ctx.product(), ctx.sampler(cfg.minibatch_size), cfg, damping)
+    return pair_scores(result.x, ctx.train_gradients)
+
+
+for _method in (
+    Method("graddot", "grad-dot", graddot_scores),
+    Method("tracin", "TracIn", tracin_scores),
+    Method("trak", "TRAK", trak_scores),
+    Method("ekfac", "EK-FAC-IF", ekfac_scores, uses_damping=True),
+    Method("sni", "SNI-IF", sni_scores, uses_damping=True),
+    Method("astra", "ASTRA-IF", astra_scores, uses_damping=True),
+):
+    register_method(_method)

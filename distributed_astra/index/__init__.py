@@ -1,0 +1,1 @@
+"""The projected gradient store (Arrow IPC) and faiss indexes over it; the `index` and `search` stages."""

@@ -1,0 +1,202 @@
+"""The `index` and `search` stages (called from pipeline.py with its `Context`).
+
+    index:   corpus --(per token: (P_out Ds)(P_in ā)ᵀ, summed per document)--> store/ --> index/index.faiss
+    search:  solved directions X_q (ihvp/<solver>/, EK-FAC or ASTRA) --> P_out X_q P_inᵀ --> faiss top k·r
+             --> optional exact re-score of the candidates with full gradients --> search/topk.parquet
+
+The store and the index record the projection (seed, dims), the model fingerprint and the tracked modules; search
+refuses a store or index whose record differs from the current run and names the field.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file
+
+from distributed_astra.artifacts import atomic_path, check_meta, read_meta, write_json
+from distributed_astra.curvature.covariance import product_dtype
+from distributed_astra.data.corpus import Corpus, open_corpus
+from distributed_astra.data.sequences import iter_document_batches, load_queries
+from distributed_astra.errors import DastraError
+from distributed_astra.index.faiss_index import build_index, load_index, save_index, search_index
+from distributed_astra.index.store import GradientStore, StoreWriter, open_store, store_bytes, write_store
+from distributed_astra.progress import console, progress_bar
+from distributed_astra.scoring.gradients import captured_batches
+from distributed_astra.scoring.inner_products import sequence_scores
+from distributed_astra.scoring.projection import KroneckerProjection
+
+if TYPE_CHECKING:
+    from distributed_astra.pipeline import Context
+
+
+def store_dir(ctx: Context) -> Path:
+    return ctx.paths.root / "store"
+
+
+def index_dir(ctx: Context) -> Path:
+    return ctx.paths.root / "index"
+
+
+def search_dir(ctx: Context) -> Path:
+    return ctx.paths.root / "search"
+
+
+def open_run_corpus(ctx: Context) -> Corpus:
+    data = ctx.cfg.data
+    return open_corpus(ctx.corpus, data.text_column, data.id_column, data.split)
+
+
+def run_projection(ctx: Context) -> KroneckerProjection:
+    cfg = ctx.cfg.projection
+    shapes = {name: tm.shape for name, tm in ctx.tracked.items()}
+    return KroneckerProjection.for_modules(shapes, cfg.out_dim, cfg.in_dim, cfg.per_module, cfg.seed)
+
+
+def expected_meta(ctx: Context, projection: KroneckerProjection) -> dict[str, Any]:
+    """The fields a store or index must share with this run to be searched with its queries."""
+    return {**ctx.model_meta(), **projection.describe(), "max_length": ctx.cfg.data.max_length}
+
+
+def index(ctx: Context) -> dict[str, Any]:
+    """Write the projected gradient store (resumable, shard by shard) and build the faiss index over it."""
+    projection = run_projection(ctx)
+    corpus = open_run_corpus(ctx)
+    plan = corpus.shard_plan(ctx.cfg.data.shard_rows)
+    writer = StoreWriter(
+        ctx.model,
+        ctx.tracked,
+        ctx.tokenizer,
+        corpus,
+        plan,
+        projection,
+        ctx.cfg.data.max_length,
+        ctx.cfg.scoring.batch_size,
+        product_dtype(ctx.model, ctx.stat_dtype),
+        ctx.cfg.index.store_dtype,
+    )
+    start = time.perf_counter()
+    with progress_bar("project corpus into the store", corpus.num_rows, "docs") as advance:
+        meta = write_store(writer, store_dir(ctx), expected_meta(ctx, projection), lambda shard, _n: advance(shard.num_rows))
+    store_seconds = time.perf_counter() - start
+    skipped = meta["skipped_rows"]
+    if skipped["empty"] or skipped["non_utf8"]:
+        console.print(
+            f"[yellow]warning:[/] skipped {skipped['empty']} empty and {skipped['non_utf8']} non-UTF-8 rows of "
+            f"{ctx.corpus}", highlight=False
+        )
+    store = open_store(store_dir(ctx), expected_meta(ctx, projection))
+    start = time.perf_counter()
+    faiss_index, info = build_index(store, ctx.cfg.index)
+    with atomic_path(index_dir(ctx)) as tmp:
+        tmp.mkdir()
+        save_index(faiss_index, tmp)
+        write_json(tmp / "meta.json", {**expected_meta(ctx, projection), "shard_plan": meta["shard_plan"], **info})
+    index_seconds = time.perf_counter() - start
+    ctx.tracker.log(
+        {
+            "index/num_documents": store.num_documents,
+            "index/dim": store.dim,
+            "index/store_bytes": store_bytes(store_dir(ctx)),
+            "index/store_seconds": store_seconds,
+            "index/build_seconds": index_seconds,
+        }
+    )
+    return {**info, "store_seconds": store_seconds, "index_seconds": index_seconds}
+
+
+def _ensure_directions(ctx: Context) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The solved directions of `data.queries`: reused when ihvp/<solver>/ holds exactly these queries, else the
+    query and solve stages run first (so `dastra search --queries FILE` works on new queries)."""
+    from distributed_astra import pipeline
+
+    wanted = [q.query_id for q in load_queries(ctx.queries)]
+    solver_dir = ctx.paths.ihvp(ctx.cfg.solver.name)
+    fresh = False
+    queries_meta = ctx.paths.queries / "meta.json"
+    if (solver_dir / "directions.safetensors").is_file() and queries_meta.is_file():
+        recorded = read_meta(ctx.paths.queries, "query gradients", "query").get("queries")
+        ids = load_file(str(solver_dir / "directions.safetensors"))["query_ids"].tolist()
+        fresh = recorded == str(ctx.queries) and ids == wanted
+    if not fresh:
+        console.print(f"computing and solving the query gradients of {ctx.queries} ({ctx.cfg.solver.name})")
+        pipeline.query(ctx)
+        pipeline.solve(ctx)
+    check_meta(read_meta(solver_dir, "solved directions", "solve"), ctx.model_meta(), "solved directions", "solve")
+    tensors = load_file(str(solver_dir / "directions.safetensors"))
+    return tensors.pop("query_ids"), tensors
+
+
+def exact_document_scores(
+    ctx: Context, corpus: Corpus, rows: list[int], directions: dict[str, torch.Tensor]
+) -> dict[int, torch.Tensor]:
+    """row -> [Q] exact scores Σ_t Ds_tᵀ X_q ā_t over the document's sequences (full gradients, no projection)."""
+    compute = product_dtype(ctx.model, ctx.stat_dtype)
+    directions = {name: x.to(compute) for name, x in directions.items()}
+    documents = corpus.documents_at(rows)
+    ordered = [documents[r] for r in sorted(documents)]
+    batches = iter_document_batches(ordered, ctx.tokenizer, ctx.cfg.data.max_length, ctx.cfg.scoring.batch_size)
+    totals: dict[int, torch.Tensor] = {}
+    for batch, capture in captured_batches(ctx.model, ctx.tracked, batches, compute):
+        scores = sequence_scores(capture.output_grads, capture.activations, directions).double()
+        for row, score in zip(batch["row"].tolist(), scores):
+            totals[row] = totals.get(row, 0) + score
+    return totals
+
+
+def search(ctx: Context) -> pa.Table:
+    """Top-k documents per query from the index: a shortlist of top_k·r, re-scored exactly when index.rescore."""
+    projection = run_projection(ctx)
+    expected = expected_meta(ctx, projection)
+    store = open_store(store_dir(ctx), expected)
+    index_meta = read_meta(index_dir(ctx), "faiss index", "index")
+    check_meta(index_meta, {**expected, "shard_plan": store.meta["shard_plan"]}, "faiss index", "index")
+    query_ids, directions = _ensure_directions(ctx)
+    cfg, k = ctx.cfg.index, ctx.cfg.scoring.top_k
+    queries = projection.project_matrices({name: x.float() for name, x in directions.items()}).numpy()
+    faiss_index = load_index(index_dir(ctx), cfg)
+    start = time.perf_counter()
+    projected, positions = search_index(faiss_index, queries, k * cfg.shortlist_factor)
+    search_seconds = time.perf_counter() - start
+    doc_ids, rows = store_ids(store)
+    corpus = open_run_corpus(ctx)
+    exact: dict[int, torch.Tensor] = {}
+    if cfg.rescore:
+        candidates = sorted({int(rows[p]) for p in positions.flatten() if p >= 0})
+        with progress_bar("exact re-score of the shortlist", len(candidates), "docs"):
+            exact = exact_document_scores(ctx, corpus, candidates, directions)
+    records: dict[str, list] = {"query_id": [], "rank": [], "doc_id": [], "score": [], "projected_score": [], "row": []}
+    for q, qid in enumerate(query_ids.tolist()):
+        found = [(int(p), float(s)) for p, s in zip(positions[q], projected[q]) if p >= 0]
+        if cfg.rescore:
+            found.sort(key=lambda item: -float(exact[int(rows[item[0]])][q]))
+        for rank, (position, projected_score) in enumerate(found[:k], start=1):
+            row = int(rows[position])
+            records["query_id"].append(qid)
+            records["rank"].append(rank)
+            records["doc_id"].append(int(doc_ids[position]))
+            records["row"].append(row)
+            records["projected_score"].append(projected_score)
+            records["score"].append(float(exact[row][q]) if cfg.rescore else projected_score)
+    texts = corpus.documents_at(records["row"])
+    table = pa.table({**records, "text": [texts[r].text if r in texts else "" for r in records["row"]]})
+    out = search_dir(ctx)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        pq.write_table(table, tmp / "topk.parquet")
+        write_json(tmp / "meta.json", {**expected, "rescore": cfg.rescore, "shortlist": k * cfg.shortlist_factor})
+    ctx.tracker.log({"search/seconds": search_seconds, "search/num_queries": len(query_ids)})
+    return table
+
+
+def store_ids(store: GradientStore) -> tuple[np.ndarray, np.ndarray]:
+    """(doc_ids [N], rows [N]) of the stored documents, in the index's order (shard by shard)."""
+    shards = list(store.iter_shards())
+    return np.concatenate([s.doc_ids for s in shards]), np.concatenate([s.rows for s in shards])
+

@@ -1,0 +1,354 @@
+"""Memory per GPU and per node, FLOPs and time of every stage of a run, from the model's config alone.
+
+Per stage, memory per GPU = the model's parameters as placed by the ZeRO stage + the peak of what one step of the
+stage allocates, measured by replaying that step on the `meta` device (`plan.simulate`). That step holds what the
+stage keeps resident (A and S sums; eigenbases and Λ; the query gradients; the solver's [Q, D] vectors; the solved
+directions) and its transients at the configured micro-batch (activations saved for backward, logits, Ds of every
+tracked module, the per-module products). FLOPs are the replay's matmul FLOPs scaled to the corpus; time is FLOPs
+over (GPUs × `plan.throughput_tflops`).
+
+Parameters under ZeRO (inference: no gradients, no optimizer state): stages 0-2 hold every parameter on every GPU
+(DeepSpeed's stages 1 and 2 shard only optimizer state and gradients, which attribution has none of); stage 3 holds
+1/N of them plus the gathered working set (the largest module, plus DeepSpeed's prefetch bucket). The exact GGN
+product needs whole weights (`torch.func`), so `solver.product: ggn` plans the solve replicated.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable
+from functools import cache
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+import torch
+
+from distributed_astra.config import Config
+from distributed_astra.errors import DastraError
+from distributed_astra.ihvp.products import DEFAULT_TANGENT_ELEMENTS
+from distributed_astra.models.load import DTYPES
+from distributed_astra.plan import shapes, simulate
+from distributed_astra.plan.simulate import StepCost, measure, meta_batch
+
+GIB = 1 << 30
+STAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ZERO3_PREFETCH_ELEMENTS = 50_000_000  # stage3_prefetch_bucket_size of configs/ds/zero3.json (DeepSpeed's default)
+EIGH_FLOPS_PER_CUBE = 9  # eigh with eigenvectors: about 9 n³ (tridiagonal reduction plus back-transformation)
+PROJECTED_BYTES = 2  # the projected gradient store keeps float16
+
+
+def parse_memory(text: str, field_name: str = "plan.gpu_memory") -> int:
+    """'80GB', '80GiB', '80G', '512MB' -> bytes; GB and GiB both mean 2³⁰ bytes (an '80GB' GPU has 80 GiB)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise DastraError(f"{field_name}: '{text}' is not a memory size; write e.g. 80GB or 40GiB")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[match.group(2).upper()]
+    return int(float(match.group(1)) * scale)
+
+
+def detected_device_memory() -> tuple[int, str]:
+    """(bytes, what) of this machine's first GPU, or of its RAM when it has none."""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return int(props.total_memory), props.name
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host RAM (no GPU)"
+
+
+def _parquet_rows(path: str) -> int | None:
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    """One stage, per GPU: the parameters, what the stage keeps resident (`resident_what`), and the working memory
+    of one step at `batch` (activations, logits, Ds, products); its FLOPs and time over the whole run."""
+
+    stage: str
+    parameters: int
+    resident: int
+    resident_what: str
+    working: int
+    flops: float | None
+    seconds: float | None
+    batch: str
+
+    @property
+    def per_gpu(self) -> int:
+        return self.parameters + self.resident + self.working
+
+
+@dataclass
+class Plan:
+    model_name: str
+    num_parameters: int
+    tracked_parameters: int
+    num_tracked_modules: int
+    gpus: int
+    gpus_per_node: int
+    gpu_memory: int
+    device: str
+    budget: int  # usable bytes per GPU (gpu_memory less the reserve)
+    throughput_tflops: float
+    documents: int | None
+    documents_source: str
+    num_queries: int
+    queries_source: str
+    zero_stage: int
+    zero_parameters: dict[int, int]  # bytes per GPU of the parameters under ZeRO stage 0..3
+    stages: list[StageEstimate]
+    store_bytes: int | None
+    projection_dim: int | None
+    max_micro_batch: dict[str, int] = field(default_factory=dict)  # per batch field: the largest that fits
+    max_query_chunk: int | None = None  # None: the solver does not iterate (ekfac)
+    max_scored_queries: int = 0
+
+    @property
+    def gpus_on_a_node(self) -> int:
+        return min(self.gpus, self.gpus_per_node)
+
+    def failing(self) -> list[StageEstimate]:
+        return [s for s in self.stages if s.per_gpu > self.budget]
+
+    @property
+    def fits(self) -> bool:
+        return not self.failing()
+
+
+def _zero_parameters(num_params: int, largest_leaf: int, gpus: int, dtype_bytes: int) -> dict[int, int]:
+    full = num_params * dtype_bytes
+    working = min(num_params, largest_leaf + ZERO3_PREFETCH_ELEMENTS) * dtype_bytes
+    sharded = math.ceil(num_params / gpus) * dtype_bytes + working
+    return {0: full, 1: full, 2: full, 3: min(full, sharded)}
+
+
+def _projection_dim(cfg: Config) -> int | None:
+    """The projected store's width from the `projection` section, when this build has one."""
+    section = getattr(cfg, "projection", None)
+    for name in ("dim", "dimension", "projection_dim", "rank"):
+        value = getattr(section, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _largest_fitting(memory_at: Callable[[int], int], configured: int, budget: int, limit: int = 1 << 20) -> int:
+    """The largest n in [1, limit] with memory_at(n) <= budget (0 if none). Memory is close to affine in the
+    micro-batch and in the query chunk (activations and [Q, D] vectors grow linearly), so two replays give a
+    guess; replays at the guess and next to it confirm it, and a bisection corrects it where a step changes its
+    contraction order with the batch size."""
+    if memory_at(1) > budget:
+        return 0
+    other = configured if configured > 1 else 2
+    slope = max(1.0, (memory_at(other) - memory_at(1)) / (other - 1))
+    guess = int(min(limit, max(1, 1 + (budget - memory_at(1)) // slope)))
+    if memory_at(guess) > budget:
+        lo, hi = 1, guess
+    else:  # the guess fits: gallop up until something does not
+        lo, step = guess, 1
+        while True:
+            nxt = min(limit, lo + step)
+            if nxt == lo:
+                return lo
+            if memory_at(nxt) > budget:
+                hi = nxt
+                break
+            lo, step = nxt, max(step * 2, lo // 8)
+    while hi - lo > 1:  # memory_at(lo) fits, memory_at(hi) does not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if memory_at(mid) <= budget else (lo, mid)
+    return lo
+
+
+def _solve_mode(cfg: Config, stage: int) -> str:
+    """How the solve is split over GPUs: `queries` (replicated model, queries split) or `data` (minibatch split),
+    resolved as `distributed.solve.solve_mode` does; one process is `queries` on one GPU."""
+    if cfg.ray.num_workers == 1 and not cfg.ray.address and stage == 0:
+        return "queries"
+    if cfg.ray.solve_mode == "auto":
+        return "queries" if stage == 0 and cfg.solver.product == "ggn" else "data"
+    return cfg.ray.solve_mode
+
+
+def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = None, search: bool = True) -> Plan:
+    """The plan of `cfg` on `gpus` GPUs of `gpu_memory` each (defaults: `plan.gpus` or `ray.num_workers`, and
+    `plan.gpu_memory` or this machine's GPU/RAM). `search`: also find the largest micro-batch and query chunk."""
+    pc = cfg.plan
+    gpus = gpus or pc.gpus or cfg.ray.num_workers
+    memory_text = gpu_memory or pc.gpu_memory
+    if memory_text:
+        memory, device = parse_memory(memory_text), f"{memory_text} per GPU (stated)"
+    else:
+        memory, device = detected_device_memory()
+    budget = int(memory * (1 - pc.memory_reserve))
+
+    hf_config = shapes.model_config(cfg)
+    model = shapes.meta_model(hf_config, cfg.model.dtype)
+    tracked = shapes.tracked_modules(model, cfg)
+    num_params = shapes.parameter_count(model)
+    d_tracked = shapes.tracked_parameters(tracked)
+    model_bytes = DTYPES[cfg.model.dtype].itemsize
+    stat = STAT_DTYPES[cfg.factors.dtype]
+    compute = torch.float64 if stat == torch.float64 and DTYPES[cfg.model.dtype] == torch.float64 else torch.float32
+    seq_len = cfg.data.max_length
+    zero = _zero_parameters(num_params, shapes.largest_leaf_parameters(model), gpus, model_bytes)
+    stage = 0 if cfg.deepspeed.stage in (1, 2) else cfg.deepspeed.stage
+    params = zero[stage]
+    mode = _solve_mode(cfg, stage)
+    solve_params = zero[0] if mode == "queries" else params
+
+    documents, documents_source = pc.documents, "plan.documents"
+    if documents is None and cfg.data.corpus != "demo":
+        documents, documents_source = _parquet_rows(cfg.data.corpus), f"rows of {cfg.data.corpus}"
+    if documents is None and cfg.data.corpus == "demo":
+        documents, documents_source = cfg.data.num_stdlib_docs + cfg.data.num_facts, "demo corpus"
+    if documents is None:
+        documents_source = "unknown: set plan.documents"
+    num_queries = _parquet_rows(cfg.data.queries) if cfg.data.queries != "demo" else None
+    queries_source = f"rows of {cfg.data.queries}"
+    if num_queries is None:
+        num_queries, queries_source = cfg.solver.query_batch_size, "one solver.query_batch_size chunk (queries unread)"
+    tokens_per_doc = pc.tokens_per_document or seq_len
+    sequences = documents * math.ceil(tokens_per_doc / seq_len) if documents else None
+    fit_sequences = min(sequences, cfg.factors.max_sequences) if sequences and cfg.factors.max_sequences else sequences
+    throughput = pc.throughput_tflops * 1e12
+
+    def seconds(flops: float | None) -> float | None:
+        return None if flops is None else flops / (gpus * throughput)
+
+    def scaled(cost: StepCost, per: int, count: int | None) -> float | None:
+        return None if count is None else cost.flops / per * count
+
+    fb, qb, mb = cfg.factors.batch_size, cfg.solver.query_batch_size, cfg.solver.minibatch_size
+    sb = cfg.scoring.batch_size
+    chunk_q = min(qb, num_queries)
+
+    @cache
+    def cov_at(b: int) -> StepCost:
+        return measure(lambda: simulate.covariance_step(model, tracked, meta_batch(b, seq_len), stat, compute))
+
+    @cache
+    def lam_at(b: int) -> StepCost:
+        return measure(lambda: simulate.lambda_step(model, tracked, meta_batch(b, seq_len), stat, compute))
+
+    @cache
+    def query_at(b: int) -> StepCost:
+        return measure(lambda: simulate.query_step(model, tracked, meta_batch(b, seq_len), stat, num_queries))
+
+    # mode `queries`: every GPU runs the whole minibatch for its share of a chunk's queries; mode `data`: every GPU
+    # runs every query of the chunk on its slice of the minibatch (distributed/solve.py)
+    rank_minibatch = mb if mode == "queries" else math.ceil(mb / gpus)
+    rank_queries = math.ceil(chunk_q / gpus) if mode == "queries" else chunk_q
+
+    @cache
+    def astra_at(q: int) -> StepCost:
+        batch = meta_batch(rank_minibatch, seq_len)
+        if cfg.solver.product == "fisher":
+            return measure(lambda: simulate.fisher_step(model, tracked, batch, stat, compute, q))
+        return measure(lambda: simulate.astra_step(model, tracked, batch, stat, q, DEFAULT_TANGENT_ELEMENTS))
+
+    @cache
+    def score_at(b: int, q: int = num_queries) -> StepCost:
+        return measure(lambda: simulate.score_step(model, tracked, meta_batch(b, seq_len), compute, q))
+
+    stages: list[StageEstimate] = []
+    factor_bytes = sum((t.in_dim**2 + t.out_features**2) * stat.itemsize for t in tracked.values())
+    lambda_bytes = d_tracked * stat.itemsize
+
+    def add(name, parameters, resident, what, peak, flops, batch):
+        stages.append(StageEstimate(name, parameters, resident, what, peak - resident, flops, seconds(flops), batch))
+
+    tokens = f"x {seq_len} tokens"
+    cov = cov_at(fb)
+    add("covariances", params, factor_bytes, "A, S sums", cov.peak_bytes, scaled(cov, fb, fit_sequences),
+        f"factors.batch_size {fb} {tokens}")
+    eig = measure(lambda: simulate.eigen_step(tracked, stat))
+    eig_flops = float(sum(EIGH_FLOPS_PER_CUBE * d**3 for t in tracked.values() for d in (t.in_dim, t.out_features)))
+    add("eigendecomposition", params, factor_bytes, "A, S sums", eig.peak_bytes, eig_flops,
+        f"{2 * len(tracked)} eigh, sharded by module")
+    lam = lam_at(fb)
+    add("eigenvalue correction", params, factor_bytes + lambda_bytes, "eigenbases, Λ sums", lam.peak_bytes,
+        scaled(lam, fb, fit_sequences), f"factors.batch_size {fb} {tokens}")
+    qry = query_at(min(qb, num_queries))
+    query_batches = math.ceil(num_queries / qb)
+    add("query gradients", params, 2 * num_queries * lambda_bytes, f"{num_queries} query gradients (x2 at the concat)",
+        qry.peak_bytes, float(qry.flops) * query_batches, f"{query_batches} batch(es) of {min(qb, num_queries)} {tokens}")
+    if cfg.solver.name != "ekfac":
+        if cfg.solver.product == "ggn":  # the set-up plus one replayed tangent chunk per chunk of queries
+            vocab = model.get_output_embeddings().out_features
+            tangent = max(1, DEFAULT_TANGENT_ELEMENTS // (rank_minibatch * seq_len * vocab))
+            one, two = astra_at(min(tangent, rank_queries)), astra_at(min(2 * tangent, rank_queries))
+            per_chunk = max(0, two.flops - one.flops)
+            per_iteration = one.flops + per_chunk * max(0, math.ceil(rank_queries / tangent) - 1)
+        else:
+            per_iteration = astra_at(rank_queries).flops * cfg.solver.fisher_samples
+        per_iteration += simulate.ekfac_apply_flops(tracked, rank_queries)
+        ranks_busy = gpus if mode == "data" else min(gpus, math.ceil(chunk_q / rank_queries))
+        astra_flops = float(per_iteration) * ranks_busy * cfg.solver.iterations * math.ceil(num_queries / chunk_q)
+        ast = astra_at(rank_queries)
+        vectors = simulate.SOLVER_LIVE_VECTORS * rank_queries * lambda_bytes
+        add(f"{cfg.solver.name} chunk ({mode})", solve_params, factor_bytes + lambda_bytes + vectors,
+            f"eigenbases, Λ, {simulate.SOLVER_LIVE_VECTORS} [Q, D] vectors", ast.peak_bytes, astra_flops,
+            f"{rank_queries} queries, minibatch {rank_minibatch} {tokens} per GPU, {cfg.solver.product} product, "
+            f"{cfg.solver.iterations} it")
+    scr = score_at(sb)
+    add("scoring", params, num_queries * d_tracked * compute.itemsize, f"directions of {num_queries} queries",
+        scr.peak_bytes, scaled(scr, sb, sequences), f"scoring.batch_size {sb} {tokens}")
+    projection_dim = _projection_dim(cfg)
+    store = documents * projection_dim * PROJECTED_BYTES if documents and projection_dim else None
+
+    plan = Plan(
+        model_name=cfg.model.hub_id or cfg.model.path or f"{cfg.model.source} GPT-2",
+        num_parameters=num_params,
+        tracked_parameters=d_tracked,
+        num_tracked_modules=len(tracked),
+        gpus=gpus,
+        gpus_per_node=pc.gpus_per_node,
+        gpu_memory=memory,
+        device=device,
+        budget=budget,
+        throughput_tflops=pc.throughput_tflops,
+        documents=documents,
+        documents_source=documents_source,
+        num_queries=num_queries,
+        queries_source=queries_source,
+        zero_stage=cfg.deepspeed.stage,
+        zero_parameters=zero,
+        stages=stages,
+        store_bytes=store,
+        projection_dim=projection_dim,
+    )
+    if not search:
+        return plan
+    free = budget - params
+    plan.max_micro_batch = {
+        "factors.batch_size": _largest_fitting(lambda b: max(cov_at(b).peak_bytes, lam_at(b).peak_bytes), fb, free),
+        "scoring.batch_size": _largest_fitting(lambda b: score_at(b).peak_bytes, sb, free),
+    }
+    if cfg.solver.name != "ekfac":
+        per_gpu = _largest_fitting(lambda q: astra_at(q).peak_bytes, rank_queries, budget - solve_params)
+        plan.max_query_chunk = per_gpu * gpus if mode == "queries" else per_gpu
+    plan.max_scored_queries = _largest_fitting(lambda q: score_at(sb, q).peak_bytes, num_queries, free)
+    return plan
+
+
+def check_fits(cfg: Config) -> Plan | None:
+    """Refuse, before any work, a config whose stages the planner says do not fit (`plan.check`); prints the table."""
+    if not cfg.plan.check:
+        return None
+    plan = make_plan(cfg, search=False)
+    if plan.fits:
+        return plan
+    from distributed_astra.plan.render import print_plan
+
+    print_plan(plan)
+    worst = max(plan.failing(), key=lambda s: s.per_gpu)
+    raise DastraError(
+        f"the planner says stage '{worst.stage}' needs {worst.per_gpu / GIB:.2f} GiB per GPU, more than the "
+        f"{plan.budget / GIB:.2f} GiB usable on {plan.device}: lower the batch sizes / solver.query_batch_size "
+        "to what the table says fits, add GPUs (plan.gpus, ray.num_workers), or set plan.check: false"
+    )

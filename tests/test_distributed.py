@@ -1,0 +1,362 @@
+"""Distributed execution on a real local Ray with 2 CPU workers, gloo and DeepSpeed ZeRO 0-3, against the
+single-process pipeline on the same small saved GPT-2: factors, ASTRA directions and top-k must agree; faults
+(a killed scoring actor, a killed driver) must leave the result unchanged; bad input must fail fast and clearly.
+
+One Ray session, and as far as possible one worker group, serve the whole module (the group is reloaded, not
+rebuilt, when only deepspeed.stage changes). The order of the tests matters for speed only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from distributed_astra import pipeline
+from distributed_astra.cli import app
+from distributed_astra.config import load_config
+from distributed_astra.curvature.factors import load_factors
+from distributed_astra.data.tokenizer import train_bpe_tokenizer
+from distributed_astra.distributed import cluster, stages
+from distributed_astra.distributed.collectives import balance_by_cost, slice_bounds
+from distributed_astra.distributed.deepspeed_config import load_ds_config
+from distributed_astra.distributed.solve import solve_mode
+from distributed_astra.errors import DastraError
+from distributed_astra.models.tiny import build_tiny_gpt2
+
+WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river city stone".split()
+RTOL = 1e-5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("distributed")
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(48):
+        picks = torch.randint(len(WORDS), (int(torch.randint(6, 40, (1,), generator=g)),), generator=g)
+        rows.append({"doc_id": 1000 + i, "text": " ".join(WORDS[j] for j in picks)})
+    pq.write_table(pa.Table.from_pylist(rows), root / "corpus.parquet", row_group_size=16)
+    queries = [
+        {"query_id": 0, "prompt": "alpha beta", "completion": " gamma delta", "fact_doc_id": 1003},
+        {"query_id": 1, "prompt": "river city", "completion": " stone", "fact_doc_id": None},
+        {"query_id": 2, "prompt": "omega", "completion": " sigma kappa lambda", "fact_doc_id": 1010},
+    ]
+    pq.write_table(pa.Table.from_pylist(queries), root / "queries.parquet")
+    tokenizer = train_bpe_tokenizer([r["text"] for r in rows], 300, root / "model")
+    build_tiny_gpt2(len(tokenizer), 2, 2, 16, 32, seed=0).save_pretrained(root / "model")
+    return root
+
+
+def _overrides(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "model.source=path",
+        f"model.path={workspace / 'model'}",
+        f"data.corpus={workspace / 'corpus.parquet'}",
+        f"data.queries={workspace / 'queries.parquet'}",
+        "data.max_length=32",
+        "data.shard_rows=4",
+        "factors.batch_size=8",
+        "scoring.batch_size=8",
+        "scoring.top_k=5",
+        "solver.name=astra",
+        "solver.iterations=12",
+        "solver.minibatch_size=4",
+        "solver.query_batch_size=2",
+        "solver.lr_decay_every=5",
+        "tracking.wandb_mode=disabled",
+        f"output.run_dir={run_dir}",
+        *extra,
+    ]
+
+
+DISTRIBUTED = ("ray.num_workers=2",)
+
+
+def _context(workspace: Path, run_dir: Path, *extra: str) -> pipeline.Context:
+    return pipeline.open_context(load_config(None, _overrides(workspace, run_dir, *extra)), "test")
+
+
+def _stages(ctx: pipeline.Context, *names: str):
+    try:
+        return [getattr(pipeline, name)(ctx) for name in names]
+    finally:
+        ctx.tracker.close()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the two Ray workers use the machine's two cores
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single(workspace: Path, tmp_path_factory, one_thread) -> Path:
+    """The single-process reference: factors, query gradients, ASTRA (exact GGN product), top-k."""
+    run_dir = tmp_path_factory.mktemp("single")
+    _stages(_context(workspace, run_dir), "fit", "query", "solve", "score")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def single_fisher(workspace: Path, single: Path, tmp_path_factory) -> Path:
+    """The single-process ASTRA with the sampled-label Fisher product (2 label samples), from the same factors."""
+    run_dir = tmp_path_factory.mktemp("single-fisher")
+    for name in ("factors", "queries", "model"):
+        if (single / name).exists():
+            shutil.copytree(single / name, run_dir / name)
+    _stages(_context(workspace, run_dir, "solver.product=fisher", "solver.fisher_samples=2"), "solve")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    cluster.connect(load_config(None, ["ray.num_cpus=2", "ray.object_store_mb=128"]).ray)
+    yield ray.get_runtime_context().gcs_address
+    stages.close_session()
+    cluster.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ bad input, no cluster
+def test_unreachable_address_fails_within_30_seconds(workspace: Path, tmp_path: Path):
+    assert not ray.is_initialized()
+    cfg = load_config(None, _overrides(workspace, tmp_path, "ray.address=127.0.0.1:9", "ray.connect_timeout_s=5"))
+    started = time.monotonic()
+    with pytest.raises(DastraError, match=r"ray.address '127.0.0.1:9' is not reachable"):
+        cluster.connect(cfg.ray)
+    assert time.monotonic() - started < 30
+    assert not ray.is_initialized()
+
+
+def test_deepspeed_json_that_contradicts_the_run_config_is_named(workspace: Path, tmp_path: Path):
+    stage3 = tmp_path / "ds.json"
+    stage3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg = load_config(None, _overrides(workspace, tmp_path, "deepspeed.stage=2", f"deepspeed.config={stage3}"))
+    with pytest.raises(DastraError, match=r"zero_optimization.stage is 3 but deepspeed.stage is 2"):
+        load_ds_config(cfg)
+    bf16 = tmp_path / "bf16.json"
+    bf16.write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}))
+    cfg = load_config(None, _overrides(workspace, tmp_path, "deepspeed.stage=3", f"deepspeed.config={bf16}"))
+    with pytest.raises(DastraError, match=r"bf16.enabled is true but model.dtype is float32"):
+        load_ds_config(cfg)
+    cfg = load_config(None, _overrides(workspace, tmp_path, "deepspeed.stage=3", "model.dtype=float64"))
+    with pytest.raises(DastraError, match=r"model.dtype float64 cannot be partitioned by ZeRO-3"):
+        load_ds_config(cfg)
+    # opening a run checks it before any cluster starts; stage 1/2 JSONs are run as stage 0
+    with pytest.raises(DastraError, match=r"zero_optimization.stage is 3"):
+        _context(workspace, tmp_path, "deepspeed.stage=1", f"deepspeed.config={stage3}")
+    cfg = load_config(None, _overrides(workspace, tmp_path, "deepspeed.stage=2"))
+    assert load_ds_config(cfg)["zero_optimization"]["stage"] == 0
+    # the exact GGN product needs whole parameters
+    with pytest.raises(DastraError, match=r"solver.product=fisher"):
+        solve_mode("auto", 3, "ggn")
+    assert solve_mode("auto", 0, "ggn") == "queries" and solve_mode("auto", 3, "fisher") == "data"
+
+
+def test_work_assignment_helpers():
+    assert [slice_bounds(7, 3, r) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
+    owner = balance_by_cost({"a": 8.0, "b": 5.0, "c": 4.0, "d": 1.0}, 2)
+    assert owner == {"a": 0, "b": 1, "c": 1, "d": 0}
+
+
+# ------------------------------------------------------------------------------------------ cluster
+def test_more_workers_than_cpus_is_a_clear_error(ray_session, workspace: Path, tmp_path: Path):
+    ctx = _context(workspace, tmp_path, "ray.num_workers=3")
+    started = time.monotonic()
+    with pytest.raises(DastraError, match=r"ray.num_workers=3 .* needs 3 CPU but the cluster has 2"):
+        _stages(ctx, "fit")
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "factors").exists()
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_fit_on_two_ranks_equals_single_process(
+    ray_session, single: Path, workspace: Path, tmp_path: Path, stage, capsys
+):
+    ctx = _context(workspace, tmp_path, *DISTRIBUTED, f"deepspeed.stage={stage}")
+    _stages(ctx, "fit")
+    group = stages.group_for(ctx)
+    if stage in (1, 2):
+        assert "engines run as stage 0" in capsys.readouterr().err
+    reports = group.reports
+    total = reports[0]["parameters"]
+    if stage == 3:  # each rank stores half of the model, and no whole parameter exists outside a forward
+        for report in reports:
+            assert abs(report["local_parameters"] - total / 2) <= 0.01 * total
+            assert report["materialised_parameters"] == 0
+    else:
+        assert all(r["local_parameters"] == total for r in reports)
+    assert {r["fingerprint"] for r in reports} == {ctx.fingerprint}
+
+    expected, got = load_factors(single / "factors"), load_factors(tmp_path / "factors")
+    assert json.loads((tmp_path / "factors" / "meta.json").read_text()).keys() == json.loads(
+        (single / "factors" / "meta.json").read_text()
+    ).keys()
+    assert (got.num_tokens, got.num_sequences, got.num_lambda_sequences) == (
+        expected.num_tokens, expected.num_sequences, expected.num_lambda_sequences,
+    )
+    for name in expected.names:
+        e, g = expected[name], got[name]
+        assert _rel(g.lambda_, e.lambda_) <= RTOL
+        assert _rel(g.eigval_a, e.eigval_a) <= RTOL and _rel(g.eigval_s, e.eigval_s) <= RTOL
+        for q_got, q_exp in ((g.q_a, e.q_a), (g.q_s, e.q_s)):  # eigenvectors up to sign
+            signs = torch.sign((q_got * q_exp).sum(dim=0))
+            assert _rel(q_got * signs, q_exp) <= RTOL
+
+
+def _copy_inputs(source: Path, run_dir: Path) -> None:
+    for name in ("factors", "queries"):
+        shutil.copytree(source / name, run_dir / name)
+
+
+@pytest.mark.parametrize(
+    "stage, mode, product",
+    [(0, "queries", "ggn"), (0, "data", "ggn"), (3, "data", "fisher")],
+)
+def test_astra_on_two_ranks_equals_single_process(
+    ray_session, single: Path, single_fisher: Path, workspace: Path, tmp_path: Path, stage, mode, product
+):
+    reference = single if product == "ggn" else single_fisher
+    _copy_inputs(reference, tmp_path)
+    extra = [f"deepspeed.stage={stage}", f"ray.solve_mode={mode}", f"solver.product={product}"]
+    if product == "fisher":
+        extra.append("solver.fisher_samples=2")
+    _stages(_context(workspace, tmp_path, *DISTRIBUTED, *extra), "solve")
+    expected = load_file(str(reference / "ihvp" / "astra" / "directions.safetensors"))
+    got = load_file(str(tmp_path / "ihvp" / "astra" / "directions.safetensors"))
+    assert torch.equal(got.pop("query_ids"), expected.pop("query_ids"))
+    for name, x in expected.items():
+        assert _rel(got[name], x) <= RTOL
+    trace = pq.read_table(tmp_path / "ihvp" / "astra" / "trace.parquet")
+    expected_trace = pq.read_table(reference / "ihvp" / "astra" / "trace.parquet")
+    assert sorted(trace.select(["query_id", "query", "iteration"]).to_pylist(), key=str) == sorted(
+        expected_trace.select(["query_id", "query", "iteration"]).to_pylist(), key=str
+    )
+
+
+def test_the_iterations_moved_away_from_the_ekfac_start(single: Path, workspace: Path, tmp_path: Path):
+    """Guards the comparison above: 12 ASTRA iterations change the directions well beyond the tolerance."""
+    _copy_inputs(single, tmp_path)
+    _stages(_context(workspace, tmp_path, "solver.name=ekfac"), "solve")
+    ekfac_x = load_file(str(tmp_path / "ihvp" / "ekfac" / "directions.safetensors"))
+    astra_x = load_file(str(single / "ihvp" / "astra" / "directions.safetensors"))
+    assert max(_rel(astra_x[n], ekfac_x[n]) for n in ekfac_x if n != "query_ids") > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def _prepare_scoring(single: Path, run_dir: Path) -> None:
+    _copy_inputs(single, run_dir)
+    shutil.copytree(single / "ihvp", run_dir / "ihvp")
+
+
+def _assert_same_topk(got_dir: Path, expected_dir: Path) -> None:
+    got = pq.read_table(got_dir / "topk.parquet").to_pylist()
+    expected = pq.read_table(expected_dir / "topk.parquet").to_pylist()
+    assert [(r["query_id"], r["rank"], r["doc_id"], r["text"]) for r in got] == [
+        (r["query_id"], r["rank"], r["doc_id"], r["text"]) for r in expected
+    ]
+    for g, e in zip(got, expected):
+        assert g["score"] == pytest.approx(e["score"], rel=RTOL)
+
+
+def test_two_scoring_workers_survive_a_killed_actor(ray_session, single: Path, workspace: Path, tmp_path: Path):
+    _prepare_scoring(single, tmp_path)
+    original: list[int] = []
+
+    def kill_one(shard_id: int, pids: list[int]) -> None:
+        if not original:  # both workers hold shards in flight: this kills one in the middle of a shard
+            original.extend(pids)
+            os.kill(pids[1], signal.SIGKILL)
+
+    ctx = _context(workspace, tmp_path, *DISTRIBUTED)
+    try:
+        stages.score(ctx, on_shard=kill_one)
+    finally:
+        ctx.tracker.close()
+    _assert_same_topk(tmp_path, single)
+    manifest = json.loads((tmp_path / "scores" / "manifest.json").read_text())
+    assert sorted(int(s) for s in manifest["shards"]) == list(range(12))  # 48 rows / data.shard_rows=4
+    assert sum(r["num_documents"] for r in manifest["shards"].values()) == 48
+    pids = {r["worker_pid"] for r in manifest["shards"].values()}
+    assert pids - set(original), "the restarted actor (a new process) scored the retried shard and later ones"
+
+
+DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    from distributed_astra import pipeline
+    from distributed_astra.config import load_config
+    from distributed_astra.distributed import stages
+    ctx = pipeline.open_context(load_config(None, sys.argv[1:]), "test")
+    stages.score(ctx, on_shard=lambda shard_id, pids: time.sleep(0.5))
+    """
+)
+
+
+def test_a_killed_driver_resumes_without_redoing_finished_shards(
+    ray_session, single: Path, workspace: Path, tmp_path: Path
+):
+    _prepare_scoring(single, tmp_path)
+    overrides = _overrides(workspace, tmp_path, *DISTRIBUTED, f"ray.address={ray_session}")
+    manifest_path = tmp_path / "scores" / "manifest.json"
+    log = tmp_path / "driver.log"
+    with log.open("wb") as err:
+        driver = subprocess.Popen([sys.executable, "-c", DRIVER, *overrides], stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and driver.poll() is None:
+        if manifest_path.is_file() and len(json.loads(manifest_path.read_text())["shards"]) >= 2:
+            break
+        time.sleep(0.05)
+    assert driver.poll() is None, log.read_text()[-2000:]
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    before = json.loads(manifest_path.read_text())["shards"]
+    assert 2 <= len(before) < 12
+
+    ctx = _context(workspace, tmp_path, *DISTRIBUTED)
+    try:
+        stages.score(ctx)
+    finally:
+        ctx.tracker.close()
+    after = json.loads(manifest_path.read_text())["shards"]
+    assert len(after) == 12
+    for shard_id, record in before.items():  # finished shards were not recomputed: their records are untouched
+        assert after[shard_id] == record
+    _assert_same_topk(tmp_path, single)
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+def test_cli_runs_the_whole_pipeline_distributed_under_zero3(
+    ray_session, single: Path, workspace: Path, tmp_path: Path
+):
+    overrides = _overrides(workspace, tmp_path, *DISTRIBUTED, "deepspeed.stage=3", "solver.name=ekfac")
+    result = CliRunner().invoke(app, ["run", *[a for o in overrides for a in ("--set", o)]], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "ZeRO stage 3" in result.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_queries"] == 3
+    expected = load_factors(single / "factors")
+    got = load_factors(tmp_path / "factors")
+    for name in expected.names:
+        assert _rel(got[name].lambda_, expected[name].lambda_) <= RTOL
+    assert len(json.loads((tmp_path / "scores" / "manifest.json").read_text())["shards"]) == 12

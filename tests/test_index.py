@@ -1,0 +1,200 @@
+"""Gradient store, faiss index and `dastra index` / `dastra search` through the real CLI on a tiny saved model.
+
+References: the exhaustive exact scores of `dastra score --set scoring.dense=true` (full gradients, no projection),
+and brute-force inner products over the stored vectors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from distributed_astra.cli import app
+from distributed_astra.config import IndexConfig
+from distributed_astra.data.tokenizer import train_bpe_tokenizer
+from distributed_astra.index.faiss_index import build_index, search_index
+from distributed_astra.index.store import GradientStore, open_store
+from distributed_astra.models.tiny import build_tiny_gpt2
+
+WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river city stone".split()
+NUM_DOCS, TOP_K = 60, 5
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("index")
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(NUM_DOCS):
+        picks = torch.randint(len(WORDS), (int(torch.randint(4, 50, (1,), generator=g)),), generator=g)
+        rows.append({"doc_id": 500 + i, "text": " ".join(WORDS[j] for j in picks)})
+    rows[7]["text"] = ""  # skipped and counted, never stored
+    pq.write_table(pa.Table.from_pylist(rows), root / "corpus.parquet", row_group_size=16)
+    queries = [
+        {"query_id": 0, "prompt": "alpha beta", "completion": " gamma delta"},
+        {"query_id": 1, "prompt": "river city", "completion": " stone omega"},
+        {"query_id": 2, "prompt": "omega", "completion": " sigma kappa lambda"},
+    ]
+    pq.write_table(pa.Table.from_pylist(queries), root / "queries.parquet")
+    tokenizer = train_bpe_tokenizer([r["text"] for r in rows], 300, root / "model")
+    build_tiny_gpt2(len(tokenizer), 2, 2, 16, 32, seed=0).save_pretrained(root / "model")
+    return root
+
+
+def _args(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
+    overrides = [
+        "model.source=path",
+        f"model.path={workspace / 'model'}",
+        f"data.corpus={workspace / 'corpus.parquet'}",
+        f"data.queries={workspace / 'queries.parquet'}",
+        "data.max_length=16",  # documents of up to 50 words span several sequences
+        "data.shard_rows=16",
+        "factors.batch_size=8",
+        "scoring.batch_size=8",
+        f"scoring.top_k={TOP_K}",
+        "tracking.wandb_mode=disabled",
+        *extra,
+    ]
+    return ["--run-dir", str(run_dir), *[a for o in overrides for a in ("--set", o)]]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def run(workspace, tmp_path_factory):
+    """fit, query, solve (EK-FAC), dense exact scores, then the index at full dimension (identity projection)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    full = ["projection.out_dim=1000", "projection.in_dim=1000"]
+    for stage in ("fit", "query", "solve"):
+        result = invoke(stage, *_args(workspace, run_dir))
+        assert result.exit_code == 0, result.output
+    result = invoke("score", *_args(workspace, run_dir, "scoring.dense=true"))
+    assert result.exit_code == 0, result.output
+    result = invoke("index", *_args(workspace, run_dir, *full, "index.store_dtype=float32"))
+    assert result.exit_code == 0, result.output
+    dense = pq.read_table(run_dir / "scores" / "dense.parquet").to_pandas().set_index("doc_id")
+    return run_dir, full, dense
+
+
+def _exact_topk(dense, query_id: int, k: int) -> list[int]:
+    return dense[f"q{query_id}"].sort_values(ascending=False).index[:k].tolist()
+
+
+def test_store_layout_metadata_and_zero_copy_fp16(run, workspace, tmp_path):
+    run_dir, full, _ = run
+    meta = json.loads((run_dir / "store" / "meta.json").read_text())
+    assert meta["num_documents"] == NUM_DOCS - 1 and meta["skipped_rows"] == {"empty": 1, "non_utf8": 0}
+    assert len(meta["shards"]) == 4  # 60 rows / shard_rows 16
+    assert meta["projection_seed"] == 0 and meta["store_dtype"] == "float32"
+    assert set(meta["projection_dims"]) == set(meta["tracked_modules"])
+    assert not (run_dir / "store" / "progress.json").exists()
+
+    # fp16 store of the default (16 x 16) projection: read back zero-copy, still float16
+    result = invoke("index", *_args(workspace, tmp_path / "r16"))
+    assert result.exit_code == 0, result.output
+    expected = {k: v for k, v in json.loads((tmp_path / "r16" / "store" / "meta.json").read_text()).items()
+                if k in ("fingerprint", "projection_seed")}
+    store = open_store(tmp_path / "r16" / "store", expected)
+    shard = store.read_shard(0)
+    assert shard.vectors.dtype == np.float16 and shard.vectors.shape == (15, store.dim)  # row 7 is empty
+    assert not shard.vectors.flags.owndata and not shard.vectors.flags.writeable  # a view of the mapped file
+    assert shard.rows.tolist() == [r for r in range(16) if r != 7]
+    assert shard.doc_ids.tolist() == [500 + r for r in shard.rows]
+    assert GradientStore(run_dir / "store", meta).read_shard(0).vectors.dtype == np.float32
+
+
+def test_full_dimension_store_reproduces_exact_scores(run, workspace):
+    """At k ≥ every side the projection is the identity: stored vector · direction = the exact document score."""
+    run_dir, full, dense = run
+    result = invoke("search", *_args(workspace, run_dir, *full, "index.shortlist_factor=2", "index.rescore=false"))
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(run_dir / "search" / "topk.parquet").to_pylist()
+    for q in range(3):
+        got = [r for r in table if r["query_id"] == q]
+        assert [r["doc_id"] for r in got] == _exact_topk(dense, q, TOP_K)
+        for r in got:
+            assert r["score"] == pytest.approx(dense.loc[r["doc_id"], f"q{q}"], rel=1e-4, abs=1e-6)
+
+
+def test_two_stage_search_equals_exhaustive_exact_topk(run, workspace):
+    """Default projection, shortlist of the whole corpus: the exact re-score must give the exhaustive top-k exactly."""
+    run_dir, _, dense = run
+    other = run_dir.parent / (run_dir.name + "-default")
+    import shutil
+
+    shutil.copytree(run_dir, other)
+    result = invoke("index", *_args(workspace, other))
+    assert result.exit_code == 0, result.output
+    result = invoke("search", *_args(workspace, other, f"index.shortlist_factor={NUM_DOCS}"))
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(other / "search" / "topk.parquet").to_pylist()
+    for q in range(3):
+        got = [r for r in table if r["query_id"] == q]
+        assert [r["doc_id"] for r in got] == _exact_topk(dense, q, TOP_K)
+        for r in got:
+            assert r["score"] == pytest.approx(dense.loc[r["doc_id"], f"q{q}"], rel=1e-5, abs=1e-6)
+            assert r["text"] and r["row"] == r["doc_id"] - 500
+
+
+def test_search_refuses_a_store_from_another_seed_or_model(run, workspace, tmp_path):
+    run_dir, full, _ = run
+    result = invoke("search", *_args(workspace, run_dir, *full, "projection.seed=1"))
+    assert result.exit_code == 2
+    assert "gradient store: field 'projection_seed' is 0 but this run expects 1" in result.output
+    result = invoke("search", *_args(workspace, run_dir, "projection.out_dim=8"))
+    assert result.exit_code == 2 and "field 'projection_dims'" in result.output
+    other_model = tmp_path / "model"
+    build_tiny_gpt2(300, 2, 2, 16, 32, seed=1).save_pretrained(other_model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other_model / name).write_bytes((workspace / "model" / name).read_bytes())
+    result = invoke("search", *_args(workspace, run_dir, *full, f"model.path={other_model}"))
+    assert result.exit_code == 2 and "field 'fingerprint'" in result.output
+
+
+def test_index_resumes_finished_shards(run, workspace, tmp_path):
+    """A crash after some shards: the rerun keeps their files and writes the rest, same result."""
+    run_dir, full, _ = run
+    store = run_dir / "store"
+    meta = json.loads((store / "meta.json").read_text())
+    copy = tmp_path / "resume"
+    import shutil
+
+    shutil.copytree(run_dir, copy)
+    (copy / "store" / "meta.json").unlink()
+    (copy / "store" / "shard-00003.arrow").unlink()
+    expected = {k: meta[k] for k in ("fingerprint", "tracked_modules", "projection_seed", "projection_dims",
+                                     "projection_total_dim", "max_length", "shard_plan")}
+    (copy / "store" / "progress.json").write_text(json.dumps({"expected": expected, "done": {"0": 16, "1": 16, "2": 16}}))
+    kept = (copy / "store" / "shard-00000.arrow").stat().st_mtime_ns
+    result = invoke("index", *_args(workspace, copy, *full, "index.store_dtype=float32"))
+    assert result.exit_code == 0, result.output
+    assert (copy / "store" / "shard-00000.arrow").stat().st_mtime_ns == kept
+    for i in range(4):
+        name = f"shard-{i:05d}.arrow"
+        assert (copy / "store" / name).read_bytes() == (store / name).read_bytes()
+
+
+def test_ivfpq_refine_returns_exact_inner_products(run):
+    """IndexRefineFlat re-ranks with the stored vectors: every returned score is the exact inner product."""
+    run_dir, _, _ = run
+    store = GradientStore(run_dir / "store", json.loads((run_dir / "store" / "meta.json").read_text()))
+    cfg = IndexConfig(kind="ivfpq", nlist=1, pq_m=1, pq_bits=4, refine_factor=50)
+    index, info = build_index(store, cfg)
+    assert isinstance(index, faiss.IndexRefineFlat) and info["kind"] == "ivfpq"
+    vectors = np.concatenate([s.vectors for s in store.iter_shards()]).astype(np.float32)
+    queries = np.random.default_rng(0).standard_normal((4, store.dim)).astype(np.float32)
+    scores, positions = search_index(index, queries, 5)
+    brute = queries @ vectors.T
+    np.testing.assert_allclose(scores, np.take_along_axis(brute, positions, 1), rtol=1e-4, atol=1e-4)
+    # refine_factor x k ≥ N: the refinement sees every vector, so the result is the exact top-5
+    np.testing.assert_array_equal(positions, np.argsort(-brute, axis=1)[:, :5])

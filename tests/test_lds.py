@@ -1,0 +1,136 @@
+"""LDS harness: Spearman against scipy, the sign convention and the whole harness on ridge regression (where the
+influence function is exact), retraining as Ray tasks with a resumable disk cache, diverged runs, bad input, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+from typer.testing import CliRunner
+
+from distributed_astra.cli import app
+from distributed_astra.config import load_config
+from distributed_astra.errors import DastraError
+from distributed_astra.eval.lds import ground_truth, lds_per_query, removed_mask, run_lds, spearman
+from distributed_astra.eval.methods import METHODS, MethodSettings, ModelAttribution
+from distributed_astra.eval.retrain import RetrainCache
+from distributed_astra.eval.tasks import build_task
+from tests.wandb_offline import read_offline_run
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    torch.set_num_threads(1)
+    ray.init(num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _cfg(tmp: Path, *extra: str):
+    return load_config(None, [f"eval.cache_dir={tmp / 'cache'}", f"eval.results_dir={tmp / 'results'}",
+                              "tracking.wandb_mode=disabled", *extra])
+
+
+# ------------------------------------------------------------------------------------------------ the score
+def test_spearman_matches_scipy_with_ties():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 6, (7, 40), generator=g).double()  # many ties
+    y = x + torch.randn(7, 40, generator=g, dtype=torch.float64) * 2
+    ours = spearman(x, y)
+    for row in range(7):
+        assert float(ours[row]) == pytest.approx(spearmanr(x[row], y[row]).statistic, abs=1e-12)
+    assert torch.isnan(spearman(torch.ones(5), torch.arange(5.0)))  # constant: undefined, not 0
+
+
+def test_group_effect_sums_over_removed_examples():
+    """Γ_j = Σ_{m ∉ S_j} τ_m: with τ = e_m the group effect is the removed indicator itself."""
+    kept = [torch.tensor([0, 2]), torch.tensor([1, 2, 3])]
+    removed = removed_mask(kept, 4)
+    assert removed.tolist() == [[0, 1, 0, 1], [1, 0, 0, 0]]
+    measured = torch.tensor([[1.0], [0.0]])  # subset 0 (2 removed) measured higher
+    scores = torch.ones(1, 4)
+    assert float(lds_per_query(scores, removed, measured)[0]) == pytest.approx(1.0)
+
+
+def test_ground_truth_leaves_diverged_runs_out():
+    ok = lambda v: {"diverged": False, "measurements": v, "seconds": 1.0}  # noqa: E731
+    bad = {"diverged": True, "measurements": None, "seconds": 1.0}
+    records = {(0, 0): ok([1.0, 2.0]), (0, 1): bad, (1, 0): bad, (1, 1): bad, (2, 0): ok([3.0, 4.0]),
+               (2, 1): ok([5.0, 6.0])}
+    truth = ground_truth(records, 3, 2)
+    assert truth.subsets == [0, 2] and truth.num_diverged == 3 and truth.num_subsets_dropped == 1
+    assert truth.measured.tolist() == [[1.0, 2.0], [4.0, 5.0]]
+
+
+# ------------------------------------------------------------------------------------------------ known answer
+def test_ridge_lds_known_answer_cache_and_resume(ray_session, tmp_path):
+    """Ridge in closed form: EK-FAC is the exact GGN and λ the ridge, so EK-FAC-IF is the exact IF: LDS ≥ 0.95.
+    Summing over the KEPT examples instead gives the opposite sign (seeds §13.1)."""
+    cfg = _cfg(tmp_path, "eval.num_subsets=100", "eval.num_retrain_seeds=1", "eval.ensemble_size=1")
+    result = run_lds(cfg, "ridge", ["ekfac", "graddot"])
+    rows = {r.method: r for r in result.rows}
+    assert result.trained_now == 101 and result.num_diverged == 0
+    assert rows["ekfac"].single_mean >= 0.95 and rows["ekfac"].num_queries == 100
+    assert rows["graddot"].single_mean < rows["ekfac"].single_mean
+
+    task = build_task("ridge", tmp_path / "cache" / "data")
+    cache = RetrainCache(tmp_path / "cache", task, 0.5, 0)
+    truth = ground_truth({(j, 0): cache.load_record(j, 0) for j in range(100)}, 100, 1)
+    kept_mask = 1.0 - removed_mask([cache.retrain_job(j, 0).train_index for j in range(100)], task.num_train)
+    scores = METHODS["ekfac"].score(ModelAttribution(task, cache.load_model(0), 0), MethodSettings(cfg.eval, 1.0))
+    assert float(lds_per_query(scores, kept_mask, truth.measured).mean()) <= -0.95
+
+    again = run_lds(cfg, "ridge", ["ekfac"])
+    assert again.trained_now == 0 and again.rows[0].single_mean == rows["ekfac"].single_mean
+    for j in (3, 50, 99):  # an interrupted run: only the missing results are retrained
+        cache.retrain_job(j, 0).path.unlink()
+    assert run_lds(cfg, "ridge", ["ekfac"]).trained_now == 3
+    record = json.loads(cache.retrain_job(3, 0).path.read_text())
+    assert record["diverged"] is False and len(record["measurements"]) == task.num_queries
+    assert not list(cache.root.rglob("*.tmp-*"))  # atomic writes leave no temporary files
+
+
+def test_diverged_retraining_is_reported(ray_session, tmp_path):
+    cfg = _cfg(tmp_path, "eval.num_subsets=3", "eval.num_retrain_seeds=1", "eval.ensemble_size=1",
+               "eval.recipe={lr: 1.0e+6, epochs: 2}")
+    with pytest.raises(DastraError, match="diverged"):
+        run_lds(cfg, "diabetes", ["graddot"])
+    cache = RetrainCache(tmp_path / "cache", build_task("diabetes", tmp_path, {"lr": 1e6, "epochs": 2}), 0.5, 0)
+    assert not cache.model_job(0).path.exists()
+
+
+# ------------------------------------------------------------------------------------------------ bad input, CLI
+def test_unknown_names_list_the_valid_ones(tmp_path):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(DastraError, match="valid tasks: digits, diabetes, gpt2, ridge"):
+        run_lds(cfg, "mnist", ["ekfac"])
+    with pytest.raises(DastraError, match="valid methods: graddot, tracin, trak, ekfac, sni, astra"):
+        run_lds(cfg, "digits", ["ekfac", "kfac"])
+    with pytest.raises(DastraError, match="eval.recipe.depth: .* valid: widths"):
+        build_task("digits", tmp_path, {"depth": 3})
+
+
+def test_cli_eval_lds_writes_results_and_logs_offline(ray_session, tmp_path):
+    args = ["eval", "lds", "--task", "ridge", "--methods", "graddot,ekfac,trak"]
+    sets = [f"eval.cache_dir={tmp_path / 'cache'}", f"eval.results_dir={tmp_path / 'results'}",
+            "eval.num_subsets=20", "eval.num_retrain_seeds=1", "eval.ensemble_size=2", "tracking.wandb_mode=offline"]
+    result = CliRunner().invoke(app, args + [a for s in sets for a in ("--set", s)])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "results" / "lds.md").read_text()
+    assert "### ridge" in text and "| EK-FAC-IF |" in text and "<!-- analysis -->" in text
+    assert (tmp_path / "results" / "lds.png").stat().st_size > 1000
+    stored = json.loads((tmp_path / "results" / "lds.json").read_text())["tasks"]["ridge"]
+    assert {r["method"] for r in stored["rows"]} == {"graddot", "ekfac", "trak"}
+    (run_dir,) = (tmp_path / "cache" / "wandb").glob("offline-run-*")
+    logged = read_offline_run(run_dir)
+    ekfac = next(r for r in stored["rows"] if r["method"] == "ekfac")
+    assert logged.summary["lds/ridge/ekfac/single"] == pytest.approx(ekfac["single_mean"])
+    assert logged.series("lds/ridge/ekfac/scale1/ensemble") == [pytest.approx(ekfac["ensemble_mean"])]
+
+    bad = CliRunner().invoke(app, ["eval", "lds", "--task", "ridge", "--methods", "nope"])
+    assert bad.exit_code == 2 and "valid methods" in bad.output

@@ -1,0 +1,141 @@
+"""The planner: exact byte accounting of the meta replay, closed-form sizes, the fit search, GPT-2 XL's shapes and
+config, `dastra plan`, and `dastra run` refusing a config that does not fit before any work."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from distributed_astra.cli import app
+from distributed_astra.config import load_config
+from distributed_astra.errors import DastraError
+from distributed_astra.models.load import prepare_for_attribution
+from distributed_astra.models.modules import select_tracked_modules
+from distributed_astra.plan import check_fits, make_plan, parse_memory, shapes, simulate
+from distributed_astra.plan.estimate import GIB, ZERO3_PREFETCH_ELEMENTS
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model.tiny.vocab_size=300", "model.tiny.n_layer=2", "model.tiny.n_embd=32", "model.tiny.n_head=2",
+        "data.max_length=32", "plan.gpu_memory=1GB", "solver.name=astra"]
+
+
+def test_parse_memory_units_and_bad_input():
+    assert parse_memory("80GB") == 80 * GIB == parse_memory("80 GiB") == parse_memory("80g")
+    assert parse_memory("512MB") == 512 << 20 and parse_memory("1.5T") == int(1.5 * (1 << 40))
+    with pytest.raises(DastraError, match="plan.gpu_memory: 'lots' is not a memory size"):
+        parse_memory("lots")
+
+
+def test_live_bytes_counts_the_high_water_mark_of_storages():
+    live = simulate.LiveBytes()
+    with live:
+        a = torch.zeros(1000, device="meta")  # 4000 B
+        b = a * 2  # 8000 live
+        view = b[:10]  # a view: no new storage
+        del a
+        c = b + 1  # 8000 live again, peak still 8000
+        del b, view, c
+        d = torch.zeros(3000, device="meta")  # 12000: the new peak
+        del d
+    assert live.peak == 12000 and live.live == 0
+
+
+def test_meta_replay_allocates_what_the_same_step_allocates_on_cpu(tiny_gpt2_factory):
+    """The replay on meta tensors reports the very bytes the step allocates with real tensors."""
+    cpu = prepare_for_attribution(tiny_gpt2_factory(n_embd=16, n_layer=2, dtype=torch.float32))
+    meta = shapes.meta_model(cpu.config, "float32")
+    peaks = []
+    for model, device in ((cpu, "cpu"), (meta, "meta")):
+        tracked = select_tracked_modules(model, ["transformer.h.*.mlp.*", "transformer.h.*.attn.c_attn"])
+        ids = torch.randint(2, 60, (3, 12), device=device) if device == "cpu" else torch.zeros(3, 12, dtype=torch.long, device="meta")
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        peaks.append(simulate.measure(
+            lambda: simulate.covariance_step(model, tracked, batch, torch.float64, torch.float32)
+        ).peak_bytes)
+    assert peaks[0] == peaks[1] > 0
+
+
+def test_tiny_plan_sizes_match_closed_forms_and_the_largest_batch_fits_exactly():
+    cfg = load_config(None, TINY)
+    plan = make_plan(cfg)
+    model = shapes.meta_model(shapes.model_config(cfg), "float32")
+    tracked = shapes.tracked_modules(model, cfg)
+    stages = {s.stage.split(" (")[0]: s for s in plan.stages}
+    factor_bytes = sum(8 * (t.in_dim**2 + t.out_features**2) for t in tracked.values())  # float64 statistics
+    assert stages["covariances"].resident == factor_bytes
+    assert stages["eigenvalue correction"].resident == factor_bytes + 8 * plan.tracked_parameters
+    assert plan.tracked_parameters == sum((t.in_features + 1) * t.out_features for t in tracked.values())
+    assert stages["astra chunk"].resident == (
+        factor_bytes + 8 * plan.tracked_parameters * (1 + simulate.SOLVER_LIVE_VECTORS * cfg.solver.query_batch_size)
+    )
+    params = sum(p.numel() for p in model.parameters())
+    assert plan.num_parameters == params and plan.zero_parameters[0] == 4 * params
+    assert all(s.per_gpu <= plan.budget for s in plan.stages) and plan.fits
+    assert plan.budget == int(1 * GIB * 0.9)
+
+    # the largest micro-batch fits the budget and one more does not
+    largest = plan.max_micro_batch["scoring.batch_size"]
+    at = {b: make_plan(load_config(None, TINY + [f"scoring.batch_size={b}"]), search=False) for b in (largest, largest + 1)}
+    assert at[largest].fits and not at[largest + 1].fits
+
+
+def test_zero3_holds_a_shard_plus_the_gathered_working_set():
+    cfg = load_config(None, TINY + ["deepspeed.stage=3", "plan.gpus=4"])
+    plan = make_plan(cfg, search=False)
+    model = shapes.meta_model(shapes.model_config(cfg), "float32")
+    params = shapes.parameter_count(model)
+    working = min(params, shapes.largest_leaf_parameters(model) + ZERO3_PREFETCH_ELEMENTS)
+    assert plan.zero_parameters[3] == min(4 * params, 4 * (math.ceil(params / 4) + working))
+    assert plan.zero_parameters[1] == plan.zero_parameters[2] == plan.zero_parameters[0] == 4 * params
+
+
+def test_gpt2xl_config_loads_with_the_paper_settings_and_the_shipped_model_shapes():
+    cfg = load_config(ROOT / "configs" / "gpt2xl.yaml")
+    assert (cfg.model.hub_id, cfg.model.dtype, cfg.deepspeed.stage) == ("gpt2-xl", "bfloat16", 3)
+    assert all(".mlp." in pattern for pattern in cfg.model.tracked_modules)  # MLP only (seeds §13.7)
+    s = cfg.solver
+    assert (s.name, s.damping, s.iterations, s.lr, s.lr_mode, s.momentum) == ("astra", 0.011, 300, 1.0, "relative", 0.9)
+    assert (s.lr_decay, s.lr_decay_every, s.minibatch_size) == (0.9, 100, 16)  # seeds §10.2, WikiText-2 column
+    hf = shapes.model_config(cfg)  # from configs/models/gpt2-xl.json, offline
+    assert (hf.n_layer, hf.n_embd, hf.n_head, hf.vocab_size, hf.n_positions) == (48, 1600, 25, 50257, 1024)
+    model = shapes.meta_model(hf, cfg.model.dtype)
+    assert shapes.parameter_count(model) == 1_557_611_200
+    tracked = shapes.tracked_modules(model, cfg)
+    assert len(tracked) == 48  # c_fc and c_proj of the 24 even blocks
+    assert shapes.tracked_parameters(tracked) == 24 * (6400 * 1601 + 1600 * 6401)
+
+
+def test_hub_id_missing_offline_says_how_to_point_at_a_local_path(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_config(None, ["model.source=hub", "model.hub_id=no-such-org/no-such-model"])
+    with pytest.raises(DastraError, match="not in the local Hugging Face cache: set model.path to a local HF model"):
+        make_plan(cfg)
+
+
+def test_dastra_plan_prints_every_stage_and_writes_markdown(tmp_path):
+    out = tmp_path / "plan.md"
+    args = ["plan", "--gpus", "2", "--gpu-mem", "8GB", "--markdown", str(out)] + [a for s in TINY for a in ("--set", s)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    for stage in ("covariances", "eigendecomposition", "eigenvalue correction", "query gradients", "astra chunk",
+                  "scoring"):
+        assert stage in result.output and f"| {stage}" in text
+    assert "2 GPU(s) on 1 node(s)" in text and "8.0 GiB" in text and "largest micro-batch that fits" in text
+
+
+def test_dastra_run_refuses_a_config_that_does_not_fit_before_any_work(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["run", "--run-dir", str(run_dir)] + [a for s in TINY + ["plan.gpu_memory=1MB"] for a in ("--set", s)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "memory (GiB) and time per stage" in result.output and "DOES NOT FIT" in result.output
+    assert "error: the planner says stage" in result.output
+    assert not run_dir.exists()  # nothing was built: no demo corpus, no model, no W&B run
+    with pytest.raises(DastraError):
+        check_fits(load_config(None, TINY + ["plan.gpu_memory=1MB"]))
+    assert check_fits(load_config(None, TINY + ["plan.gpu_memory=1MB", "plan.check=false"])) is None
