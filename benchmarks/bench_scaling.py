@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "scaling.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
     try:
         build_workspace(root, args.docs)
@@ -158,6 +159,7 @@ def main() -> None:
         "solve_s_zero3": round(med["solve"][3], 3),
         "solve_zero3_overhead": round(med["solve"][3] / med["solve"][0], 3),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     lines = [
         "# Distributed scaling (`benchmarks/bench_scaling.py`)",
@@ -173,7 +175,10 @@ def main() -> None:
         f"| 1 | {one:.1f} | {', '.join(f'{v:.1f}' for v in throughput[1])} |",
         f"| 2 | {two:.1f} | {', '.join(f'{v:.1f}' for v in throughput[2])} |",
         "",
-        f"Speed-up 2 over 1 worker: **{two / one:.2f}x** (target 1.7x).",
+        f"Speed-up 2 over 1 worker: **{two / one:.2f}x** (target 1.7x). One-minute load average at the start and "
+        f"end of the run: {load_before:.1f} and {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: a second worker "
+        "only speeds scoring up when a second core is free; with other jobs holding the cores, the two workers share "
+        "them.",
         "",
         "## ZeRO-3 against ZeRO-0 (2 ranks, start-up and model loading excluded)",
         "",

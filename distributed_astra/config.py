@@ -189,7 +189,6 @@ class EvalConfig(Section):
     lr_decay: float = Field(0.5, gt=0, le=1)  # ×0.5 every 50 iterations (seeds Table 3)
     lr_decay_every: int = Field(50, gt=0)
     trak_dim: int = Field(256, gt=0)  # TRAK projection dimension k (capped at N/2)
-    num_workers: int = Field(2, gt=0)  # Ray CPUs for retraining (one per task) when ray.address is null
     cache_dir: str = "runs/eval"  # retrained models, measurements and scores, keyed by task/recipe/subset/seed
     results_dir: str = "docs/results"  # lds.md, lds.png and lds.json (per-task results, merged across runs)
     seed: int = 0  # subsets

@@ -1,6 +1,6 @@
 """`dastra report` on a tiny run directory built by the real pipeline (EK-FAC and ASTRA solves): the HTML's structure
-(parsed with html.parser), its embedded PNGs, HTML escaping, per-token terms, bad input, and a headless Chromium
-screenshot (marked `browser`; skipped only where no Chromium is installed).
+(parsed with html.parser), its embedded PNGs, HTML escaping, per-token terms and bad input. The headless-Chromium
+screenshot check is `benchmarks/bench_report_browser.py` (Chromium is not on a fresh machine).
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -263,22 +262,3 @@ def test_best_window_is_the_brute_force_maximum():
         candidates = [values[i : i + width].sum() for i in range(max(1, n - width + 1))]
         assert stop - start == min(n, width)
         assert values[start:stop].sum() == pytest.approx(max(candidates))
-
-
-@pytest.mark.browser
-def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if chromium is None:
-        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium)")
-    shot = tmp_path / "report.png"
-    subprocess.run(
-        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2400",
-         f"--screenshot={shot}", (run_dir / "report.html").as_uri()],
-        check=True, capture_output=True, timeout=120,
-    )
-    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
-    non_white = (pixels.min(axis=2) < 235).mean()
-    assert non_white > 0.02, f"only {non_white:.1%} of the screenshot is not white"
-    # The token shading's blue appears (the colour of positive terms), so the CSS and the spans rendered.
-    blue = (pixels[..., 2] > pixels[..., 0] + 40) & (pixels[..., 2] > 120)
-    assert blue.mean() > 1e-4

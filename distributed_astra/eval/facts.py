@@ -58,11 +58,12 @@ def trace_facts(cfg: Config, methods: list[str]) -> dict:
     check_fact_methods(methods)
     rows = []
     ctx = pipeline.open_context(cfg, "eval-facts")
+    base = cfg.solver
     try:
         fitted = False
         for method in methods:
             label, overrides = FACT_METHODS[method]
-            solver = ctx.cfg.solver.model_copy(update=overrides)
+            solver = base.model_copy(update=overrides)
             ctx.cfg = ctx.cfg.model_copy(update={"solver": solver})
             start = time.perf_counter()
             try:

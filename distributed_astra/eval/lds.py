@@ -208,7 +208,7 @@ def run_lds(cfg: Config, task_name: str, method_names: list[str], log: Callable[
     jobs = model_jobs + retrain_jobs
     todo = sum(not job.path.is_file() for job in jobs)
     with progress_bar(f"retrain {task.name} (Ray)", todo, "runs") as advance:
-        trained_now = run_jobs(cache, jobs, cfg.ray.address, e.num_workers, lambda record: advance(1))
+        trained_now = run_jobs(cache, jobs, cfg.ray, lambda record: advance(1))
     records = {(j, r): cache.load_record(j, r) for j in range(e.num_subsets) for r in range(e.num_retrain_seeds)}
     truth = ground_truth(records, e.num_subsets, e.num_retrain_seeds)
     if truth.num_diverged:

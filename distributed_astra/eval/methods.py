@@ -179,16 +179,20 @@ def tracin_scores(ctx: ModelAttribution, settings: MethodSettings) -> torch.Tens
     return total
 
 
+def trak_projection(dim: int, k: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """P [D, k]: i.i.d. N(0, 1/k) entries (a JL projection), a fresh one per ensemble member."""
+    generator = torch.Generator().manual_seed(10_007 * (seed + 1))
+    return torch.randn(dim, k, generator=generator, dtype=dtype) / math.sqrt(k)
+
+
 def trak_scores(ctx: ModelAttribution, settings: MethodSettings) -> torch.Tensor:
     """TRAK with one random projection per model: k = min(eval.trak_dim, N // 2) keeps ΦᵀΦ well posed; no damping."""
     task = ctx.task
     out_grads = flatten(
         example_gradients(ctx.model, ctx.tracked, task.train_batches(GRADIENT_BATCH), task.model_output)
     )
-    dim = out_grads.shape[1]
     k = max(1, min(settings.eval.trak_dim, task.num_train // 2))
-    generator = torch.Generator().manual_seed(10_007 * (ctx.seed + 1))
-    projection = torch.randn(dim, k, generator=generator, dtype=out_grads.dtype) / math.sqrt(k)
+    projection = trak_projection(out_grads.shape[1], k, ctx.seed, out_grads.dtype)
     phi = out_grads @ projection
     kernel = phi.T @ phi
     query = flatten(ctx.query_gradients) @ projection

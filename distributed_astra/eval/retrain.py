@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,12 +21,11 @@ from pathlib import Path
 import torch
 
 from distributed_astra.artifacts import atomic_path, write_json
+from distributed_astra.config import RayConfig
 from distributed_astra.errors import DastraError
 from distributed_astra.eval.tasks import Task, TrainedModel, build_task
 
 RETRAIN_SEED_BASE = 1_000_000  # retraining seeds never coincide with the ensemble's seeds 0..E-1
-RAY_OBJECT_STORE_BYTES = 200 * 1024**2
-TASK_TIMEOUT_S = 3600
 
 
 def retrain_seed(subset: int, repeat: int) -> int:
@@ -111,41 +109,31 @@ class RetrainCache:
         return json.loads(self.retrain_job(j, r).path.read_text())
 
 
-def ensure_ray(address: str | None, num_cpus: int) -> None:
-    """Connect to `address`, or start a local Ray with `num_cpus` CPUs (127.0.0.1, small object store)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    kwargs = {"address": address} if address else {
-        "num_cpus": num_cpus, "object_store_memory": RAY_OBJECT_STORE_BYTES, "include_dashboard": False,
-    }
-    ray.init(log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}, **kwargs)
-
-
-def run_jobs(
-    cache: RetrainCache, jobs: list[Job], address: str | None, num_cpus: int, on_done: Callable[[dict], None]
-) -> int:
+def run_jobs(cache: RetrainCache, jobs: list[Job], ray_cfg: RayConfig, on_done: Callable[[dict], None]) -> int:
     """Run the jobs whose cache file is missing as Ray tasks (num_cpus=1 each); store each result as it arrives.
 
-    Returns the number of jobs run. A failed task raises `DastraError` naming it; finished results stay cached.
+    Ray is joined or started with `distributed.cluster.connect(ray_cfg)` (ray.address, or an embedded Ray with
+    ray.num_cpus CPUs). Returns the number of jobs run. A failed task, or none finishing within ray.timeout_s,
+    raises `DastraError` naming it; finished results stay cached.
     """
     missing = [job for job in jobs if not job.path.is_file()]
     if not missing:
         return 0
     import ray
 
-    ensure_ray(address, num_cpus)
+    from distributed_astra.distributed.cluster import connect
+
+    connect(ray_cfg)
     remote = ray.remote(num_cpus=1, max_retries=0)(train_and_measure)
     data_dir = str(cache.task.data_dir)
     overrides = cache.task.overrides
     pending = {remote.remote(cache.task.name, data_dir, overrides, job.train_index, job.seed, job.keep_model): job
                for job in missing}
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=TASK_TIMEOUT_S)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=ray_cfg.timeout_s)
         if not done:
-            raise DastraError(f"no retraining task finished within {TASK_TIMEOUT_S} s; re-run to resume from the cache")
+            raise DastraError(f"no retraining task finished within ray.timeout_s = {ray_cfg.timeout_s:g} s; "
+                              "re-run to resume from the cache")
         job = pending.pop(done[0])
         try:
             record = ray.get(done[0])

@@ -71,7 +71,8 @@ def _load_sklearn(name: str):
 def negative_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """−margin = −z_t + log Σ_{i≠t} exp z_i per row (seeds §9.1; the negative TRAK margin)."""
     correct = logits.gather(1, target[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(target, logits.shape[1]).bool(), float("-inf"))
+    is_target = torch.arange(logits.shape[1], device=logits.device) == target[:, None]
+    others = logits.masked_fill(is_target, float("-inf"))
     return torch.logsumexp(others, dim=1) - correct
 
 

@@ -143,9 +143,16 @@ def _largest_fitting(memory_at: Callable[[int], int], configured: int, budget: i
     contraction order with the batch size."""
     if memory_at(1) > budget:
         return 0
-    other = configured if configured > 1 else 2
-    slope = max(1.0, (memory_at(other) - memory_at(1)) / (other - 1))
-    guess = int(min(limit, max(1, 1 + (budget - memory_at(1)) // slope)))
+    points = [1, configured if configured > 1 else 2]
+    for _ in range(3):  # secant steps on memory(n) = budget
+        (n0, n1) = points[-2:]
+        slope = max(1e-9, (memory_at(n1) - memory_at(n0)) / (n1 - n0))
+        guess = int(min(limit, max(1, n1 + (budget - memory_at(n1)) // slope)))
+        if guess in points:
+            break
+        points.append(guess)
+    if memory_at(guess) <= budget and (guess >= limit or memory_at(guess + 1) > budget):
+        return guess
     if memory_at(guess) > budget:
         lo, hi = 1, guess
     else:  # the guess fits: gallop up until something does not
