@@ -35,12 +35,12 @@ from distributed_astra.eval.results import write_results  # noqa: E402
 METHODS = ["graddot", "tracin", "trak", "ekfac", "sni", "astra"]
 SWEEP = "[0.1,1.0,10.0,100.0]"
 # Per task: eval overrides. The LM is ~30x costlier per retraining and per solver iteration: smaller M and R,
-# ASTRA/SNI with ℬ = 8 sequences and 100 iterations (×0.5 every 25), no λ sweep.
+# ASTRA/SNI with ℬ = 8 sequences and 100 iterations (×0.5 every 25), λ swept over {1, 10} × mean(Λ) only.
 TASKS = {
     "digits": ["eval.num_subsets=100", "eval.num_retrain_seeds=5", f"eval.damping_sweep={SWEEP}"],
     "diabetes": ["eval.num_subsets=100", "eval.num_retrain_seeds=5", f"eval.damping_sweep={SWEEP}"],
     "gpt2": ["eval.num_subsets=30", "eval.num_retrain_seeds=2", "eval.iterations=100", "eval.minibatch_size=8",
-             "eval.lr_decay_every=25"],
+             "eval.lr_decay_every=25", "eval.damping_sweep=[1.0,10.0]"],
     "ridge": ["eval.num_subsets=100", "eval.num_retrain_seeds=1", "eval.ensemble_size=1"],  # the harness check
 }
 QUICK = ["eval.num_subsets=12", "eval.num_retrain_seeds=1", "eval.ensemble_size=2", "eval.iterations=20",

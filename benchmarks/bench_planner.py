@@ -29,7 +29,7 @@ MODELS = {
                                   "model.tiny.vocab_size=4096", "data.max_length=64"],
 }
 COMMON = ["factors.batch_size=16", "scoring.batch_size=16", "solver.name=astra", "solver.query_batch_size=4",
-          "solver.minibatch_size=8", "solver.iterations=1", "plan.gpu_memory=16GB", "data.queries=demo"]
+          "solver.minibatch_size=8", "solver.iterations=3", "plan.gpu_memory=16GB", "data.queries=demo"]
 STAGES = {"covariances": "covariances", "scoring": "scoring", "astra": "astra chunk (queries)"}
 
 WORKER = r'''

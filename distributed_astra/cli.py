@@ -136,12 +136,16 @@ def _run_and_report(cfg: Config, job: str) -> None:
     pipeline.print_topk(result.topk, result.queries, cfg.scoring.top_k)
     summary = result.summary
     console.print(json.dumps(summary, indent=2))
-    recall = summary["fact_tracing"]
-    if recall.get("num_fact_queries"):
-        console.print(
-            f"[bold]fact tracing ({summary['solver']}):[/] recall@1 = {recall['recall@1']:.2f}, "
-            f"recall@10 = {recall['recall@10']:.2f} over {recall['num_fact_queries']} fact queries"
-        )
+    for solver, solved in ((summary["solver"], summary), *summary["baselines"].items()):
+        recall, line = solved["fact_tracing"], f"[bold]{solver}:[/]"
+        if "objective_first_mean" in solved:
+            line += f" mean h {solved['objective_first_mean']:.4g} -> {solved['objective_last_mean']:.4g};"
+        if recall.get("num_fact_queries"):
+            line += (
+                f" fact tracing recall@1 = {recall['recall@1']:.2f}, recall@10 = {recall['recall@10']:.2f}, "
+                f"MRR = {recall['mrr']:.2f} over {recall['num_fact_queries']} fact queries"
+            )
+        console.print(line)
     console.print(f"run directory: {cfg.output.run_dir} (open report.html in a browser)")
 
 

@@ -71,6 +71,8 @@ class SolverConfig(Section):
     """iHVP solver settings (seeds §4-5). Defaults are the ASTRA paper's GPT-2 column (seeds §10.2, Table 3)."""
 
     name: Literal["ekfac", "sni", "lissa", "astra"] = "ekfac"
+    # solved and scored too by `dastra run`, for comparison (summary.json, report); top-k under baselines/<name>/
+    baselines: list[Literal["ekfac", "sni", "lissa", "astra"]] = Field(default_factory=list)
     damping: float | Literal["auto"] = "auto"
     preconditioner_damping: float | None = Field(None, gt=0)  # λ̃ of ASTRA; None = λ (the paper's choice)
     product: Literal["ggn", "fisher"] = "ggn"  # exact minibatch GGN·v, or the hook-only sampled-label Fisher·v
@@ -179,7 +181,7 @@ class EvalConfig(Section):
     subset_fraction: float = Field(0.5, gt=0, lt=1)  # β: |S_j| = ⌊βN⌋
     num_retrain_seeds: int = Field(5, gt=0)  # R: retraining seeds per subset, averaged
     ensemble_size: int = Field(5, gt=0)  # E: models trained on all data, each with its own factors and iHVPs
-    damping_scale: float = Field(1.0, gt=0)  # λ = damping_scale × mean(Λ) of each model (docs/results/lds.md sweep)
+    damping_scale: float = Field(10.0, gt=0)  # λ = damping_scale × mean(Λ) of each model (the digits sweep, lds.md)
     damping_sweep: list[float] = Field(default_factory=list)  # extra damping_scale values for the λ sweep
     iterations: int = Field(200, ge=0)  # SNI and ASTRA iterations (seeds Table 3)
     minibatch_size: int = Field(64, gt=0)  # ℬ of the G̃ minibatches

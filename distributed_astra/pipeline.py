@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -56,7 +56,11 @@ STAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass(frozen=True)
 class RunPaths:
+    """Where a run's artifacts live. `baseline` names a `solver.baselines` entry: its scores and top-k go under
+    baselines/<name>/ so the primary solver's topk.parquet (the one the report shows) is never overwritten."""
+
     root: Path
+    baseline: str | None = None
 
     @property
     def data(self) -> Path:
@@ -78,8 +82,16 @@ class RunPaths:
         return self.root / "ihvp" / solver
 
     @property
+    def results(self) -> Path:
+        return self.root if self.baseline is None else self.root / "baselines" / self.baseline
+
+    @property
+    def scores(self) -> Path:
+        return self.results / "scores"
+
+    @property
     def topk(self) -> Path:
-        return self.root / "topk.parquet"
+        return self.results / "topk.parquet"
 
     @property
     def summary(self) -> Path:
@@ -299,9 +311,11 @@ def solve(ctx: Context) -> float:
         for start in starts:
             chunk_ids = ids[start : start + cfg.query_batch_size].tolist()
             log = _solver_logger(ctx, chunk_ids)
+            done = [0]
 
-            def on_iteration(iteration, objective, residual, lr, log=log):
+            def on_iteration(iteration, objective, residual, lr, log=log, done=done):
                 log(iteration, objective, residual, lr)
+                done[0] += 1
                 advance(1)
 
             result = solve_ihvp(
@@ -317,8 +331,7 @@ def solve(ctx: Context) -> float:
             for message in result.messages:
                 console.print(f"[yellow]warning:[/] {message}", highlight=False)
             results.append(result)
-            if not iterative:
-                advance(1)
+            advance(steps_per_chunk - done[0])  # the chunk's queries may all stop before the iteration cap
     directions = {name: torch.cat([r.x[name] for r in results]) for name in grads}
     statuses = [status for r in results for status in r.status]
     out = ctx.paths.ihvp(cfg.name)
@@ -386,7 +399,7 @@ def score(ctx: Context) -> pa.Table:
     if ctx.cfg.scoring.dense:
         all_ids, all_scores = top.all_scores()
         dense = pa.table({"doc_id": all_ids.numpy(), **{f"q{q}": all_scores[:, i].numpy() for i, q in enumerate(query_ids.tolist())}})
-        with atomic_path(ctx.paths.root / "scores" / "dense.parquet") as tmp:
+        with atomic_path(ctx.paths.scores / "dense.parquet") as tmp:
             pq.write_table(dense, tmp)
     ctx.tracker.log({"score/num_documents": top.num_documents, "score/num_queries": len(query_ids),
                      "score/sequences_per_s": num_sequences / max(time.perf_counter() - started, 1e-9)})
@@ -449,12 +462,35 @@ class RunResult:
     queries: Path
 
 
+def _solver_summary(ctx: Context, solver: str) -> dict[str, object]:
+    """Status counts of a solve and, for iterative solvers, the mean objective h at the first and last iteration."""
+    out_dir = ctx.paths.ihvp(solver)
+    meta = read_meta(out_dir, "solved directions", "solve")
+    summary: dict[str, object] = {"damping": float(meta["damping"]), "status": meta["status"]}
+    if (out_dir / "trace.parquet").is_file():
+        trace = pq.read_table(out_dir / "trace.parquet", columns=["query_id", "iteration", "objective"]).to_pydict()
+        first: dict[str, tuple[int, float]] = {}
+        last: dict[str, tuple[int, float]] = {}
+        for q, k, h in zip(trace["query_id"], trace["iteration"], trace["objective"]):
+            if q not in first or k < first[q][0]:
+                first[q] = (k, h)
+            if q not in last or k >= last[q][0]:
+                last[q] = (k, h)
+        if first:
+            summary["objective_first_mean"] = sum(h for _, h in first.values()) / len(first)
+            summary["objective_last_mean"] = sum(h for _, h in last.values()) / len(last)
+    return summary
+
+
 def run(cfg: Config, job: str = "run") -> RunResult:
-    """All stages in order; writes summary.json with per-stage seconds and the fact-tracing recall."""
+    """All stages in order, then each `solver.baselines` entry's solve and score; writes summary.json (per-stage
+    seconds, fact-tracing recall and the solve's objective per solver) and report.html."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     ctx = open_context(cfg, job)
     timings["prepare"] = time.perf_counter() - start
+    queries = load_queries(ctx.queries)
+    baselines: dict[str, dict[str, object]] = {}
     try:
         for name, stage in (("fit", fit), ("query", query), ("solve", solve), ("score", score)):
             t0 = time.perf_counter()
@@ -462,21 +498,39 @@ def run(cfg: Config, job: str = "run") -> RunResult:
             timings[name] = time.perf_counter() - t0
             ctx.tracker.log({f"time/{name}": timings[name]})
             _log_stage_result(ctx, name, result, timings[name])
-        damping = float(read_meta(ctx.paths.ihvp(cfg.solver.name), "solved directions", "solve")["damping"])
-        recall = fact_recall(result, load_queries(ctx.queries))
+        for solver in dict.fromkeys(b for b in cfg.solver.baselines if b != cfg.solver.name):
+            other = replace(
+                ctx,
+                cfg=cfg.model_copy(update={"solver": cfg.solver.model_copy(update={"name": solver})}),
+                paths=replace(ctx.paths, baseline=solver),
+            )
+            t0 = time.perf_counter()
+            solve(other)
+            t1 = time.perf_counter()
+            table = score(other)
+            seconds = {"solve": t1 - t0, "score": time.perf_counter() - t1}
+            baselines[solver] = {
+                **_solver_summary(ctx, solver), "fact_tracing": fact_recall(table, queries), "seconds": seconds
+            }
+            ctx.tracker.log({f"time/{solver}/{stage}": t for stage, t in seconds.items()})
+        recall = fact_recall(result, queries)
+        solve_summary = _solver_summary(ctx, cfg.solver.name)
         summary = {
             "solver": cfg.solver.name,
-            "damping": damping,
+            **solve_summary,
             "seconds": {**timings, "total": time.perf_counter() - start},
             "fact_tracing": recall,
             "num_queries": int(len(set(result.column("query_id").to_pylist()))),
+            "baselines": baselines,
         }
         write_json(ctx.paths.summary, summary)
         t0 = time.perf_counter()
         report(ctx)
         ctx.tracker.log({"time/report": time.perf_counter() - t0})
         ctx.tracker.artifact(f"{ctx.paths.root.name}-results", "results", [ctx.paths.summary, ctx.paths.report])
-        ctx.tracker.summary({**recall, "damping": damping})
+        ctx.tracker.summary({**recall, "damping": solve_summary["damping"]})
+        for solver, b in baselines.items():
+            ctx.tracker.summary({f"{solver}/{k}": v for k, v in b["fact_tracing"].items()})
     finally:
         ctx.tracker.close()
         if ctx.distributed:

@@ -198,3 +198,33 @@ def test_ivfpq_refine_returns_exact_inner_products(run):
     np.testing.assert_allclose(scores, np.take_along_axis(brute, positions, 1), rtol=1e-4, atol=1e-4)
     # refine_factor x k ≥ N: the refinement sees every vector, so the result is the exact top-5
     np.testing.assert_array_equal(positions, np.argsort(-brute, axis=1)[:, :5])
+
+
+def test_search_refuses_an_index_of_another_projection(run, workspace, tmp_path):
+    run_dir, full, _ = run
+    copy = tmp_path / "tampered"
+    import shutil
+
+    shutil.copytree(run_dir, copy)
+    meta_path = copy / "index" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["projection_seed"] = 5
+    meta_path.write_text(json.dumps(meta))
+    result = invoke("search", *_args(workspace, copy, *full))
+    assert result.exit_code == 2 and "faiss index: field 'projection_seed' is 5 but this run expects 0" in result.output
+
+
+def test_search_with_new_queries_preconditions_them_first(run, workspace, tmp_path):
+    """`dastra search --queries FILE` computes and solves the new queries' gradients, then searches."""
+    run_dir, full, _ = run
+    copy = tmp_path / "newq"
+    import shutil
+
+    shutil.copytree(run_dir, copy)
+    new = tmp_path / "new_queries.parquet"
+    pq.write_table(pa.Table.from_pylist([{"query_id": 42, "prompt": "theta kappa", "completion": " lambda"}]), new)
+    result = invoke("search", *_args(workspace, copy, *full, "index.rescore=false"), "--queries", str(new))
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(copy / "search" / "topk.parquet")
+    assert set(table.column("query_id").to_pylist()) == {42} and table.num_rows == TOP_K
+    assert json.loads((copy / "queries" / "meta.json").read_text())["queries"] == str(new)

@@ -54,6 +54,8 @@ def _args(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
         "factors.batch_size=8",
         "scoring.batch_size=8",
         "scoring.top_k=5",
+        "solver.iterations=4",
+        "solver.minibatch_size=4",
         "tracking.wandb_mode=disabled",
         *extra,
     ]
@@ -73,24 +75,39 @@ def _one_line_error(result, *fragments: str) -> None:
 
 
 def test_stages_one_by_one_then_run_give_the_same_topk(workspace: Path, tmp_path: Path):
+    """`dastra run` = fit, query, solve and score of solver.name (astra in tiny.yaml), then each solver.baselines
+    entry (ekfac) solved and scored under baselines/<name>/; the same stages run one by one give the same top-k."""
     staged = tmp_path / "staged"
-    for stage in ("fit", "query", "solve", "score"):
+    for stage in ("fit", "query"):
         result = invoke(stage, *_args(workspace, staged))
         assert result.exit_code == 0, result.output
+    staged_topk = {}
+    for solver in ("ekfac", "astra"):
+        for stage in ("solve", "score"):
+            result = invoke(stage, "--solver", solver, *_args(workspace, staged))
+            assert result.exit_code == 0, result.output
+        assert (staged / "ihvp" / solver / "directions.safetensors").is_file()
+        staged_topk[solver] = pq.read_table(staged / "topk.parquet").to_pylist()
     assert (staged / "factors" / "meta.json").is_file()
-    assert (staged / "ihvp" / "ekfac" / "directions.safetensors").is_file()
-    staged_topk = pq.read_table(staged / "topk.parquet").to_pylist()
 
     whole = tmp_path / "whole"
     result = invoke("run", *_args(workspace, whole, "scoring.dense=true"))
     assert result.exit_code == 0, result.output
+    assert "astra: mean h" in result.output and "ekfac: fact tracing" in result.output
     topk = pq.read_table(whole / "topk.parquet")
     assert topk.column_names == ["query_id", "rank", "doc_id", "score", "text"]
     assert topk.num_rows == 3 * 5
-    assert [r["doc_id"] for r in topk.to_pylist()] == [r["doc_id"] for r in staged_topk]
+    for solver, table in (("astra", topk), ("ekfac", pq.read_table(whole / "baselines" / "ekfac" / "topk.parquet"))):
+        rows = table.to_pylist()
+        assert [r["doc_id"] for r in rows] == [r["doc_id"] for r in staged_topk[solver]]
+        assert [r["score"] for r in rows] == pytest.approx([r["score"] for r in staged_topk[solver]], rel=1e-9)
     summary = json.loads((whole / "summary.json").read_text())
     assert set(summary["seconds"]) >= {"prepare", "fit", "query", "solve", "score", "total"}
-    assert summary["fact_tracing"]["num_fact_queries"] == 2
+    assert summary["solver"] == "astra" and summary["fact_tracing"]["num_fact_queries"] == 2
+    assert summary["objective_last_mean"] < summary["objective_first_mean"]  # ASTRA lowers h from the EK-FAC start
+    assert set(summary["baselines"]) == {"ekfac"}
+    assert summary["baselines"]["ekfac"]["fact_tracing"]["num_fact_queries"] == 2
+    assert summary["baselines"]["ekfac"]["status"] == {"exact": 3}
 
     # The streamed top-k is the top of the dense N x Q matrix, and the text matches the corpus.
     dense = pq.read_table(whole / "scores" / "dense.parquet").to_pandas().set_index("doc_id")

@@ -118,12 +118,12 @@ def test_hub_id_missing_offline_says_how_to_point_at_a_local_path(monkeypatch):
 
 def test_dastra_plan_prints_every_stage_and_writes_markdown(tmp_path):
     out = tmp_path / "plan.md"
-    args = ["plan", "--gpus", "2", "--gpu-mem", "8GB", "--markdown", str(out)] + [a for s in TINY for a in ("--set", s)]
+    overrides = TINY + ["solver.name=ekfac"]  # the ASTRA chunk's search is covered above
+    args = ["plan", "--gpus", "2", "--gpu-mem", "8GB", "--markdown", str(out)] + [a for s in overrides for a in ("--set", s)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     text = out.read_text()
-    for stage in ("covariances", "eigendecomposition", "eigenvalue correction", "query gradients", "astra chunk",
-                  "scoring"):
+    for stage in ("covariances", "eigendecomposition", "eigenvalue correction", "query gradients", "scoring"):
         assert stage in result.output and f"| {stage}" in text
     assert "2 GPU(s) on 1 node(s)" in text and "8.0 GiB" in text and "largest micro-batch that fits" in text
 

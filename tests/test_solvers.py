@@ -18,6 +18,7 @@ from distributed_astra.ihvp.solvers import (
     MinibatchSampler,
     ekfac_preconditioner,
     full_batches,
+    largest_eigenvalue,
     solve,
     step_size,
 )
@@ -72,6 +73,38 @@ def dense_operator(fn, tracked) -> torch.Tensor:
 def test_step_size_conventions():
     assert step_size(SolverConfig(lr=2.0, lr_mode="relative"), 0.01) == pytest.approx(0.02)
     assert step_size(SolverConfig(lr=0.3, lr_mode="absolute"), 0.01) == 0.3
+    assert step_size(SolverConfig(lr=0.5, lr_mode="auto"), 0.01, mu_max=20.0) == pytest.approx(0.025)
+
+
+def test_largest_eigenvalue_matches_the_dense_spectrum(mlp):
+    """μ̂ of (P + λI)⁻¹(G + λI) (astra) and of G + λI (sni) by power iteration = the dense top eigenvalue."""
+    model, tracked, batch, g, factors, lam = mlp
+    a = g + lam * torch.eye(g.shape[0], dtype=torch.float64)
+    precond = ekfac_preconditioner(factors, config(name="astra"), lam)
+    v = random_vectors(tracked, 1, seed=4)
+    product = GGNProduct(model, tracked)
+    for fn, matrix in ((precond, dense_operator(precond, tracked) @ a), (None, a)):
+        expected = float(torch.linalg.eigvals(matrix).real.max())
+        estimate = largest_eigenvalue(
+            product, fn, full_batches(batch), lam, v, torch.Generator().manual_seed(0), num_batches=2,
+            power_iterations=300,
+        )
+        assert estimate == pytest.approx(expected, rel=1e-6)
+
+
+def test_auto_step_is_lr_over_the_probed_eigenvalue(mlp):
+    """lr_mode auto: the trace's α is cfg.lr / μ̂ (μ̂ within 10% of μ_max), and ASTRA with it converges to the dense solution (full G)."""
+    model, tracked, batch, g, factors, lam = mlp
+    a = g + lam * torch.eye(g.shape[0], dtype=torch.float64)
+    v = random_vectors(tracked, 2, seed=5)
+    cfg = config(name="astra", lr_mode="auto", lr=1.0, momentum=0.9, iterations=400)
+    precond = ekfac_preconditioner(factors, cfg, lam)
+    mu = float(torch.linalg.eigvals(dense_operator(precond, tracked) @ a).real.max())
+    result = solve(v, precond, GGNProduct(model, tracked), full_batches(batch), cfg, lam)
+    alpha = result.table().column("lr")[0].as_py()
+    assert 1.0 / mu <= alpha <= 1.1 / mu  # 10 power steps approach μ from below
+    exact = torch.linalg.solve(a, flatten(v, list(tracked)).T).T
+    assert rel(flatten(result.x, list(tracked)), exact) <= 1e-4
 
 
 def test_ekfac_solver_is_the_preconditioner(gpt2):
@@ -192,7 +225,7 @@ def test_batched_queries_equal_separate_solves(gpt2, kind, iterations, tolerance
     names = list(tracked)
     v = random_vectors(tracked, 3, seed=5)
     cfg = SolverConfig(
-        name="astra", iterations=iterations, lr=1.0, momentum=0.9, lr_decay=0.5, lr_decay_every=4, minibatch_size=4,
+        name="astra", iterations=iterations, lr=1.0, lr_mode="relative", momentum=0.9, lr_decay=0.5, lr_decay_every=4, minibatch_size=4,
         tolerance=tolerance, patience=patience,
     )
 

@@ -189,7 +189,7 @@ def score(ctx: Context, on_shard=None) -> pa.Table:
     }
     release_group()  # the ranks' CPUs/GPUs go to the scoring actors
     _connect(ctx)
-    scores_dir = ctx.paths.root / "scores"
+    scores_dir = ctx.paths.scores
     started = time.perf_counter()
     manifest = score_shards(
         cfg, model_source(ctx), str(ctx.corpus), plan, tensors, query_ids, scores_dir, meta, on_shard=on_shard

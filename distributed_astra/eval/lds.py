@@ -205,7 +205,7 @@ def run_lds(cfg: Config, task_name: str, method_names: list[str], log: Callable[
     cache = RetrainCache(cache_dir, task, e.subset_fraction, e.seed)
     model_jobs = [cache.model_job(i) for i in range(e.ensemble_size)]
     retrain_jobs = [cache.retrain_job(j, r) for j in range(e.num_subsets) for r in range(e.num_retrain_seeds)]
-    jobs = model_jobs + retrain_jobs
+    jobs = retrain_jobs + model_jobs  # subset results first: they are cached even if a model's training fails
     todo = sum(not job.path.is_file() for job in jobs)
     with progress_bar(f"retrain {task.name} (Ray)", todo, "runs") as advance:
         trained_now = run_jobs(cache, jobs, cfg.ray, lambda record: advance(1))

@@ -223,7 +223,7 @@ def _spectra(ctx: Context) -> dict[str, dict[str, np.ndarray]]:
 
 def _plots(ctx: Context, topk: pa.Table, shown: list[int], runs: list[dict]) -> tuple[list[dict], list[str]]:
     figures, notes = [], []
-    dense_path = ctx.paths.root / "scores" / "dense.parquet"
+    dense_path = ctx.paths.scores / "dense.parquet"
     stored = pq.read_schema(dense_path).names if dense_path.is_file() else []
     columns = [f"q{q}" for q in shown if f"q{q}" in stored]
     if columns:
