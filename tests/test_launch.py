@@ -23,6 +23,7 @@ from distributed_astra import pipeline
 from distributed_astra.config import load_config
 from wandb.proto import wandb_internal_pb2
 
+from tests.test_tracking import logged_media
 from tests.wandb_offline import _records, read_offline_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,12 +52,11 @@ def _answers(url: str) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """`ray start --head --block` on free 127.0.0.1 ports, in its own process group; stopped by its pid at the end."""
+def _start_head(temp_dir: str) -> tuple[subprocess.Popen, str]:
+    """`ray start --head --block` on free 127.0.0.1 ports in its own process group; (process, job server address),
+    or (process, "") when it died while starting (e.g. a port taken in between by another process)."""
     gcs, dashboard, client, agent, agent_grpc, metrics, runtime_env, node_manager, object_manager = _free_ports(9)
-    worker_base = 20000 + (os.getpid() % 400) * 100
-    temp_dir = tempfile.mkdtemp(prefix="rayl", dir="/tmp")  # short: Ray's socket paths have a length limit
+    worker_base = 20000 + (os.getpid() * 7 + dashboard) % 400 * 100
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
     command = [
         str(ROOT / ".venv" / "bin" / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
@@ -68,24 +68,44 @@ def ray_head():
         "--max-worker-port", str(worker_base + 99), "--num-cpus", "1", "--object-store-memory", "100000000",
         "--include-dashboard", "true", "--disable-usage-stats", "--temp-dir", temp_dir,
     ]
-    log = open(Path(temp_dir) / "head.log", "w")
-    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = Path(temp_dir) / "head.log"
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while not ("block forever" in log_path.read_text() and _answers(f"{address}/api/version")):
+        if head.poll() is not None:
+            return head, ""
+        assert time.time() < deadline, "the Ray head did not start within 120 s"
+        time.sleep(1)
+    return head, address
+
+
+def _stop(head: subprocess.Popen) -> None:
+    head.terminate()  # `--block` turns SIGTERM into stopping every process this head started
     try:
-        deadline = time.time() + 120
-        while not ("block forever" in (Path(temp_dir) / "head.log").read_text() and _answers(f"{address}/api/version")):
-            assert head.poll() is None, (Path(temp_dir) / "head.log").read_text()[-2000:]
-            assert time.time() < deadline, "the Ray head did not start within 120 s"
-            time.sleep(1)
-        yield address
-    finally:
-        head.terminate()  # `--block` turns SIGTERM into stopping every process this head started
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A local Ray head on 127.0.0.1 (three tries with fresh ports); stopped by its pid at the end."""
+    temp_dir = tempfile.mkdtemp(prefix="rayl", dir="/tmp")  # short: Ray's socket paths have a length limit
+    try:
+        for _ in range(3):
+            head, address = _start_head(temp_dir)
+            if address:
+                break
+            _stop(head)
+        assert address, (Path(temp_dir) / "head.log").read_text()[-2000:]
         try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        log.close()
+            yield address
+        finally:
+            _stop(head)
+    finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -143,11 +163,10 @@ def test_run_gpt2xl_sh_submits_a_ray_job_that_writes_topk_report_and_wandb(ray_h
     # W&B views: the eigen-spectrum histogram of every tracked module, the top-k as a table, the results artifact
     tracked = json.loads((run_dir / "factors" / "meta.json").read_text())["tracked_modules"]
     for module in tracked:
-        (histogram,) = [row for row in run.history if f"fit/spectrum/{module}/_type" in row]
-        assert histogram[f"fit/spectrum/{module}/_type"] == "histogram"
-        assert sum(histogram[f"fit/spectrum/{module}/values"]) > 0
-    (table_row,) = [row for row in run.history if "score/topk/_type" in row]
-    table = json.loads((wandb_dir / "files" / table_row["score/topk/path"]).read_text())
+        (histogram,) = logged_media(run.history, f"fit/spectrum/{module}")
+        assert histogram["_type"] == "histogram" and sum(histogram["values"]) > 0
+    (table_row,) = logged_media(run.history, "score/topk")
+    table = json.loads((wandb_dir / "files" / table_row["path"]).read_text())
     assert table["columns"] == topk.column_names
     assert [row[2] for row in table["data"]] == topk.column("doc_id").to_pylist()
     assert offline_artifacts(wandb_dir)[f"{run_dir.name}-results"] == ["report.html", "summary.json"]

@@ -73,8 +73,20 @@ def test_histogram_table_and_artifact_reach_jsonl_and_the_offline_run(tmp_path: 
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     assert merged["wandb_run"] == location == str(run_dir)
     run = read_offline_run(run_dir)
-    (hist,) = [row for row in run.history if "fit/spectrum/m/_type" in row]
-    assert hist["fit/spectrum/m/_type"] == "histogram" and sum(hist["fit/spectrum/m/values"]) == 3
-    (table,) = [row for row in run.history if "score/topk/_type" in row]
-    data = json.loads((run_dir / "files" / table["score/topk/path"]).read_text())
+    (hist,) = logged_media(run.history, "fit/spectrum/m")
+    assert hist["_type"] == "histogram" and sum(hist["values"]) == 3
+    (table,) = logged_media(run.history, "score/topk")
+    data = json.loads((run_dir / "files" / table["path"]).read_text())
     assert data["columns"] == ["query_id", "doc_id", "score"] and data["data"] == [[1, 7, 0.5], [1, 3, 0.25]]
+
+
+def logged_media(history: list[dict], key: str) -> list[dict]:
+    """The rows' values of a media key (histogram, table) as dicts: W&B stores them flattened ("key/_type") or as
+    one nested value ("key": {"_type": ...}) depending on the run's history writer."""
+    found = []
+    for row in history:
+        if isinstance(row.get(key), dict):
+            found.append(row[key])
+        elif f"{key}/_type" in row:
+            found.append({k[len(key) + 1 :]: v for k, v in row.items() if k.startswith(f"{key}/")})
+    return found

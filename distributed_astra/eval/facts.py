@@ -8,7 +8,9 @@ import pyarrow as pa
 
 from distributed_astra.config import Config
 from distributed_astra.data.sequences import Query, load_queries
+from distributed_astra.curvature.factors import load_factors
 from distributed_astra.errors import DastraError
+from distributed_astra.ihvp.ekfac import default_damping
 
 
 def fact_recall(topk: pa.Table, queries: list[Query]) -> dict[str, float]:
@@ -39,6 +41,19 @@ FACT_METHODS: dict[str, tuple[str, dict[str, object]]] = {
 }
 
 
+ITERATIVE = ("sni", "astra")
+
+
+def _mean_lambda(ctx, pipeline) -> float:
+    """mean(Λ) of the run directory's factors (fitted first when missing or stale)."""
+    try:
+        factors = load_factors(ctx.paths.factors, pipeline._factor_meta(ctx))
+    except DastraError:
+        factors = pipeline.fit(ctx)
+        pipeline.query(ctx)
+    return default_damping(factors) / 0.1
+
+
 def check_fact_methods(methods: list[str]) -> None:
     unknown = [m for m in methods if m not in FACT_METHODS]
     if unknown or not methods:
@@ -50,7 +65,9 @@ def trace_facts(cfg: Config, methods: list[str]) -> dict:
     """recall@1, recall@10 and MRR of the planted documents for each method, on `cfg`'s corpus and model.
 
     One context (`pipeline.open_context`) serves every method: its factors and query gradients are fitted once
-    (reused from the run directory when their metadata match), then each method solves and scores. The recalls
+    (reused from the run directory when their metadata match), then each method solves and scores. With
+    `solver.damping: auto`, EK-FAC keeps the solver's λ (0.1 × mean Λ) and the iterative solvers use the LDS
+    evidence's λ = eval.damping_scale × mean(Λ) (docs/design.md, "Damping"). The recalls
     go to the context's tracker (metrics.jsonl of the run directory and W&B) as facts/<method>/<metric>.
     """
     from distributed_astra import pipeline
@@ -63,6 +80,8 @@ def trace_facts(cfg: Config, methods: list[str]) -> dict:
         fitted = False
         for method in methods:
             label, overrides = FACT_METHODS[method]
+            if method in ITERATIVE and base.damping == "auto":
+                overrides = {**overrides, "damping": cfg.eval.damping_scale * _mean_lambda(ctx, pipeline)}
             solver = base.model_copy(update=overrides)
             ctx.cfg = ctx.cfg.model_copy(update={"solver": solver})
             start = time.perf_counter()
@@ -80,7 +99,8 @@ def trace_facts(cfg: Config, methods: list[str]) -> dict:
             recall = fact_recall(pipeline.score(ctx), load_queries(ctx.queries))
             settings = "x = ∇f" if method == "graddot" else (
                 f"λ = {solver.damping}" if method == "ekfac" else
-                f"{solver.iterations} it, ℬ {solver.minibatch_size}, lr {solver.lr:g} ({solver.lr_mode})")
+                f"λ = {solver.damping:.3g}, {solver.iterations} it, ℬ {solver.minibatch_size}, lr {solver.lr:g} "
+                f"({solver.lr_mode})")
             row = {"method": method, "label": label, "settings": settings, **recall,
                    "seconds": time.perf_counter() - start}
             rows.append(row)

@@ -45,7 +45,11 @@ def to_device(index: faiss.Index, device: str) -> faiss.Index:
         if device == "gpu":
             warnings.warn("index.device is 'gpu' but faiss sees no GPU (faiss-cpu build?): using the CPU index", stacklevel=2)
         return index
-    return faiss.index_cpu_to_all_gpus(index)
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except RuntimeError as exc:  # an index type faiss cannot clone to the GPU
+        warnings.warn(f"faiss could not move the index to the GPU ({exc}); using the CPU index", stacklevel=2)
+        return index
 
 
 def _pq_m(cfg: IndexConfig, dim: int) -> int:
