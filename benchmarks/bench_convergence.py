@@ -1,7 +1,7 @@
 """ASTRA vs SNI convergence to the exact iHVP, the ASTRA paper's Fig 3 at small scale (seeds §9.2, §10.3, §12.3).
 
-    python benchmarks/bench_convergence.py              # ≈ 6-9 min on the shared 2-core machine, 1 thread
-    python benchmarks/bench_convergence.py --quick      # smoke run (≈ 1-2 min), writes to /tmp
+    python benchmarks/bench_convergence.py              # ≈ 8-10 min on an idle 2-core machine, 1 thread
+    python benchmarks/bench_convergence.py --quick      # smoke run (≈ 1.5 min CPU), writes to /tmp
 
 Two models, each with G = GGN of the MEAN over its curvature set of the per-sequence loss (docs/design.md):
   mlp   MLP classifier 64-32-32-10 (ReLU) on scikit-learn's bundled `load_digits`, trained with Adam; every example
@@ -14,15 +14,22 @@ Two models, each with G = GGN of the MEAN over its curvature set of the per-sequ
 Per model:
   * EK-FAC with the package (`fit_ekfac`, float64, labels resampled over 10 passes); λ = the ASTRA paper's Table 3
     value for the matching setting (MNIST MLP 0.0052, GPT-2 0.011; `--mlp-damping auto` etc. for default_damping).
-    Also: EK-FAC's relative error and objective, and μ_max of (P + λI)⁻¹(G + λI) by power iteration.
+    Also: EK-FAC's relative error and objective.
   * Dense G (float64, D × D) assembled column block by column block from full-curvature-set GGN products
     (product_sum over sub-batches, divided by N); x* = torch.linalg.solve(G + λI, v) for Q query gradients.
-  * ASTRA and SNI through the package's `solve()`: minibatch G̃ from `MinibatchSampler` (ℬ = 32 / 8), exact
-    `GGNProduct`, lr_mode "absolute", momentum 0, no decay (the Fig 3 convention), lr ∈ {1, …, 1e-5}, 5 seeds
-    (minibatch order). The relative error ‖x_k − x*‖/‖x*‖ of every iterate is read by a thin wrapper around the
-    product (it sees x_k when solve() asks for G̃_k x_k); a run whose error exceeds 100 × max(1, e_0) or turns
-    non-finite is aborted and counted as diverged. Best lr = lowest mean relative error over the last 10 iterations
-    (mean over seeds), ignoring lrs with a diverged seed. Reference: the same ASTRA step with the dense full G.
+  * ASTRA and SNI through the package's `solve()` with the exact minibatch `GGNProduct` (`MinibatchSampler`), in
+    two regimes, each with the same optimiser for both methods:
+      fig3    the paper's Fig 3 convention: lr_mode "absolute" (α = lr), momentum 0, no decay, ℬ = 32 / 8;
+      table3  the paper's Table 3 optimiser: momentum 0.9, step decay (×0.5 every 50 for the MLP, ×0.9 every 100
+              for the GPT-2), ℬ = 256 / 16, lr_mode "auto" (α = lr / μ̂, μ̂ from the solver's power iteration),
+              which makes lr scale-free.
+    lr ∈ {1, …, 1e-5}; every lr runs seed 0 (minibatch order), the `--screen-top` best of them all 5 seeds. The
+    relative error ‖x_k − x*‖/‖x*‖ of every iterate is read by a thin wrapper around the product (it sees x_k when
+    solve() asks for G̃_k x_k); a run whose error exceeds 100 × max(1, e_0) or turns non-finite is aborted and
+    counted as diverged. Best lr = lowest mean relative error over the last 10 iterations (mean over seeds).
+    Also: the exact objective gap (h − h*)/|h*| (ASTRA Fig 3's metric, with the exact G) at checkpoints, and the
+    same ASTRA update with the dense full G (no minibatch noise).
+  * The spectrum of the preconditioned operator (P + λI)^{-1/2}(G + λI)(P + λI)^{-1/2} (Cholesky + eigvalsh).
 Also: the cost of one ASTRA iteration (intervals between on_iteration callbacks of a real solve(), median) relative
 to a plain forward + loss.backward() on the same GPT-2 minibatch, for Q = 1 and Q = 8, float64 and float32.
 

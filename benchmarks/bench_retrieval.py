@@ -49,6 +49,7 @@ from distributed_astra import pipeline  # noqa: E402
 from distributed_astra.config import IndexConfig, load_config  # noqa: E402
 from distributed_astra.curvature.covariance import product_dtype  # noqa: E402
 from distributed_astra.curvature.factors import load_factors  # noqa: E402
+from distributed_astra.errors import DastraError  # noqa: E402
 from distributed_astra.index import stages  # noqa: E402
 from distributed_astra.index.faiss_index import build_index, load_index, search_index  # noqa: E402
 from distributed_astra.index.store import open_store  # noqa: E402
@@ -64,6 +65,15 @@ SHORTLIST_FACTORS = (10, 50)
 
 def log(message: str) -> None:
     print(message, flush=True)
+
+
+def factors_reusable(ctx) -> bool:
+    """The run directory already holds factors of this model and config (a rerun of the benchmark)."""
+    try:
+        load_factors(ctx.paths.factors, pipeline._factor_meta(ctx))
+    except DastraError:
+        return False
+    return True
 
 
 def effective_dimension(ctx, damping: float) -> tuple[float, int]:
@@ -132,6 +142,7 @@ def main() -> None:
         f"scoring.top_k={TOP_K}",
         "scoring.dense=true",
         "index.kind=flat",
+        "solver.name=ekfac",
         "tracking.wandb_mode=disabled",
     ]
     if args.model is not None:
@@ -146,6 +157,8 @@ def main() -> None:
     try:
         for name, stage in (("fit", pipeline.fit), ("query", pipeline.query), ("solve", pipeline.solve)):
             t0 = time.perf_counter()
+            if name == "fit" and factors_reusable(ctx):
+                continue
             stage(ctx)
             seconds[name] = time.perf_counter() - t0
             log(f"{name}: {seconds[name]:.1f} s")

@@ -1,14 +1,18 @@
-"""The single-process pipeline: one function per stage, each reading the previous stage's artifacts.
+"""The pipeline: one function per stage, each reading the previous stage's artifacts. fit, solve and score run
+in this process, or on Ray workers under DeepSpeed when `ray.num_workers > 1` (distributed/stages.py).
 
-    prepare -> fit -> query -> solve -> score        (`run` does them all and writes summary.json)
+    prepare -> fit -> query -> solve -> score -> report    (`run` does them all, plus solver.baselines)
+    index / search                                        (projected gradient store + faiss, index/stages.py)
 
 Run directory layout (docs/design.md, "Artifacts"):
     data/corpus.parquet, data/queries.parquet   the demo corpus (data.corpus / data.queries = demo)
     model/                                      the demo's tokenizer and tiny GPT-2 (model.source = tiny)
     factors/                                    EK-FAC factors (safetensors) + meta.json
     queries/                                    query gradients + meta.json
-    ihvp/<solver>/                              solved directions (G + λI)⁻¹∇f + meta.json
-    topk.parquet, summary.json, metrics.jsonl, wandb/
+    ihvp/<solver>/                              solved directions (G + λI)⁻¹∇f + meta.json (+ trace.parquet)
+    topk.parquet, scores/                       solver.name's top-k (scores/: shard manifest, dense scores)
+    baselines/<solver>/                         the same for each solver.baselines entry
+    summary.json, report.html, metrics.jsonl, wandb/
 """
 
 from __future__ import annotations
@@ -214,8 +218,10 @@ def open_context(cfg: Config, job: str) -> Context:
     return Context(cfg, paths, corpus, queries, model, tokenizer, tracked, model_fingerprint(model, tracked), tracker)
 
 
-def _factor_meta(ctx: Context) -> dict[str, object]:
-    return {**ctx.model_meta(), "config_hash": ctx.cfg.section_hash("data", "factors")}
+def factor_meta(ctx: Context) -> dict[str, object]:
+    # data.queries does not enter the factors: solving new queries (`dastra search --queries`) reuses them.
+    corpus_only = ctx.cfg.model_copy(update={"data": ctx.cfg.data.model_copy(update={"queries": ""})})
+    return {**ctx.model_meta(), "config_hash": corpus_only.section_hash("data", "factors")}
 
 
 def fit(ctx: Context) -> EkfacFactors:
@@ -235,7 +241,7 @@ def fit(ctx: Context) -> EkfacFactors:
             cfg.seed,
             on_batch=lambda part, rows, log=ctx.tracker.progress("fit", num_sequences): (advance(rows), log(part, rows)),
         )
-    save_factors(factors, ctx.paths.factors, {**_factor_meta(ctx), "dtype": cfg.dtype, "versions": ctx.versions()})
+    save_factors(factors, ctx.paths.factors, {**factor_meta(ctx), "dtype": cfg.dtype, "versions": ctx.versions()})
     ctx.tracker.log({"fit/num_sequences": num_sequences, "fit/mean_lambda": default_damping(factors) / 0.1})
     return factors
 
@@ -289,7 +295,7 @@ def solve(ctx: Context) -> float:
     if ctx.distributed:
         return distributed_stages().solve(ctx)
     cfg = ctx.cfg.solver
-    factors = load_factors(ctx.paths.factors, _factor_meta(ctx))
+    factors = load_factors(ctx.paths.factors, factor_meta(ctx))
     ids, grads = _load_query_gradients(ctx)
     damping = default_damping(factors) if cfg.damping == "auto" else float(cfg.damping)
     preconditioner = ekfac_preconditioner(factors, cfg, damping, ctx.cfg.factors.strategy)

@@ -13,8 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
+from distributed_astra.models import tiny
 from distributed_astra.models.lm import IGNORE_INDEX
 
 VOCAB = 64
@@ -33,22 +34,8 @@ def build_tiny_gpt2(
     Layer-norm parameters and biases are randomised too, so that no factor has an accidental structure
     (GPT-2's default init sets biases to 0 and LN gains to 1).
     """
+    model = tiny.build_tiny_gpt2(vocab_size, n_layer, n_head, n_embd, max_length=64, seed=seed)
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=64,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=0,
-        attn_implementation="eager",
-    )
-    model = GPT2LMHeadModel(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "ln_" in name and name.endswith("weight"):
@@ -170,3 +157,12 @@ def tiny_classifier():
 @pytest.fixture(scope="session")
 def classifier_batch_factory():
     return classifier_batches
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is 10-50x faster than two on this shared machine (`pytestmark = usefixtures`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

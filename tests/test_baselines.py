@@ -24,12 +24,7 @@ from distributed_astra.eval.tasks import build_task
 SMALL = {"num_train": 120, "num_queries": 12, "epochs": 6, "widths": [12]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

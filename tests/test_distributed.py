@@ -103,14 +103,6 @@ def _stages(ctx: pipeline.Context, *names: str):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the two Ray workers use the machine's two cores
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def single(workspace: Path, tmp_path_factory, one_thread) -> Path:
     """The single-process reference: factors, query gradients, ASTRA (exact GGN product), top-k."""
     run_dir = tmp_path_factory.mktemp("single")

@@ -7,6 +7,7 @@ and brute-force inner products over the stored vectors.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import faiss
@@ -60,6 +61,7 @@ def _args(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
         "factors.batch_size=8",
         "scoring.batch_size=8",
         f"scoring.top_k={TOP_K}",
+        "solver.name=ekfac",
         "tracking.wandb_mode=disabled",
         *extra,
     ]
@@ -86,11 +88,22 @@ def run(workspace, tmp_path_factory):
     return run_dir, full, dense
 
 
+@pytest.fixture(scope="module")
+def default_run(run, workspace):
+    """The same run indexed at the default projection (16 x 16 per module) into a float16 store."""
+    run_dir, _, _ = run
+    other = run_dir.parent / (run_dir.name + "-default")
+    shutil.copytree(run_dir, other)
+    result = invoke("index", *_args(workspace, other))
+    assert result.exit_code == 0, result.output
+    return other
+
+
 def _exact_topk(dense, query_id: int, k: int) -> list[int]:
     return dense[f"q{query_id}"].sort_values(ascending=False).index[:k].tolist()
 
 
-def test_store_layout_metadata_and_zero_copy_fp16(run, workspace, tmp_path):
+def test_store_layout_metadata_and_zero_copy_fp16(run, default_run):
     run_dir, full, _ = run
     meta = json.loads((run_dir / "store" / "meta.json").read_text())
     assert meta["num_documents"] == NUM_DOCS - 1 and meta["skipped_rows"] == {"empty": 1, "non_utf8": 0}
@@ -100,11 +113,9 @@ def test_store_layout_metadata_and_zero_copy_fp16(run, workspace, tmp_path):
     assert not (run_dir / "store" / "progress.json").exists()
 
     # fp16 store of the default (16 x 16) projection: read back zero-copy, still float16
-    result = invoke("index", *_args(workspace, tmp_path / "r16"))
-    assert result.exit_code == 0, result.output
-    expected = {k: v for k, v in json.loads((tmp_path / "r16" / "store" / "meta.json").read_text()).items()
+    expected = {k: v for k, v in json.loads((default_run / "store" / "meta.json").read_text()).items()
                 if k in ("fingerprint", "projection_seed")}
-    store = open_store(tmp_path / "r16" / "store", expected)
+    store = open_store(default_run / "store", expected)
     shard = store.read_shard(0)
     assert shard.vectors.dtype == np.float16 and shard.vectors.shape == (15, store.dim)  # row 7 is empty
     assert not shard.vectors.flags.owndata and not shard.vectors.flags.writeable  # a view of the mapped file
@@ -126,15 +137,10 @@ def test_full_dimension_store_reproduces_exact_scores(run, workspace):
             assert r["score"] == pytest.approx(dense.loc[r["doc_id"], f"q{q}"], rel=1e-4, abs=1e-6)
 
 
-def test_two_stage_search_equals_exhaustive_exact_topk(run, workspace):
+def test_two_stage_search_equals_exhaustive_exact_topk(run, default_run, workspace):
     """Default projection, shortlist of the whole corpus: the exact re-score must give the exhaustive top-k exactly."""
-    run_dir, _, dense = run
-    other = run_dir.parent / (run_dir.name + "-default")
-    import shutil
-
-    shutil.copytree(run_dir, other)
-    result = invoke("index", *_args(workspace, other))
-    assert result.exit_code == 0, result.output
+    _, _, dense = run
+    other = default_run
     result = invoke("search", *_args(workspace, other, f"index.shortlist_factor={NUM_DOCS}"))
     assert result.exit_code == 0, result.output
     table = pq.read_table(other / "search" / "topk.parquet").to_pylist()
@@ -167,8 +173,6 @@ def test_index_resumes_finished_shards(run, workspace, tmp_path):
     store = run_dir / "store"
     meta = json.loads((store / "meta.json").read_text())
     copy = tmp_path / "resume"
-    import shutil
-
     shutil.copytree(run_dir, copy)
     (copy / "store" / "meta.json").unlink()
     (copy / "store" / "shard-00003.arrow").unlink()
@@ -203,8 +207,6 @@ def test_ivfpq_refine_returns_exact_inner_products(run):
 def test_search_refuses_an_index_of_another_projection(run, workspace, tmp_path):
     run_dir, full, _ = run
     copy = tmp_path / "tampered"
-    import shutil
-
     shutil.copytree(run_dir, copy)
     meta_path = copy / "index" / "meta.json"
     meta = json.loads(meta_path.read_text())
@@ -218,8 +220,6 @@ def test_search_with_new_queries_preconditions_them_first(run, workspace, tmp_pa
     """`dastra search --queries FILE` computes and solves the new queries' gradients, then searches."""
     run_dir, full, _ = run
     copy = tmp_path / "newq"
-    import shutil
-
     shutil.copytree(run_dir, copy)
     new = tmp_path / "new_queries.parquet"
     pq.write_table(pa.Table.from_pylist([{"query_id": 42, "prompt": "theta kappa", "completion": " lambda"}]), new)

@@ -28,12 +28,7 @@ from tests.conftest import TinyClassifier
 from tests.test_products import GPT2_TRACKED, dense_ggn, flatten, random_vectors, rel, unflatten
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**kw) -> SolverConfig:

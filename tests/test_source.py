@@ -34,18 +34,13 @@ from distributed_astra.source import (
 )
 from tests.conftest import TinyClassifier, classifier_batches
 from tests.test_ekfac import dense_block, vec
-from tests.test_products import dense_ggn, flatten, random_vectors, rel, unflatten
+from tests.test_products import dense_ggn, flatten, random_vectors, rel
 from tests.test_solvers import dense_operator
 
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------- helpers

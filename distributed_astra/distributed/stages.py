@@ -32,7 +32,7 @@ from distributed_astra.distributed.worker_group import WorkerGroup
 from distributed_astra.errors import DastraError
 from distributed_astra.ihvp.ekfac import default_damping
 from distributed_astra.ihvp.monitor import trace_table
-from distributed_astra.pipeline import Context, _factor_meta, _load_query_gradients, topk_table
+from distributed_astra.pipeline import Context, factor_meta, _load_query_gradients, topk_table
 from distributed_astra.progress import console
 
 _session: dict[str, object] = {"owns_ray": False, "group": None, "key": None}
@@ -104,7 +104,7 @@ def fit(ctx: Context) -> EkfacFactors:
     if factors.num_sequences == 0:
         raise DastraError(f"data.corpus '{ctx.corpus}' yields no token sequences; give it non-empty documents")
     save_factors(
-        factors, ctx.paths.factors, {**_factor_meta(ctx), "dtype": ctx.cfg.factors.dtype, "versions": ctx.versions()}
+        factors, ctx.paths.factors, {**factor_meta(ctx), "dtype": ctx.cfg.factors.dtype, "versions": ctx.versions()}
     )
     seconds = time.perf_counter() - started
     cluster.note(
@@ -121,7 +121,7 @@ def fit(ctx: Context) -> EkfacFactors:
 def solve(ctx: Context) -> float:
     """(G + λI)⁻¹∇f on the ranks (distributed/solve.py); writes the single-process `ihvp/<solver>/` artifact."""
     cfg = ctx.cfg.solver
-    factors = load_factors(ctx.paths.factors, _factor_meta(ctx))
+    factors = load_factors(ctx.paths.factors, factor_meta(ctx))
     ids, grads = _load_query_gradients(ctx)
     damping = default_damping(factors) if cfg.damping == "auto" else float(cfg.damping)
     group = group_for(ctx)

@@ -47,7 +47,7 @@ ITERATIVE = ("sni", "astra")
 def _mean_lambda(ctx, pipeline) -> float:
     """mean(Λ) of the run directory's factors (fitted first when missing or stale)."""
     try:
-        factors = load_factors(ctx.paths.factors, pipeline._factor_meta(ctx))
+        factors = load_factors(ctx.paths.factors, pipeline.factor_meta(ctx))
     except DastraError:
         factors = pipeline.fit(ctx)
         pipeline.query(ctx)

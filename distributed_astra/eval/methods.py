@@ -202,7 +202,7 @@ def trak_scores(ctx: ModelAttribution, settings: MethodSettings) -> torch.Tensor
 
 
 # ==================================================================================================== IF methods
-def _solver_config(settings: MethodSettings, name: str, lr: float) -> SolverConfig:
+def solver_config(settings: MethodSettings, name: str, lr: float) -> SolverConfig:
     e = settings.eval
     return SolverConfig(
         name=name,
@@ -229,7 +229,7 @@ def sni_scores(ctx: ModelAttribution, settings: MethodSettings) -> torch.Tensor:
     damping = ctx.damping(settings.damping_scale)
     product = ctx.product()
     top = ctx.top_eigenvalue(lambda v: product.product(v, ctx.full_batch))
-    cfg = _solver_config(settings, "sni", settings.eval.sni_lr / (top + damping))
+    cfg = solver_config(settings, "sni", settings.eval.sni_lr / (top + damping))
     result = solve(ctx.query_gradients, None, ctx.product(), ctx.sampler(cfg.minibatch_size), cfg, damping)
     return pair_scores(result.x, ctx.train_gradients)
 
@@ -239,7 +239,7 @@ def astra_scores(ctx: ModelAttribution, settings: MethodSettings) -> torch.Tenso
     ×lr_decay schedule. A step scaled to the stability bound of (P + λI)⁻¹(G + λI) was tried and is worse: on
     minibatches of ℬ = 64 the iterate then sits at a noise floor far from the exact iHVP (docs/results/lds.md)."""
     damping = ctx.damping(settings.damping_scale)
-    cfg = _solver_config(settings, "astra", settings.eval.astra_lr)
+    cfg = solver_config(settings, "astra", settings.eval.astra_lr)
     preconditioner = ekfac_preconditioner(ctx.factors, cfg, damping)
     result = solve(ctx.query_gradients, preconditioner, ctx.product(), ctx.sampler(cfg.minibatch_size), cfg, damping)
     return pair_scores(result.x, ctx.train_gradients)
@@ -254,3 +254,6 @@ for _method in (
     Method("astra", "ASTRA-IF", astra_scores, uses_damping=True),
 ):
     register_method(_method)
+
+# SOURCE and ASTRA-SOURCE (seeds §6-7) register themselves; they build on the functions above.
+from distributed_astra.eval import source_methods  # noqa: E402,F401

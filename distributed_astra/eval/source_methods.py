@@ -23,7 +23,7 @@ from distributed_astra.eval.methods import (
     Method,
     MethodSettings,
     ModelAttribution,
-    _solver_config,
+    solver_config,
     pair_scores,
     register_method,
 )
@@ -109,7 +109,7 @@ def ekfac_source_scores(ctx: ModelAttribution, settings: MethodSettings, variant
 def astra_source_scores(ctx: ModelAttribution, settings: MethodSettings):
     """ASTRA per segment with the harness's ASTRA settings (absolute α = eval.astra_lr, momentum, decay, ℬ)."""
     parts = segment_parts(ctx)
-    cfg = _solver_config(settings, "astra", settings.eval.astra_lr)
+    cfg = solver_config(settings, "astra", settings.eval.astra_lr)
     products = [a.product() for a in parts.averaged]
     samplers = [a.sampler(cfg.minibatch_size) for a in parts.averaged]
     results = astra_source_directions(ctx.query_gradients, parts.factors, parts.segments, products, samplers, cfg)

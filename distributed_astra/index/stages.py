@@ -24,7 +24,6 @@ from distributed_astra.artifacts import atomic_path, check_meta, read_meta, writ
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.data.corpus import Corpus, open_corpus
 from distributed_astra.data.sequences import iter_document_batches, load_queries
-from distributed_astra.errors import DastraError
 from distributed_astra.index.faiss_index import build_index, load_index, save_index, search_index
 from distributed_astra.index.store import GradientStore, StoreWriter, open_store, store_bytes, write_store
 from distributed_astra.progress import console, progress_bar
