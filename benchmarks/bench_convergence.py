@@ -821,7 +821,7 @@ def fmt_ratio(r) -> str:
     return f"{r:.3g}" if isinstance(r, float) else ("-" if r is None else r)
 
 
-def regime_markdown(results: dict, key: str, args) -> list[str]:
+def regime_markdown(results: dict, key: str) -> list[str]:
     L = []
     first = results[next(iter(results))]["regimes"][key]
     L.append(f"## Regime `{key}`: {first['title']}\n")
@@ -998,7 +998,7 @@ def write_markdown(path: Path, results: dict, cost: dict, meta: dict, args) -> N
              "'ASTRA with full G' separates the preconditioner's slow modes (what remains there) from minibatch "
              "noise (the rest of the gap to the minibatch curve).\n")
     for key in m["regimes"]:
-        L.extend(regime_markdown(results, key, args))
+        L.extend(regime_markdown(results, key))
     L.append("## Cost of one ASTRA iteration (tiny GPT-2)\n")
     L.append("One iteration = what `solve()` does per step: GGN product G̃_k x_k on the minibatch, EK-FAC apply "
              "(P + λI)⁻¹, the monitor and the update. It is timed inside a real `solve()` run on one fixed minibatch "
