@@ -70,7 +70,7 @@ def log(message: str) -> None:
 def factors_reusable(ctx) -> bool:
     """The run directory already holds factors of this model and config (a rerun of the benchmark)."""
     try:
-        load_factors(ctx.paths.factors, pipeline._factor_meta(ctx))
+        load_factors(ctx.paths.factors, pipeline.factor_meta(ctx))
     except DastraError:
         return False
     return True
