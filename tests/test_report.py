@@ -64,8 +64,8 @@ def invoke(*args: str):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """fit, query, solve (ekfac), score with dense scores and report via `dastra run`; then an ASTRA solve and
-    `dastra report` again, so the report shows both solvers."""
+    """`dastra run` with dense scores: fit, query, ASTRA solve and score, its EK-FAC baseline, and the report (so the
+    report shows both solvers); then `dastra report` again on the finished run."""
     root = tmp_path_factory.mktemp("report")
     rows = _corpus_rows(40)
     pq.write_table(pa.Table.from_pylist(rows), root / "corpus.parquet")
@@ -78,12 +78,10 @@ def run_dir(tmp_path_factory) -> Path:
     tokenizer = train_bpe_tokenizer([r["text"] for r in rows], 300, root / "model")
     build_tiny_gpt2(len(tokenizer), 1, 2, 16, 32, seed=0).save_pretrained(root / "model")
     run = root / "run"
-    result = invoke("run", "--run-dir", str(run), *_overrides(root, "scoring.dense=true"))
+    astra = ("solver.name=astra", "solver.baselines=[ekfac]", "solver.iterations=5", "solver.minibatch_size=4")
+    result = invoke("run", "--run-dir", str(run), *_overrides(root, "scoring.dense=true", *astra))
     assert result.exit_code == 0, result.output
     assert (run / "report.html").is_file()  # `dastra run` (so `make demo`) ends with the report
-    astra = ("solver.iterations=5", "solver.minibatch_size=4")
-    result = invoke("solve", "--solver", "astra", "--run-dir", str(run), *_overrides(root, *astra))
-    assert result.exit_code == 0, result.output
     result = invoke("report", "--run-dir", str(run), *_overrides(root))
     assert result.exit_code == 0, result.output
     assert "report written to" in result.output
@@ -229,7 +227,7 @@ def test_topk_from_other_directions_is_refused_and_the_old_report_kept(run_dir: 
     result = invoke("report", "--run-dir", str(copy), *_overrides(run_dir.parent))
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "topk.parquet: document" in lines[0] and "dastra score --solver ekfac" in lines[0]
+    assert len(lines) == 1 and "topk.parquet: document" in lines[0] and "dastra score --solver astra" in lines[0]
     assert (copy / "report.html").read_bytes() == before
 
 

