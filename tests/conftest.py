@@ -1,20 +1,25 @@
 """Shared fixtures: a tiny random GPT-2 (eager attention, Conv1D modules), random LM batches in the format of
-`models/lm.py`, and a tiny classifier wrapped as a "language model" so that the LM code paths (shifted labels,
-sampled labels, attention mask) run unchanged on a model whose Fisher can be built densely.
+`models/lm.py`, a tiny classifier wrapped as a "language model" so that the LM code paths (shifted labels,
+sampled labels, attention mask) run unchanged on a model whose Fisher can be built densely, and run workspaces
+(a corpus, queries and a saved tiny model) for the CLI and distributed tests.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
 from transformers import GPT2LMHeadModel
 
+from distributed_astra.data.tokenizer import train_bpe_tokenizer
 from distributed_astra.models import tiny
 from distributed_astra.models.lm import IGNORE_INDEX
 
@@ -166,3 +171,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------- run workspaces
+WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river city stone".split()
+QUERIES = [
+    {"query_id": 0, "prompt": "alpha beta", "completion": " gamma delta", "fact_doc_id": 1003},
+    {"query_id": 1, "prompt": "river city", "completion": " stone", "fact_doc_id": None},
+    {"query_id": 2, "prompt": "omega", "completion": " sigma kappa lambda", "fact_doc_id": 1010},
+]
+
+
+def corpus_rows(
+    n: int, words: list[str] = WORDS, first_id: int = 1000, min_words: int = 6, max_words: int = 40
+) -> list[dict]:
+    """n documents of seeded random words: {"doc_id": first_id + i, "text": ...}."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        picks = torch.randint(len(words), (int(torch.randint(min_words, max_words, (1,), generator=g)),), generator=g)
+        rows.append({"doc_id": first_id + i, "text": " ".join(words[j] for j in picks)})
+    return rows
+
+
+def write_workspace(
+    root: Path, rows: list[dict], queries: list[dict], n_layer: int = 2, row_group_size: int | None = None
+) -> Path:
+    """What a run reads: corpus.parquet, queries.parquet, and model/ (a BPE tokenizer and a random tiny GPT-2)."""
+    pq.write_table(pa.Table.from_pylist(rows), root / "corpus.parquet", row_group_size=row_group_size)
+    pq.write_table(pa.Table.from_pylist(queries), root / "queries.parquet")
+    tokenizer = train_bpe_tokenizer([r["text"] for r in rows], 300, root / "model")
+    tiny.build_tiny_gpt2(len(tokenizer), n_layer, 2, 16, 32, seed=0).save_pretrained(root / "model")
+    return root

@@ -18,7 +18,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -30,15 +29,13 @@ from distributed_astra import pipeline
 from distributed_astra.cli import app
 from distributed_astra.config import load_config
 from distributed_astra.curvature.factors import load_factors
-from distributed_astra.data.tokenizer import train_bpe_tokenizer
 from distributed_astra.distributed import cluster, stages
 from distributed_astra.distributed.collectives import balance_by_cost, slice_bounds
 from distributed_astra.distributed.deepspeed_config import load_ds_config
 from distributed_astra.distributed.solve import solve_mode
 from distributed_astra.errors import DastraError
-from distributed_astra.models.tiny import build_tiny_gpt2
+from tests.conftest import QUERIES, corpus_rows, write_workspace
 
-WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river city stone".split()
 RTOL = 1e-5
 
 
@@ -48,22 +45,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("distributed")
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(48):
-        picks = torch.randint(len(WORDS), (int(torch.randint(6, 40, (1,), generator=g)),), generator=g)
-        rows.append({"doc_id": 1000 + i, "text": " ".join(WORDS[j] for j in picks)})
-    pq.write_table(pa.Table.from_pylist(rows), root / "corpus.parquet", row_group_size=16)
-    queries = [
-        {"query_id": 0, "prompt": "alpha beta", "completion": " gamma delta", "fact_doc_id": 1003},
-        {"query_id": 1, "prompt": "river city", "completion": " stone", "fact_doc_id": None},
-        {"query_id": 2, "prompt": "omega", "completion": " sigma kappa lambda", "fact_doc_id": 1010},
-    ]
-    pq.write_table(pa.Table.from_pylist(queries), root / "queries.parquet")
-    tokenizer = train_bpe_tokenizer([r["text"] for r in rows], 300, root / "model")
-    build_tiny_gpt2(len(tokenizer), 2, 2, 16, 32, seed=0).save_pretrained(root / "model")
-    return root
+    return write_workspace(tmp_path_factory.mktemp("distributed"), corpus_rows(48), QUERIES, row_group_size=16)
 
 
 def _overrides(workspace: Path, run_dir: Path, *extra: str) -> list[str]:

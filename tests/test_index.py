@@ -15,39 +15,28 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from distributed_astra.cli import app
 from distributed_astra.config import IndexConfig
-from distributed_astra.data.tokenizer import train_bpe_tokenizer
 from distributed_astra.index.faiss_index import build_index, search_index
 from distributed_astra.index.store import GradientStore, open_store
 from distributed_astra.models.tiny import build_tiny_gpt2
+from tests.conftest import corpus_rows, write_workspace
 
-WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river city stone".split()
 NUM_DOCS, TOP_K = 60, 5
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("index")
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(NUM_DOCS):
-        picks = torch.randint(len(WORDS), (int(torch.randint(4, 50, (1,), generator=g)),), generator=g)
-        rows.append({"doc_id": 500 + i, "text": " ".join(WORDS[j] for j in picks)})
+    rows = corpus_rows(NUM_DOCS, first_id=500, min_words=4, max_words=50)
     rows[7]["text"] = ""  # skipped and counted, never stored
-    pq.write_table(pa.Table.from_pylist(rows), root / "corpus.parquet", row_group_size=16)
     queries = [
         {"query_id": 0, "prompt": "alpha beta", "completion": " gamma delta"},
         {"query_id": 1, "prompt": "river city", "completion": " stone omega"},
         {"query_id": 2, "prompt": "omega", "completion": " sigma kappa lambda"},
     ]
-    pq.write_table(pa.Table.from_pylist(queries), root / "queries.parquet")
-    tokenizer = train_bpe_tokenizer([r["text"] for r in rows], 300, root / "model")
-    build_tiny_gpt2(len(tokenizer), 2, 2, 16, 32, seed=0).save_pretrained(root / "model")
-    return root
+    return write_workspace(tmp_path_factory.mktemp("index"), rows, queries, row_group_size=16)
 
 
 def _args(workspace: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -13,35 +13,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from distributed_astra.cli import app
-from distributed_astra.data.tokenizer import train_bpe_tokenizer
 from distributed_astra.models.tiny import build_tiny_gpt2
-
-WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river city stone".split()
-
-
-def _corpus_rows(n: int) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(n):
-        picks = torch.randint(len(WORDS), (int(torch.randint(6, 40, (1,), generator=g)),), generator=g)
-        rows.append({"doc_id": 1000 + i, "text": " ".join(WORDS[j] for j in picks)})
-    return rows
-
+from tests.conftest import QUERIES, corpus_rows, write_workspace
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pipeline")
-    rows = _corpus_rows(48)
-    pq.write_table(pa.Table.from_pylist(rows), root / "corpus.parquet")
-    queries = [
-        {"query_id": 0, "prompt": "alpha beta", "completion": " gamma delta", "fact_doc_id": 1003},
-        {"query_id": 1, "prompt": "river city", "completion": " stone", "fact_doc_id": None},
-        {"query_id": 2, "prompt": "omega", "completion": " sigma kappa lambda", "fact_doc_id": 1010},
-    ]
-    pq.write_table(pa.Table.from_pylist(queries), root / "queries.parquet")
-    tokenizer = train_bpe_tokenizer([r["text"] for r in rows], 300, root / "model")
-    build_tiny_gpt2(len(tokenizer), 2, 2, 16, 32, seed=0).save_pretrained(root / "model")
-    return root
+    return write_workspace(tmp_path_factory.mktemp("pipeline"), corpus_rows(48), QUERIES)
 
 
 def _args(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -112,7 +89,7 @@ def test_stages_one_by_one_then_run_give_the_same_topk(workspace: Path, tmp_path
     # The streamed top-k is the top of the dense N x Q matrix, and the text matches the corpus.
     dense = pq.read_table(whole / "scores" / "dense.parquet").to_pandas().set_index("doc_id")
     assert len(dense) == 48
-    texts = {r["doc_id"]: r["text"] for r in _corpus_rows(48)}
+    texts = {r["doc_id"]: r["text"] for r in corpus_rows(48)}
     for query_id in range(3):
         expected = dense[f"q{query_id}"].sort_values(ascending=False).head(5)
         rows = [r for r in topk.to_pylist() if r["query_id"] == query_id]

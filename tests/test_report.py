@@ -15,28 +15,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from distributed_astra.cli import app
-from distributed_astra.data.tokenizer import train_bpe_tokenizer
-from distributed_astra.models.tiny import build_tiny_gpt2
 from distributed_astra.report.segments import best_window, token_segments
+from tests.conftest import corpus_rows, write_workspace
 
 # Words with HTML-special characters: the report must show them as text, never as markup.
 WORDS = "alpha beta gamma delta <i>kappa</i> sigma&omega river \"city\" stone 'theta' café 日本".split()
 NUM_SHOWN, TOP_K = 2, 4
-
-
-def _corpus_rows(n: int) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(n):
-        picks = torch.randint(len(WORDS), (int(torch.randint(6, 40, (1,), generator=g)),), generator=g)
-        rows.append({"doc_id": 500 + i, "text": " ".join(WORDS[j] for j in picks)})
-    return rows
 
 
 def _overrides(workspace: Path, *extra: str) -> list[str]:
@@ -67,16 +56,13 @@ def run_dir(tmp_path_factory) -> Path:
     """`dastra run` with dense scores: fit, query, ASTRA solve and score, its EK-FAC baseline, and the report (so the
     report shows both solvers); then `dastra report` again on the finished run."""
     root = tmp_path_factory.mktemp("report")
-    rows = _corpus_rows(40)
-    pq.write_table(pa.Table.from_pylist(rows), root / "corpus.parquet")
+    rows = corpus_rows(40, WORDS, first_id=500)
     queries = [
         {"query_id": 3, "prompt": "alpha <b>beta</b>", "completion": " gamma & delta", "fact_doc_id": 503},
         {"query_id": 1, "prompt": "river", "completion": " \"city\" stone", "fact_doc_id": None},
         {"query_id": 2, "prompt": "café", "completion": " 日本", "fact_doc_id": None},
     ]
-    pq.write_table(pa.Table.from_pylist(queries), root / "queries.parquet")
-    tokenizer = train_bpe_tokenizer([r["text"] for r in rows], 300, root / "model")
-    build_tiny_gpt2(len(tokenizer), 1, 2, 16, 32, seed=0).save_pretrained(root / "model")
+    write_workspace(root, rows, queries, n_layer=1)
     run = root / "run"
     astra = ("solver.name=astra", "solver.baselines=[ekfac]", "solver.iterations=5", "solver.minibatch_size=4")
     result = invoke("run", "--run-dir", str(run), *_overrides(root, "scoring.dense=true", *astra))
@@ -176,7 +162,7 @@ def test_document_text_is_escaped_and_tokens_are_shaded_by_their_terms(run_dir: 
     parser = _parse(run_dir / "report.html")
     # No markup from the corpus or the queries made it into the page as tags.
     assert {"section", "tr", "span"} <= set(parser.tags) and not {"i", "b"} & set(parser.tags)
-    corpus = {r["doc_id"]: r["text"] for r in _corpus_rows(40)}
+    corpus = {r["doc_id"]: r["text"] for r in corpus_rows(40, WORDS, first_id=500)}
     tokens = pq.read_table(run_dir / "token_scores.parquet").to_pylist()
     terms = {(t["query_id"], t["doc_id"]): t for t in tokens}
     for section in parser.sections:
