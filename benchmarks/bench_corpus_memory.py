@@ -83,6 +83,8 @@ def overrides(work: Path, corpus: Path, run_dir: Path) -> list[str]:
         f"scoring.batch_size={BATCH}",
         "projection.out_dim=8",
         "projection.in_dim=8",
+        "solver.name=ekfac",  # the directions only feed the scoring pass this measures
+        "solver.baselines=[]",
         "tracking.wandb_mode=disabled",
         f"output.run_dir={run_dir}",
     ]

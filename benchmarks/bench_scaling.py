@@ -79,7 +79,7 @@ def scoring_throughput(root: Path, base: Path, workers: int, repeat: int) -> flo
     """Documents per second of the scoring loop with `workers` actors (a fresh scores/ folder each time)."""
     run_dir = root / f"score-{workers}-{repeat}"
     shutil.copytree(base, run_dir, ignore=shutil.ignore_patterns("scores", "topk.parquet", "wandb", "metrics.jsonl"))
-    ctx = context(root, run_dir, f"ray.num_workers={workers}", "deepspeed.stage=0")
+    ctx = context(root, run_dir, f"ray.num_workers={workers}", "deepspeed.stage=0", "solver.name=ekfac")
     try:
         stages.score(ctx)
     finally:

@@ -228,6 +228,18 @@ def test_astra_on_two_ranks_equals_single_process(
     )
 
 
+def test_every_rank_step_sees_the_drivers_current_config(ray_session, workspace: Path, tmp_path: Path):
+    """A worker group outlives stages (it is keyed by the model and Ray settings), so each step carries the driver's
+    config: a ZeRO-3 fit followed by a Fisher solve on the same group once ran the fit config's GGN product."""
+    for product in ("ggn", "fisher", "ggn"):
+        ctx = _context(workspace, tmp_path, *DISTRIBUTED, f"solver.product={product}")
+        try:
+            seen = stages.group_for(ctx).call(lambda state: state.cfg.solver.product, what="config probe")
+        finally:
+            ctx.tracker.close()
+        assert seen == [product, product]
+
+
 def test_the_iterations_moved_away_from_the_ekfac_start(single: Path, workspace: Path, tmp_path: Path):
     """Guards the comparison above: 12 ASTRA iterations change the directions well beyond the tolerance."""
     _copy_inputs(single, tmp_path)

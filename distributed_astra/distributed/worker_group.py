@@ -179,10 +179,15 @@ class RankWorker:
             "fingerprint": fingerprint,
         }
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(rank_state, *args)`: every distributed step is a module-level function run like this on all ranks."""
+    def run(self, cfg: Config, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(rank_state, *args)`: every distributed step is a module-level function run like this on all ranks.
+
+        `cfg` is the driver's config of this step: a group outlives stages (its key is the model and Ray settings),
+        so the solver, data and factor settings come with every call, never from the load.
+        """
         if self.state is None:
             raise DastraError("internal: the rank has no model loaded")
+        self.state.cfg = cfg
         return fn(self.state, *args)
 
 
@@ -247,7 +252,8 @@ class WorkerGroup:
         Arguments go through the object store once (`ray.put`), however many ranks read them.
         """
         refs = [a if isinstance(a, (str, int, float, bool, type(None))) else ray.put(a) for a in args]
-        return wait_all([a.run.remote(fn, *refs) for a in self.actors], self.cfg.ray.timeout_s, what)
+        cfg = ray.put(self.cfg)
+        return wait_all([a.run.remote(cfg, fn, *refs) for a in self.actors], self.cfg.ray.timeout_s, what)
 
     def close(self) -> None:
         for actor in self.actors:
