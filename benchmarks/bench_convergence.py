@@ -52,7 +52,6 @@ import sysconfig
 import time
 from datetime import datetime
 from pathlib import Path
-from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,10 +60,10 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
 
 from distributed_astra.config import SolverConfig  # noqa: E402
 from distributed_astra.curvature.factors import fit_ekfac  # noqa: E402
+from distributed_astra.eval.tasks import TableMLP  # noqa: E402
 from distributed_astra.ihvp.ekfac import default_damping  # noqa: E402
 from distributed_astra.ihvp.products import CurvatureProduct, GGNProduct, vec_num_queries  # noqa: E402
 from distributed_astra.ihvp.solvers import MinibatchSampler, ekfac_preconditioner, solve  # noqa: E402
@@ -169,31 +168,6 @@ class RecordingProduct(CurvatureProduct):
 
 
 # ================================================================================================ MLP on digits
-class DigitsMLP(nn.Module):
-    """x -> fc3(relu(fc2(relu(fc1(x))))) over a fixed table of inputs, shaped like a causal LM (as TinyClassifier in
-    tests/conftest.py): input_ids [B, 2] hold the example index twice, position 0's logits predict the label at
-    position 1 (attention_mask [1, 0]), so each example is a one-token sequence with the loss CE(logits, y)."""
-
-    def __init__(self, inputs: torch.Tensor, widths: list[int], num_classes: int, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.register_buffer("inputs", inputs)
-        dims = [inputs.shape[1], *widths, num_classes]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.to(inputs.dtype)
-
-    def net(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.relu(x)
-        return x
-
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
-        x = self.inputs[input_ids].requires_grad_(True)  # attribution: gradients flow through activations only
-        return SimpleNamespace(logits=self.net(x))
-
-
 def one_token_batch(index: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     n = index.numel()
     return {
@@ -215,7 +189,7 @@ def setup_mlp(args) -> dict:
     n_train = args.mlp_train
     mean, std = x[:n_train].mean(0), x[:n_train].std(0).clamp_min(1.0)
     x = (x - mean) / std
-    model = DigitsMLP(x, args.mlp_widths, 10, seed=0)
+    model = TableMLP(x, args.mlp_widths, 10, seed=0)
     train_idx = torch.arange(n_train)
     test_idx = torch.arange(n_train, len(y))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
