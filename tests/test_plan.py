@@ -17,6 +17,7 @@ from distributed_astra.models.load import prepare_for_attribution
 from distributed_astra.models.modules import select_tracked_modules
 from distributed_astra.plan import check_fits, make_plan, parse_memory, shapes, simulate
 from distributed_astra.plan.estimate import GIB, ZERO3_PREFETCH_ELEMENTS
+from distributed_astra.scoring.projection import KroneckerProjection
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.tiny.vocab_size=300", "model.tiny.n_layer=2", "model.tiny.n_embd=32", "model.tiny.n_head=2",
@@ -82,6 +83,22 @@ def test_tiny_plan_sizes_match_closed_forms_and_the_largest_batch_fits_exactly()
     at = {b: make_plan(load_config(None, TINY + [f"scoring.batch_size={b}"]), search=False) for b in (largest, largest + 1)}
     assert at[largest].fits and not at[largest + 1].fits
 
+
+
+def test_store_size_uses_the_projection_the_index_stage_builds():
+    """The planner's store width equals the width of the real KroneckerProjection (per-module globs, sides capped)."""
+    overrides = TINY + ["projection.out_dim=8", "projection.in_dim=64", "index.store_dtype=float32",
+                        "plan.documents=1000"]
+    cfg = load_config(None, overrides + ['projection.per_module={"*.attn.c_attn": [4, 4]}'])
+    plan = make_plan(cfg, search=False)
+    model = shapes.meta_model(shapes.model_config(cfg), "float32")
+    tracked = shapes.tracked_modules(model, cfg)
+    projection = KroneckerProjection.for_modules(
+        {name: t.shape for name, t in tracked.items()}, 8, 64, {"*.attn.c_attn": (4, 4)}, seed=0
+    )
+    assert projection.dim < sum(t.shape[0] * t.shape[1] for t in tracked.values())  # a compressive projection
+    assert plan.projection_dim == projection.dim
+    assert plan.store_bytes == 1000 * projection.dim * 4
 
 def test_zero3_holds_a_shard_plus_the_gathered_working_set():
     cfg = load_config(None, TINY + ["deepspeed.stage=3", "plan.gpus=4"])

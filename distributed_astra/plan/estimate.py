@@ -29,14 +29,15 @@ from distributed_astra.config import Config
 from distributed_astra.errors import DastraError
 from distributed_astra.ihvp.products import DEFAULT_TANGENT_ELEMENTS
 from distributed_astra.models.load import DTYPES
+from distributed_astra.models.modules import TrackedModule
 from distributed_astra.plan import shapes, simulate
 from distributed_astra.plan.simulate import StepCost, measure, meta_batch
+from distributed_astra.scoring.projection import module_dims
 
 GIB = 1 << 30
 STAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ZERO3_PREFETCH_ELEMENTS = 50_000_000  # stage3_prefetch_bucket_size of configs/ds/zero3.json (DeepSpeed's default)
 EIGH_FLOPS_PER_CUBE = 9  # eigh with eigenvectors: about 9 n³ (tridiagonal reduction plus back-transformation)
-PROJECTED_BYTES = 2  # the projected gradient store keeps float16
 
 
 def parse_memory(text: str, field_name: str = "plan.gpu_memory") -> int:
@@ -102,7 +103,7 @@ class Plan:
     zero_parameters: dict[int, int]  # bytes per GPU of the parameters under ZeRO stage 0..3
     stages: list[StageEstimate]
     store_bytes: int | None
-    projection_dim: int | None
+    projection_dim: int
     max_micro_batch: dict[str, int] = field(default_factory=dict)  # per batch field: the largest that fits
     max_query_chunk: int | None = None  # None: the solver does not iterate (ekfac)
     max_scored_queries: int = 0
@@ -126,14 +127,15 @@ def _zero_parameters(num_params: int, largest_leaf: int, gpus: int, dtype_bytes:
     return {0: full, 1: full, 2: full, 3: min(full, sharded)}
 
 
-def _projection_dim(cfg: Config) -> int | None:
-    """The projected store's width from the `projection` section, when this build has one."""
-    section = getattr(cfg, "projection", None)
-    for name in ("dim", "dimension", "projection_dim", "rank"):
-        value = getattr(section, name, None)
-        if isinstance(value, int):
-            return value
-    return None
+def _projection_dim(cfg: Config, tracked: dict[str, TrackedModule]) -> int:
+    """The projected store's width: Σ over tracked modules of k_out·k_in from the `projection` section, each side
+    capped at the module's own (a k at least the side is the identity; scoring/projection.py)."""
+    section = cfg.projection
+    total = 0
+    for name, module in tracked.items():
+        k_out, k_in = module_dims(name, (section.out_dim, section.in_dim), section.per_module)
+        total += min(k_out, module.shape[0]) * min(k_in, module.shape[1])
+    return total
 
 
 def _largest_fitting(memory_at: Callable[[int], int], configured: int, budget: int, limit: int = 1 << 20) -> int:
@@ -305,8 +307,9 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
     scr = score_at(sb)
     add("scoring", params, num_queries * d_tracked * compute.itemsize, f"directions of {num_queries} queries",
         scr.peak_bytes, scaled(scr, sb, sequences), f"scoring.batch_size {sb} {tokens}")
-    projection_dim = _projection_dim(cfg)
-    store = documents * projection_dim * PROJECTED_BYTES if documents and projection_dim else None
+    projection_dim = _projection_dim(cfg, tracked)
+    store_itemsize = torch.empty((), dtype=getattr(torch, cfg.index.store_dtype)).element_size()
+    store = documents * projection_dim * store_itemsize if documents else None
 
     plan = Plan(
         model_name=cfg.model.hub_id or cfg.model.path or f"{cfg.model.source} GPT-2",

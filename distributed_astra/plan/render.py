@@ -54,10 +54,10 @@ def footer_lines(plan: Plan) -> list[str]:
     if plan.store_bytes is not None:
         lines.append(
             f"projected gradient store on disk: {_gib(plan.store_bytes)} GiB "
-            f"({plan.documents:,} documents x {plan.projection_dim} float16)"
+            f"({plan.documents:,} documents x {plan.projection_dim:,} projected entries)"
         )
     else:
-        lines.append("projected gradient store on disk: n/a (no projection section in this config)")
+        lines.append(f"projected gradient store on disk: n/a (corpus size unknown; {plan.projection_dim:,} entries per document)")
     failing = plan.failing()
     lines.append(
         "verdict: every stage fits"
