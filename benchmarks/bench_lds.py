@@ -1,11 +1,15 @@
-"""LDS of grad-dot, TracIn, TRAK, EK-FAC-IF, SNI-IF and ASTRA-IF on digits, diabetes and the tiny GPT-2, plus
-fact tracing on the demo (seeds §9.1, §12.9): reproduces docs/results/lds.md.
+"""LDS of grad-dot, TracIn, TRAK, EK-FAC-IF, SNI-IF and ASTRA-IF on digits, diabetes and the tiny GPT-2, of
+EK-FAC-SOURCE and ASTRA-SOURCE against them in the non-converged regime (digits-short, diabetes-short: 3 epochs),
+plus fact tracing on the demo (seeds §9.1, §12.9, §6-7): reproduces docs/results/lds.md.
 
-    python benchmarks/bench_lds.py                 # the full table (≈ 20-30 min on the shared 2-core machine)
+    python benchmarks/bench_lds.py                 # the full table (≈ 30-40 min on the shared 2-core machine)
     python benchmarks/bench_lds.py --quick         # smoke run into /tmp (small M, R, E)
+    python benchmarks/bench_lds.py --tasks digits-short,diabetes-short --no-facts   # only the SOURCE section
 
 Retraining runs as Ray tasks (one CPU each) and everything (retrained models, measurements, scores) is cached
 under --cache-dir, so a second run only recomputes what changed (and re-runs fact tracing's solve + score).
+Each task's rows replace that task's entry in lds.json and the page is regenerated, so running some --tasks keeps
+the other tasks' rows; the run line at the top of the page is only rewritten by a run of every task and the facts.
 Prints one final JSON line.
 """
 
@@ -33,6 +37,8 @@ from distributed_astra.eval.commands import facts_command, lds_command  # noqa: 
 from distributed_astra.eval.results import write_results  # noqa: E402
 
 METHODS = ["graddot", "tracin", "trak", "ekfac", "sni", "astra"]
+SOURCE_METHODS = ["graddot", "tracin", "ekfac", "astra", "ekfac-source-lambda", "ekfac-source", "ekfac-source-damped",
+                  "astra-source"]
 SWEEP = "[0.1,1.0,10.0,100.0]"
 # Per task: eval overrides. The LM is ~30x costlier per retraining and per solver iteration: smaller M and R,
 # ASTRA/SNI with ℬ = 8 sequences and 100 iterations (×0.5 every 25), λ swept over {1, 10} × mean(Λ) only.
@@ -42,6 +48,9 @@ TASKS = {
     "gpt2": ["eval.num_subsets=30", "eval.num_retrain_seeds=2", "eval.iterations=100", "eval.minibatch_size=8",
              "eval.lr_decay_every=25", "eval.damping_sweep=[1.0,10.0]"],
     "ridge": ["eval.num_subsets=100", "eval.num_retrain_seeds=1", "eval.ensemble_size=1"],  # the harness check
+    # SOURCE's non-converged regime (L = source.num_segments, default 3): the harness's settings, no λ sweep
+    "digits-short": ["eval.num_subsets=100", "eval.num_retrain_seeds=5"],
+    "diabetes-short": ["eval.num_subsets=100", "eval.num_retrain_seeds=5"],
 }
 QUICK = ["eval.num_subsets=12", "eval.num_retrain_seeds=1", "eval.ensemble_size=2", "eval.iterations=20",
          "eval.damping_sweep=[]"]
@@ -67,7 +76,7 @@ def main() -> None:
     for task in args.tasks.split(","):
         t0 = time.perf_counter()
         cfg = load_config(None, base + TASKS[task] + (QUICK if args.quick else []))
-        result = lds_command(cfg, task, METHODS)
+        result = lds_command(cfg, task, SOURCE_METHODS if task.endswith("-short") else METHODS)
         summary["tasks"][task] = {
             "single": {r.method: round(r.single_mean, 4) for r in result.rows},
             "ensemble": {r.method: round(r.ensemble_mean, 4) for r in result.rows},
@@ -86,11 +95,12 @@ def main() -> None:
         summary["facts"] = {r["method"]: {k: r[k] for k in ("recall@1", "recall@10", "mrr")} for r in facts["rows"]}
         summary["facts_seconds"] = round(time.perf_counter() - t0, 1)
     wall = time.perf_counter() - start
-    command = "python benchmarks/bench_lds.py" + (" --quick" if args.quick else "")
-    write_results(Path(results), run_info={
-        "command": f"`{command}`", "wall_seconds": f"{wall:.0f} s for the whole script (this run)",
-        "settings": "see each task's paragraph; fact tracing: " + " ".join(FACTS),
-    })
+    if set(args.tasks.split(",")) == set(TASKS) and not args.no_facts:
+        command = "python benchmarks/bench_lds.py" + (" --quick" if args.quick else "")
+        write_results(Path(results), run_info={
+            "command": f"`{command}`", "wall_seconds": f"{wall:.0f} s for the whole script (this run)",
+            "settings": "see each task's paragraph; fact tracing: " + " ".join(FACTS),
+        })
     summary["wall_seconds"] = round(wall, 1)
     print(json.dumps(summary))
 

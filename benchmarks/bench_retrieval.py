@@ -10,7 +10,7 @@ sequences, the 80 demo fact queries solved with EK-FAC at the auto damping. Meas
   exact      `pipeline.score` with scoring.dense: the exhaustive exact scores of every document (full gradients,
              Σ_t Ds_tᵀ X ā_t) and the time of exact streaming scoring of the corpus
   index      `pipeline.index` at the default projection (16 x 16 per module): store + flat index
-  search     faiss search of the projected queries (flat and IVF-PQ + IndexRefineFlat), against the exact time
+  search     faiss search of the projected queries (flat and IVF-PQ + exact IndexRefine), against the exact time
   recall     IVF-PQ + refine top-10 against flat (exact inner product on the same vectors)
   two-stage  `pipeline.search`: shortlist top_k x shortlist_factor from the index, exact re-score, top-10; agreement
              with the exhaustive exact top-10 (fraction of entries)
@@ -51,7 +51,7 @@ from distributed_astra.curvature.covariance import product_dtype  # noqa: E402
 from distributed_astra.curvature.factors import load_factors  # noqa: E402
 from distributed_astra.errors import DastraError  # noqa: E402
 from distributed_astra.index import stages  # noqa: E402
-from distributed_astra.index.faiss_index import build_index, load_index, search_index  # noqa: E402
+from distributed_astra.index.faiss_index import build_index, load_index, nprobe_for, search_index  # noqa: E402
 from distributed_astra.index.store import open_store  # noqa: E402
 from distributed_astra.progress import console  # noqa: E402
 from distributed_astra.scoring.gradients import captured_batches  # noqa: E402
@@ -189,20 +189,23 @@ def main() -> None:
         t0 = time.perf_counter()
         flat_scores, flat_positions = search_index(flat, queries, TOP_K * cfg.index.shortlist_factor)
         seconds["flat_search"] = time.perf_counter() - t0
-        ivf_cfg = IndexConfig(kind="ivfpq", nprobe=cfg.index.nprobe, refine_factor=cfg.index.refine_factor)
+        ivf_cfg = cfg.index.model_copy(update={"kind": "ivfpq"})  # the run's IVF-PQ settings, forced on this store
         t0 = time.perf_counter()
         ivfpq, ivf_info = build_index(store, ivf_cfg)
         seconds["ivfpq_build"] = time.perf_counter() - t0
+        nlist = int(ivf_info["nlist"])
+        default_nprobe = nprobe_for(ivf_cfg, nlist)
+        ivf_info["nprobe"] = default_nprobe
         sweep = []
-        for nprobe in sorted({cfg.index.nprobe, 4 * cfg.index.nprobe, int(ivf_info["nlist"])}):
-            faiss.downcast_index(ivfpq.base_index).nprobe = min(nprobe, int(ivf_info["nlist"]))
+        for nprobe in sorted({max(1, nlist // 8), max(1, nlist // 4), default_nprobe, nlist}):
+            faiss.extract_index_ivf(ivfpq.base_index).nprobe = nprobe
             t0 = time.perf_counter()
             _, ivf_positions = search_index(ivfpq, queries, TOP_K)
             elapsed = time.perf_counter() - t0
             hits = [len(set(ivf_positions[q]) & set(flat_positions[q, :TOP_K])) / TOP_K for q in range(len(queries))]
-            sweep.append({"nprobe": min(nprobe, int(ivf_info["nlist"])), "recall": float(np.mean(hits)), "seconds": elapsed})
+            sweep.append({"nprobe": nprobe, "recall": float(np.mean(hits)), "seconds": elapsed})
             log(f"ivfpq {sweep[-1]} {ivf_info}")
-        default = sweep[0] if sweep[0]["nprobe"] == cfg.index.nprobe else next(r for r in sweep if r["nprobe"] == cfg.index.nprobe)
+        default = next(r for r in sweep if r["nprobe"] == default_nprobe)
         recall, seconds["ivfpq_search"] = default["recall"], default["seconds"]
         ivf_info["nprobe_sweep"] = sweep
 
@@ -273,7 +276,7 @@ def write_markdown(path: Path, s: dict, cfg) -> None:
         "",
         "| measure | value | target | met |",
         "|---|---:|---:|---|",
-        f"| IVF-PQ + IndexRefineFlat recall@10 against flat (same vectors) | {s['ivfpq_recall_at_10_vs_flat']:.3f} | ≥ 0.95 | {yes(s['targets']['recall'])} |",
+        f"| IVF-PQ (norm-banded lists) + exact refine recall@10 against flat (same vectors) | {s['ivfpq_recall_at_10_vs_flat']:.3f} | ≥ 0.95 | {yes(s['targets']['recall'])} |",
         f"| exact streaming scoring / (query projection + flat search) | {s['speedup_flat_search_vs_exact']:.0f}x | ≥ 20x | {yes(s['targets']['speedup'])} |",
         f"| exact streaming scoring / (query projection + IVF-PQ search) | {s['speedup_ivfpq_search_vs_exact']:.0f}x | (info) | |",
         f"| exact streaming scoring / whole `search` stage with exact re-score | {s['speedup_search_stage_with_rescore_vs_exact']:.1f}x | (info) | |",

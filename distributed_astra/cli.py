@@ -21,7 +21,11 @@ SetOption = Annotated[
 ]
 RunDirOption = Annotated[Optional[str], typer.Option("--run-dir", help="shortcut for --set output.run_dir=...")]
 SolverOption = Annotated[
-    Optional[str], typer.Option("--solver", help="ekfac | sni | lissa | astra (shortcut for --set solver.name=...)")
+    Optional[str],
+    typer.Option(
+        "--solver", "--method",
+        help="ekfac | sni | lissa | astra | source | astra-source (shortcut for --set solver.name=...)",
+    ),
 ]
 
 
@@ -87,7 +91,7 @@ def query(config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOp
 def solve(
     config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None, solver: SolverOption = None
 ) -> None:
-    """Solve the iHVPs (G + λI)⁻¹∇f of the query gradients."""
+    """Solve the iHVPs (G + λI)⁻¹∇f of the query gradients (source | astra-source: per trajectory segment)."""
     _stage("solve", config, set_, run_dir, solver)
 
 
@@ -203,7 +207,7 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.command("lds")
 def eval_lds(
-    task: Annotated[str, typer.Option("--task", help="digits | diabetes | gpt2 | ridge")] = "digits",
+    task: Annotated[str, typer.Option("--task", help="digits | diabetes | gpt2 | ridge | digits-short | diabetes-short")] = "digits",
     methods: Annotated[
         str, typer.Option("--methods", help="comma-separated: graddot,tracin,trak,ekfac,sni,astra")
     ] = "graddot,tracin,trak,ekfac,sni,astra",

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from distributed_astra.errors import DastraError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+SOURCE_SOLVERS = ("source", "astra-source")  # solver names that attribute over the training trajectory (seeds §6-7)
 
 
 class Section(BaseModel):
@@ -70,9 +71,10 @@ class FactorsConfig(Section):
 class SolverConfig(Section):
     """iHVP solver settings (seeds §4-5). Defaults are the ASTRA paper's GPT-2 column (seeds §10.2, Table 3)."""
 
-    name: Literal["ekfac", "sni", "lissa", "astra"] = "ekfac"
+    # source | astra-source: SOURCE over the training trajectory (`source` section, seeds §6-7), single-process
+    name: Literal["ekfac", "sni", "lissa", "astra", "source", "astra-source"] = "ekfac"
     # solved and scored too by `dastra run`, for comparison (summary.json, report); top-k under baselines/<name>/
-    baselines: list[Literal["ekfac", "sni", "lissa", "astra"]] = Field(default_factory=list)
+    baselines: list[Literal["ekfac", "sni", "lissa", "astra", "source", "astra-source"]] = Field(default_factory=list)
     damping: float | Literal["auto"] = "auto"
     preconditioner_damping: float | None = Field(None, gt=0)  # λ̃ of ASTRA; None = λ (the paper's choice)
     product: Literal["ggn", "fisher"] = "ggn"  # exact minibatch GGN·v, or the hook-only sampled-label Fisher·v
@@ -89,6 +91,19 @@ class SolverConfig(Section):
     patience: int = Field(10, gt=0)  # iterations of rising h (or of tiny |Δh|) before stopping a query
     query_batch_size: int = Field(16, gt=0)
     seed: int = 0
+
+
+class SourceConfig(Section):
+    """SOURCE and ASTRA-SOURCE (`solver.name: source | astra-source`; seeds §6-7, docs/design.md "SOURCE").
+
+    The trajectory is recorded while the demo's tiny GPT-2 trains (`model.source: tiny`, into `<run_dir>/trajectory`);
+    for `model.source: path | hub` it is a folder written by `source.save_trajectory`, named by `trajectory`.
+    """
+
+    num_segments: int = Field(3, gt=0)  # L: equal ranges of optimizer steps (the papers' 3)
+    variant: Literal["exp", "damped"] = "exp"  # r̄ of `source`: exp form (EK-FAC-SOURCE) or damped (Ḡ + λ_ℓI)⁻¹
+    checkpoints: int = Field(6, gt=0)  # checkpoints recorded while the tiny GPT-2 trains, evenly spaced, the last = θ^s
+    trajectory: str | None = None  # trajectory folder for model.source path | hub; null with tiny = <run_dir>/trajectory
 
 
 class ScoringConfig(Section):
@@ -122,9 +137,12 @@ class IndexConfig(Section):
     nlist: int | None = Field(None, gt=0)  # IVF lists; None: 4 sqrt(N)
     pq_m: int | None = Field(None, gt=0)  # PQ sub-quantizers (must divide the total dimension); None: D / 8
     pq_bits: int = Field(8, gt=0, le=16)
-    nprobe: int = Field(16, gt=0)
-    refine_factor: int = Field(20, gt=0)  # IndexRefineFlat k_factor: PQ candidates re-ranked exactly per result
+    norm_bands: int = Field(8, gt=0)  # IVF lists = norm bands x spherical k-means of directions (faiss_index.py)
+    nprobe: int | None = Field(None, gt=0)  # lists probed; None: ceil(probe_fraction x nlist)
+    probe_fraction: float = Field(0.5, gt=0, le=1)
+    refine_factor: int = Field(50, gt=0)  # IndexRefine k_factor: PQ candidates re-ranked exactly per result
     train_size: int = Field(65_536, gt=0)  # vectors sampled (evenly) to train IVF-PQ
+    train_iterations: int = Field(10, gt=0)  # k-means iterations (IVF directions, PQ codebooks)
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: GPU when faiss has one; gpu without one warns, uses CPU
     shortlist_factor: int = Field(10, gt=0)  # r: the index returns top_k x r candidates per query
     rescore: bool = True  # re-score the candidates exactly with full gradients before keeping the top-k
@@ -203,6 +221,7 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     factors: FactorsConfig = Field(default_factory=FactorsConfig)
     solver: SolverConfig = Field(default_factory=SolverConfig)
+    source: SourceConfig = Field(default_factory=SourceConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     projection: ProjectionConfig = Field(default_factory=ProjectionConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)

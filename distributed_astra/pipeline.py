@@ -9,7 +9,10 @@ Run directory layout (docs/design.md, "Artifacts"):
     model/                                      the demo's tokenizer and tiny GPT-2 (model.source = tiny)
     factors/                                    EK-FAC factors (safetensors) + meta.json
     queries/                                    query gradients + meta.json
-    ihvp/<solver>/                              solved directions (G + λI)⁻¹∇f + meta.json (+ trace.parquet)
+    trajectory/                                 the tiny GPT-2's training trajectory (SOURCE, source/trajectory.py)
+    source/segment_<ℓ>/                         SOURCE's segment-averaged EK-FAC factors (source/stages.py)
+    ihvp/<solver>/                              solved directions (G + λI)⁻¹∇f + meta.json (+ trace.parquet);
+                                                source | astra-source: directions_segment<ℓ>.safetensors
     topk.parquet, scores/                       solver.name's top-k (scores/: shard manifest, dense scores)
     baselines/<solver>/                         the same for each solver.baselines entry
     summary.json, report.html, metrics.jsonl, wandb/
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,7 +36,7 @@ from transformers import PreTrainedTokenizerBase
 
 import distributed_astra
 from distributed_astra.artifacts import atomic_path, check_meta, read_meta, write_json
-from distributed_astra.config import Config
+from distributed_astra.config import SOURCE_SOLVERS, Config
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import EkfacFactors, fit_ekfac, load_factors, model_fingerprint, save_factors
 from distributed_astra.data.corpus import corpus_files, open_corpus
@@ -48,11 +52,12 @@ from distributed_astra.ihvp.solvers import MinibatchSampler, SolveResult, ekfac_
 from distributed_astra.ihvp.solvers import solve as solve_ihvp
 from distributed_astra.models.load import load_causal_lm, load_tokenizer
 from distributed_astra.models.modules import TrackedModule, select_tracked_modules
-from distributed_astra.models.tiny import build_tiny_gpt2, train_tiny_gpt2
+from distributed_astra.models.tiny import build_tiny_gpt2, tiny_optimizer_settings, train_tiny_gpt2
 from distributed_astra.progress import console, progress_bar
 from distributed_astra.scoring.gradients import captured_batches, query_gradients
 from distributed_astra.scoring.inner_products import sequence_scores
 from distributed_astra.scoring.topk import StreamingTopK
+from distributed_astra.source.trajectory import TrajectoryRecorder, save_trajectory
 from distributed_astra.tracking import Tracker
 
 STAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -81,6 +86,13 @@ class RunPaths:
     @property
     def queries(self) -> Path:
         return self.root / "queries"
+
+    @property
+    def trajectory(self) -> Path:
+        return self.root / "trajectory"
+
+    def source_factors(self, segment: int) -> Path:
+        return self.root / "source" / f"segment_{segment}"
 
     def ihvp(self, solver: str) -> Path:
         return self.root / "ihvp" / solver
@@ -175,6 +187,8 @@ def _prepare_demo_data(cfg: Config, paths: RunPaths) -> tuple[Path, Path]:
 
 
 def _train_tiny_model(cfg: Config, paths: RunPaths, corpus: Path) -> None:
+    """Tokenizer and tiny GPT-2 into `model/`, and the training trajectory (`source.checkpoints` checkpoints evenly
+    spaced over the steps, the last one the final model) into `trajectory/` for SOURCE (seeds §6.3)."""
     tiny = cfg.model.tiny
     texts = pq.read_table(corpus, columns=[cfg.data.text_column]).column(0).to_pylist()
     with atomic_path(paths.model) as tmp:
@@ -189,10 +203,18 @@ def _train_tiny_model(cfg: Config, paths: RunPaths, corpus: Path) -> None:
             text_column=cfg.data.text_column,
             id_column=cfg.data.id_column,
         )
+        num_sequences = sum(len(b["input_ids"]) for b in batches(0))
+        recorder = TrajectoryRecorder(
+            tiny_optimizer_settings(), tiny.train_batch_size, num_sequences, {"recipe": "tiny GPT-2", "seed": tiny.seed}
+        )
+        count = min(cfg.source.checkpoints, tiny.train_steps)
+        checkpoint_steps = {round(i * tiny.train_steps / count) for i in range(1, count + 1)}
         with progress_bar("train tiny GPT-2", tiny.train_steps, "steps") as advance:
             losses = train_tiny_gpt2(
-                model, batches, tiny.train_steps, tiny.learning_rate, tiny.seed, on_step=lambda step, loss: advance(1)
+                model, batches, tiny.train_steps, tiny.learning_rate, tiny.seed, on_step=lambda step, loss: advance(1),
+                trajectory=recorder, checkpoint_steps=checkpoint_steps,
             )
+        save_trajectory(recorder.trajectory, paths.trajectory)  # before the model folder appears: both or neither
         model.save_pretrained(tmp)
     console.print(f"tiny GPT-2 trained: final loss {losses[-1]:.3f}, saved to {paths.model}")
 
@@ -264,9 +286,10 @@ def _load_query_gradients(ctx: Context) -> tuple[torch.Tensor, dict[str, torch.T
     return tensors.pop("query_ids"), tensors
 
 
-def _solver_logger(ctx: Context, query_ids: list[int]):
-    """W&B/jsonl series for one query chunk: h and the residual per query, their mean over running queries, lr."""
-    name = ctx.cfg.solver.name
+def _solver_logger(ctx: Context, query_ids: list[int], name: str | None = None):
+    """W&B/jsonl series for one query chunk: h and the residual per query, their mean over running queries, lr
+    (under solve/<name>/, `solver.name` by default)."""
+    name = name or ctx.cfg.solver.name
 
     def on_iteration(iteration: int, objective: torch.Tensor, residual: torch.Tensor, lr: float) -> None:
         running = torch.isfinite(objective)
@@ -286,29 +309,41 @@ def _solver_logger(ctx: Context, query_ids: list[int]):
     return on_iteration
 
 
+def curvature_minibatches(ctx: Context) -> tuple[GGNProduct | FisherProduct, MinibatchSampler]:
+    """G̃·v of the iterative solvers (`solver.product`) at the model's current weights, and the minibatches it runs
+    on: `solver.minibatch_size` sequences drawn with replacement from the first `factors.max_sequences`."""
+    cfg = ctx.cfg.solver
+    generator = torch.Generator().manual_seed(cfg.seed)
+    product = (
+        GGNProduct(ctx.model, ctx.tracked)
+        if cfg.product == "ggn"
+        else FisherProduct(ctx.model, ctx.tracked, cfg.fisher_samples, generator)
+    )
+    sequences = ctx.training_batches(ctx.cfg.factors.batch_size, ctx.cfg.factors.max_sequences)
+    return product, MinibatchSampler(sequences, cfg.minibatch_size, generator)
+
+
 def solve(ctx: Context) -> float:
     """(G + λI)⁻¹∇f for every query with the configured solver (seeds §3-5); returns the damping λ used.
 
     Iterative solvers share each curvature minibatch across a chunk of `solver.query_batch_size` queries; their
     minibatches are drawn with replacement from the corpus sequences (the first `factors.max_sequences`).
+    `source` / `astra-source` solve per segment of the training trajectory (source/stages.py, seeds §6-7).
     """
     if ctx.distributed:
         return distributed_stages().solve(ctx)
     cfg = ctx.cfg.solver
+    if cfg.name in SOURCE_SOLVERS:
+        from distributed_astra.source import stages as source_stages
+
+        return source_stages.solve(ctx)
     factors = load_factors(ctx.paths.factors, factor_meta(ctx))
     ids, grads = _load_query_gradients(ctx)
     damping = default_damping(factors) if cfg.damping == "auto" else float(cfg.damping)
     preconditioner = ekfac_preconditioner(factors, cfg, damping, ctx.cfg.factors.strategy)
     product, sampler = None, None
     if cfg.name != "ekfac":  # the iterative solvers need G̃·v on minibatches of the corpus
-        generator = torch.Generator().manual_seed(cfg.seed)
-        product = (
-            GGNProduct(ctx.model, ctx.tracked)
-            if cfg.product == "ggn"
-            else FisherProduct(ctx.model, ctx.tracked, cfg.fisher_samples, generator)
-        )
-        sequences = ctx.training_batches(ctx.cfg.factors.batch_size, ctx.cfg.factors.max_sequences)
-        sampler = MinibatchSampler(sequences, cfg.minibatch_size, generator)
+        product, sampler = curvature_minibatches(ctx)
     starts = range(0, len(ids), cfg.query_batch_size)
     iterative = cfg.name != "ekfac"
     steps_per_chunk = cfg.iterations * (cfg.lissa_repeats if cfg.name == "lissa" else 1) if iterative else 1
@@ -381,25 +416,45 @@ def topk_table(ctx: Context, query_ids: torch.Tensor, scores: torch.Tensor, doc_
     return table
 
 
-def score(ctx: Context) -> pa.Table:
-    """Stream the corpus: τ(z_q, z_m) = X_qᵀ ∇L(z_m) per document, keeping the top-k per query (seeds §1, Eq 2)."""
-    if ctx.distributed:
-        return distributed_stages().score(ctx)
+def _direction_scores(
+    ctx: Context, compute: torch.dtype, num_sequences: int
+) -> tuple[torch.Tensor, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """(query ids, an iterator of (doc ids, sequence scores [B, Q]) per corpus batch) for `solver.name`'s directions
+    at the loaded model: one streamed pass."""
     solver_dir = ctx.paths.ihvp(ctx.cfg.solver.name)
     check_meta(read_meta(solver_dir, "solved directions", "solve"), ctx.model_meta(), "solved directions", "solve")
     tensors = load_file(str(solver_dir / "directions.safetensors"))
     query_ids = tensors.pop("query_ids")
-    compute = product_dtype(ctx.model, ctx.stat_dtype)
     directions = {name: x.to(compute) for name, x in tensors.items()}
-    top = StreamingTopK(len(query_ids), ctx.cfg.scoring.top_k, keep_all=ctx.cfg.scoring.dense)
+
+    def stream():
+        with progress_bar("score corpus", num_sequences, "seq") as advance:
+            for batch, capture in captured_batches(
+                ctx.model, ctx.tracked, ctx.training_batches(ctx.cfg.scoring.batch_size), compute
+            ):
+                yield batch["doc_id"], sequence_scores(capture.output_grads, capture.activations, directions)
+                advance(len(batch["doc_id"]))
+
+    return query_ids, stream()
+
+
+def score(ctx: Context) -> pa.Table:
+    """Stream the corpus: τ(z_q, z_m) = X_qᵀ ∇L(z_m) per document, keeping the top-k per query (seeds §1, Eq 2).
+    `source` / `astra-source`: τ = Σ_ℓ mean_c w_ℓᵀ ∇L(θ_c, z_m), one pass per checkpoint (source/stages.py)."""
+    if ctx.distributed:
+        return distributed_stages().score(ctx)
+    compute = product_dtype(ctx.model, ctx.stat_dtype)
     num_sequences = sum(len(b["doc_id"]) for b in ctx.training_batches(ctx.cfg.scoring.batch_size))
     started = time.perf_counter()
-    with progress_bar("score corpus", num_sequences, "seq") as advance:
-        for batch, capture in captured_batches(
-            ctx.model, ctx.tracked, ctx.training_batches(ctx.cfg.scoring.batch_size), compute
-        ):
-            top.update(batch["doc_id"], sequence_scores(capture.output_grads, capture.activations, directions))
-            advance(len(batch["doc_id"]))
+    if ctx.cfg.solver.name in SOURCE_SOLVERS:
+        from distributed_astra.source import stages as source_stages
+
+        query_ids, scored = source_stages.summed_scores(ctx, compute, num_sequences)
+    else:
+        query_ids, scored = _direction_scores(ctx, compute, num_sequences)
+    top = StreamingTopK(len(query_ids), ctx.cfg.scoring.top_k, keep_all=ctx.cfg.scoring.dense)
+    for doc_ids, scores in scored:
+        top.update(doc_ids, scores)
     scores, doc_ids = top.finish()
     table = topk_table(ctx, query_ids, scores, doc_ids)
     if ctx.cfg.scoring.dense:

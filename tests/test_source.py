@@ -194,7 +194,7 @@ def test_fit_segment_ekfac_uses_the_mean_covariances_and_their_common_basis():
     inputs = torch.randn(24, 3, generator=torch.Generator().manual_seed(1), dtype=DT)
     models = [TinyClassifier(inputs, hidden=6, num_classes=4, seed=s) for s in (0, 1)]
     checkpoints = [(m, select_tracked_modules(m, ["head"])) for m in models]
-    fitted = fit_segment_ekfac(checkpoints, lambda: classifier_batches(24, 200, 1200), DT, seed=0)
+    fitted = fit_segment_ekfac(lambda: checkpoints, lambda: classifier_batches(24, 200, 1200), DT, seed=0)
     idx = torch.arange(24)
     a_mean = sum(m.features(idx).T @ m.features(idx) / 24 for m in models) / 2  # exact, no label sampling
     f = fitted["head"]
@@ -211,7 +211,7 @@ def test_fit_segment_ekfac_uses_the_mean_covariances_and_their_common_basis():
     assert rel(vec(f.lambda_), expected) < 0.05  # Monte-Carlo labels: 2 × 4800 draws
     # one checkpoint: exactly the ordinary fit (same passes, same label draws)
     make = lambda: classifier_batches(24, 5, 120)  # noqa: E731
-    single = fit_segment_ekfac(checkpoints[:1], make, DT, seed=3)["head"]
+    single = fit_segment_ekfac(lambda: checkpoints[:1], make, DT, seed=3)["head"]
     plain = fit_ekfac(*checkpoints[0], make, DT, seed=3)["head"]
     assert torch.equal(single.lambda_, plain.lambda_) and torch.equal(single.q_s, plain.q_s)
     states = average_states([m.state_dict() for m in models])

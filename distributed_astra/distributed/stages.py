@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distributed_astra.artifacts import atomic_path, check_meta, read_meta, write_json
-from distributed_astra.config import Config
+from distributed_astra.config import SOURCE_SOLVERS, Config
 from distributed_astra.curvature.factors import EkfacFactors, load_factors, save_factors
 from distributed_astra.data.corpus import open_corpus
 from distributed_astra.distributed import cluster
@@ -41,6 +41,12 @@ _session: dict[str, object] = {"owns_ray": False, "group": None, "key": None}
 def validate(cfg: Config) -> None:
     """Checks that need no cluster (called when the context opens): the DeepSpeed JSON against the run config."""
     load_ds_config(cfg)
+    source = [n for n in (cfg.solver.name, *cfg.solver.baselines) if n in SOURCE_SOLVERS]
+    if source:
+        raise DastraError(
+            f"solver '{source[0]}' runs single-process only: set ray.num_workers=1 (and ray.address=null, "
+            "deepspeed.stage=0), or pick another solver.name / solver.baselines"
+        )
     if cfg.scoring.dense:
         raise DastraError("scoring.dense: the dense N x Q matrix is written by single-process runs only; set it false")
 

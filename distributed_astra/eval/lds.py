@@ -158,6 +158,8 @@ def _settings_hash(method: Method, settings: MethodSettings) -> str:
                                                    e.lr_decay, e.lr_decay_every], "trak_dim": e.trak_dim}
     if method.uses_damping:
         relevant["damping_scale"] = settings.damping_scale
+    if method.uses_segments:
+        relevant["num_segments"] = settings.source.num_segments
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -225,7 +227,7 @@ def run_lds(cfg: Config, task_name: str, method_names: list[str], log: Callable[
     with progress_bar(f"attribute {task.name}", units, "model-methods") as advance:
         for method in methods:
             for scale in scales if method.uses_damping else [None]:
-                settings = MethodSettings(e, e.damping_scale if scale is None else scale)
+                settings = MethodSettings(e, e.damping_scale if scale is None else scale, cfg.source)
                 key = _settings_hash(method, settings)
                 per_model, seconds = [], 0.0
                 for i, ctx in enumerate(models):

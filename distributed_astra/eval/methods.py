@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 from torch import nn
 
-from distributed_astra.config import EvalConfig, SolverConfig
+from distributed_astra.config import EvalConfig, SolverConfig, SourceConfig
 from distributed_astra.curvature.factors import EkfacFactors, fit_ekfac
 from distributed_astra.curvature.hooks import GradientCapture
 from distributed_astra.errors import DastraError
@@ -135,10 +135,12 @@ class ModelAttribution:
 
 @dataclass(frozen=True)
 class MethodSettings:
-    """What a method may depend on: the eval config and the damping multiplier of this run (the λ sweep)."""
+    """What a method may depend on: the eval config, the damping multiplier of this run (the λ sweep) and, for the
+    SOURCE methods, the `source` section (its num_segments)."""
 
     eval: EvalConfig
     damping_scale: float
+    source: SourceConfig = field(default_factory=SourceConfig)
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class Method:
     label: str
     score: Callable[[ModelAttribution, MethodSettings], torch.Tensor]
     uses_damping: bool = False
+    uses_segments: bool = False  # SOURCE: depends on source.num_segments
 
 
 METHODS: dict[str, Method] = {}

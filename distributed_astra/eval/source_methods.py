@@ -6,7 +6,7 @@
     ekfac-source-lambda   EK-FAC-IF at θ^s with SOURCE's IF-comparable damping Σ_ℓ K_ℓλ_ℓ / Σ_ℓ K_ℓ (seeds §10.2):
                           separates SOURCE's damping from its trajectory averaging
 
-L = `NUM_SEGMENTS` (the papers' 3). The damping is SOURCE's own, λ_ℓ = 1/(η_eff K_ℓ) + weight decay, so these rows
+L = `source.num_segments` (the papers' 3). The damping is SOURCE's own, λ_ℓ = 1/(η_eff K_ℓ) + weight decay, so these rows
 ignore the harness's damping sweep. The trajectory is rebuilt exactly from a tabular task's recipe (constant
 learning rate, heavy-ball SGD, one checkpoint every epochs/num_checkpoints epochs, the last num_checkpoints kept);
 tasks whose training does not follow that recipe need a recorded `source.Trajectory` instead.
@@ -44,8 +44,6 @@ from distributed_astra.source import (
     source_scores,
 )
 
-NUM_SEGMENTS = 3
-
 
 def tabular_trajectory(ctx: ModelAttribution) -> Trajectory:
     """The trajectory of `ctx`'s model (trained on all N examples) from its tabular recipe (module docstring)."""
@@ -82,13 +80,14 @@ class SegmentParts:
     averaged: list[ModelAttribution]  # the model at θ̄_ℓ (ASTRA-SOURCE's G̃)
 
 
-def segment_parts(ctx: ModelAttribution) -> SegmentParts:
-    """Everything SOURCE needs from `ctx`'s trajectory, computed once per model and kept on `ctx`."""
-    cached = getattr(ctx, "_source_parts", None)
-    if cached is not None:
-        return cached
+def segment_parts(ctx: ModelAttribution, num_segments: int) -> SegmentParts:
+    """Everything SOURCE needs from `ctx`'s trajectory cut into `num_segments` segments, computed once per model
+    and number of segments and kept on `ctx`."""
+    cache = ctx.__dict__.setdefault("_source_parts", {})
+    if num_segments in cache:
+        return cache[num_segments]
     traj = tabular_trajectory(ctx)
-    segments = segment_trajectory(traj, NUM_SEGMENTS)
+    segments = segment_trajectory(traj, num_segments)
     factors, grads, averaged = [], [], []
     for seg in segments:
         at = [ctx.at_checkpoint(traj.state(i)) for i in seg.checkpoints]
@@ -96,19 +95,19 @@ def segment_parts(ctx: ModelAttribution) -> SegmentParts:
         grads.append([a.train_gradients for a in at])
         averaged.append(ctx.at_checkpoint(average_states([traj.state(i) for i in seg.checkpoints])))
     parts = SegmentParts(segments, factors, grads, averaged)
-    ctx._source_parts = parts
+    cache[num_segments] = parts
     return parts
 
 
 def ekfac_source_scores(ctx: ModelAttribution, settings: MethodSettings, variant: str = "exp"):
-    parts = segment_parts(ctx)
+    parts = segment_parts(ctx, settings.source.num_segments)
     directions = source_directions(ctx.query_gradients, parts.factors, parts.segments, variant)
     return source_scores(directions, parts.train_gradients)
 
 
 def astra_source_scores(ctx: ModelAttribution, settings: MethodSettings):
     """ASTRA per segment with the harness's ASTRA settings (absolute α = eval.astra_lr, momentum, decay, ℬ)."""
-    parts = segment_parts(ctx)
+    parts = segment_parts(ctx, settings.source.num_segments)
     cfg = solver_config(settings, "astra", settings.eval.astra_lr)
     products = [a.product() for a in parts.averaged]
     samplers = [a.sampler(cfg.minibatch_size) for a in parts.averaged]
@@ -117,14 +116,15 @@ def astra_source_scores(ctx: ModelAttribution, settings: MethodSettings):
 
 
 def ekfac_source_lambda_scores(ctx: ModelAttribution, settings: MethodSettings):
-    damping = if_damping(segment_parts(ctx).segments)
+    damping = if_damping(segment_parts(ctx, settings.source.num_segments).segments)
     return pair_scores(ekfac_inverse(ctx.factors, ctx.query_gradients, damping), ctx.train_gradients)
 
 
 for _method in (
-    Method("ekfac-source", "EK-FAC-SOURCE", ekfac_source_scores),
-    Method("ekfac-source-damped", "EK-FAC-SOURCE (damped r̃)", lambda c, s: ekfac_source_scores(c, s, "damped")),
-    Method("astra-source", "ASTRA-SOURCE", astra_source_scores),
-    Method("ekfac-source-lambda", "EK-FAC-IF (SOURCE's λ)", ekfac_source_lambda_scores),
+    Method("ekfac-source", "EK-FAC-SOURCE", ekfac_source_scores, uses_segments=True),
+    Method("ekfac-source-damped", "EK-FAC-SOURCE (damped r̃)", lambda c, s: ekfac_source_scores(c, s, "damped"),
+           uses_segments=True),
+    Method("astra-source", "ASTRA-SOURCE", astra_source_scores, uses_segments=True),
+    Method("ekfac-source-lambda", "EK-FAC-IF (SOURCE's λ)", ekfac_source_lambda_scores, uses_segments=True),
 ):
     register_method(_method)

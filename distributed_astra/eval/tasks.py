@@ -375,6 +375,22 @@ class DiabetesTask(RegressionTask):
     )
 
 
+class DigitsShortTask(DigitsTask):
+    """SOURCE's non-converged regime (FashionMNIST-N / Concrete-N: 3 epochs, a checkpoint per epoch; seeds §10.5)."""
+
+    name = "digits-short"
+    description = "load_digits MLP 64-32-10, SGD-momentum, 3 epochs (non-converged), checkpoint per epoch"
+    recipe_spec = replace(DigitsTask.recipe_spec, epochs=3, num_checkpoints=3)
+
+
+class DiabetesShortTask(DiabetesTask):
+    """The diabetes MLP in SOURCE's non-converged regime (3 epochs, a checkpoint per epoch; seeds §10.5)."""
+
+    name = "diabetes-short"
+    description = "load_diabetes MLP 10-32-32-1, SGD-momentum, 3 epochs (non-converged), checkpoint per epoch"
+    recipe_spec = replace(DiabetesTask.recipe_spec, epochs=3, num_checkpoints=3)
+
+
 class RidgeTask(RegressionTask):
     """Ridge regression solved in closed form: the IF at λ = ridge is the exact Newton step (the harness check).
 
@@ -575,7 +591,9 @@ class TinyGPT2Task(Task):
 
 
 # ==================================================================================================== registry
-TASKS: dict[str, type[Task]] = {t.name: t for t in (DigitsTask, DiabetesTask, TinyGPT2Task, RidgeTask)}
+TASKS: dict[str, type[Task]] = {
+    t.name: t for t in (DigitsTask, DiabetesTask, TinyGPT2Task, RidgeTask, DigitsShortTask, DiabetesShortTask)
+}
 
 
 def build_task(name: str, data_dir: Path, overrides: dict | None = None) -> Task:

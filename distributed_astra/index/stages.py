@@ -24,7 +24,7 @@ from distributed_astra.artifacts import atomic_path, check_meta, read_meta, writ
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.data.corpus import Corpus, open_corpus
 from distributed_astra.data.sequences import iter_document_batches, load_queries
-from distributed_astra.index.faiss_index import build_index, load_index, save_index, search_index
+from distributed_astra.index.faiss_index import INDEX_FORMATS, build_index, load_index, save_index, search_index
 from distributed_astra.index.store import GradientStore, StoreWriter, open_store, store_bytes, write_store
 from distributed_astra.progress import console, progress_bar
 from distributed_astra.scoring.gradients import captured_batches
@@ -155,7 +155,8 @@ def search(ctx: Context) -> pa.Table:
     expected = expected_meta(ctx, projection)
     store = open_store(store_dir(ctx), expected)
     index_meta = read_meta(index_dir(ctx), "faiss index", "index")
-    check_meta(index_meta, {**expected, "shard_plan": store.meta["shard_plan"]}, "faiss index", "index")
+    layout = {"index_format": INDEX_FORMATS["ivfpq"]} if index_meta.get("kind") == "ivfpq" else {}  # older IVF-PQ
+    check_meta(index_meta, {**expected, "shard_plan": store.meta["shard_plan"], **layout}, "faiss index", "index")
     query_ids, directions = _ensure_directions(ctx)
     cfg, k = ctx.cfg.index, ctx.cfg.scoring.top_k
     queries = projection.project_matrices({name: x.float() for name, x in directions.items()}).numpy()

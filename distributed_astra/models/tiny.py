@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,15 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from distributed_astra.data.sequences import epoch_source
 from distributed_astra.errors import DastraError
 from distributed_astra.models.lm import IGNORE_INDEX, shifted
+from distributed_astra.source.trajectory import OptimizerSettings, TrajectoryRecorder
+
+ADAMW_BETAS = (0.9, 0.98)
+
+
+def tiny_optimizer_settings(weight_decay: float = 0.0) -> OptimizerSettings:
+    """What SOURCE needs of `train_tiny_gpt2`'s optimizer: AdamW, β₁ as its momentum, the weight decay."""
+    return OptimizerSettings("adamw", ADAMW_BETAS[0], weight_decay)
+
 
 def build_tiny_gpt2(
     vocab_size: int, n_layer: int, n_head: int, n_embd: int, max_length: int, seed: int
@@ -58,12 +67,20 @@ def train_tiny_gpt2(
     *,
     warmup_steps: int | None = None,
     weight_decay: float = 0.0,
+    trajectory: TrajectoryRecorder | None = None,
+    checkpoint_steps: Collection[int] = (),
 ) -> list[float]:
     """Train with AdamW for `steps` steps (linear warmup, then cosine decay to 0); return the per-step losses.
 
     `batches` is a list (cycled over, in the same order each pass) or a callable `epoch -> batches` (called again
     whenever an epoch runs out; `shuffled_epochs` in `data/sequences.py` gives one). `on_step(step, loss)` is
     called after every step. The model is left in eval() mode.
+
+    `trajectory` (built with `tiny_optimizer_settings(weight_decay)`) records every step's learning rate and a
+    checkpoint after each step count in `checkpoint_steps` (seeds §6.3). The rate is put on the attribution loss
+    scale (docs/design.md): the objective here is the mean over a batch's predicted tokens, the pipeline's G is that
+    of the mean over sequences of summed token losses, so the step θ − η∇(mean token loss) is θ − η'∇(pipeline
+    loss) with η' = η × sequences / predicted tokens of the batch. Gradient clipping is not modelled.
     """
     if steps <= 0:
         raise DastraError(f"model.tiny.train_steps must be positive (got {steps})")
@@ -76,7 +93,7 @@ def train_tiny_gpt2(
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr,
-        betas=(0.9, 0.98),
+        betas=ADAMW_BETAS,
     )
 
     def schedule(step: int) -> float:
@@ -100,6 +117,10 @@ def train_tiny_gpt2(
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
+                if trajectory is not None:
+                    tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                    rate = scheduler.get_last_lr()[0] * len(batch["labels"]) / max(tokens, 1)
+                    trajectory.step(rate, model, optimizer, save=len(losses) + 1 in checkpoint_steps)
                 scheduler.step()
                 losses.append(float(loss.detach()))
                 if on_step is not None:

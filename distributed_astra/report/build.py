@@ -1,7 +1,7 @@
 """The `report` stage: per-token attribution of each shown query's top-k documents, then `report.html`.
 
 Reads (under `output.run_dir`): `topk.parquet`, `ihvp/<solver.name>/directions.safetensors` (the directions that
-scored it), every `ihvp/*/meta.json` and `trace.parquet`, `factors/` (eigenvalues only), `summary.json` and
+scored it; SOURCE: its per-segment directions and the trajectory's checkpoints), every `ihvp/*/meta.json` and `trace.parquet`, `factors/` (eigenvalues only), `summary.json` and
 `scores/dense.parquet` when present. Writes `token_scores.parquet` (query_id, rank, doc_id, score, token_ids,
 token_scores: the per-token terms, which sum to the score) and the self-contained `report.html`, both atomically.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from safetensors.torch import load_file
 
 import distributed_astra
 from distributed_astra.artifacts import atomic_path, check_meta, read_meta
+from distributed_astra.config import SOURCE_SOLVERS
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import FACTORS_FILE, load_factors_meta
 from distributed_astra.data.sequences import iter_training_batches, load_queries
@@ -34,6 +36,8 @@ from distributed_astra.progress import progress_bar
 from distributed_astra.report import plots
 from distributed_astra.report.segments import Segment, best_window, token_segments
 from distributed_astra.scoring.tokens import document_token_scores
+from distributed_astra.source.stages import scoring_passes, weights
+from distributed_astra.source.trajectory import Trajectory
 
 if TYPE_CHECKING:
     from distributed_astra.pipeline import Context
@@ -71,12 +75,23 @@ def _shown_documents(topk: pa.Table, num_queries: int) -> tuple[list[int], list[
     return shown, sorted(documents, key=lambda d: (order[d.query_id], d.rank))
 
 
-def _load_directions(ctx: Context, query_ids: list[int]) -> dict[str, torch.Tensor]:
-    """The scoring solver's directions of `query_ids`, in that order, in the scoring compute dtype."""
+def _load_directions(
+    ctx: Context, query_ids: list[int]
+) -> tuple[Trajectory | None, list[tuple[int | None, dict[str, torch.Tensor]]]]:
+    """The scoring solver's directions of `query_ids`, in that order, in the scoring compute dtype, as
+    (trajectory checkpoint, directions) passes whose terms add up: one pass at the loaded model (None), or one
+    per checkpoint for source | astra-source (source/stages.py), with their trajectory."""
+    compute = product_dtype(ctx.model, ctx.stat_dtype)
     solver_dir = ctx.paths.ihvp(ctx.cfg.solver.name)
-    check_meta(read_meta(solver_dir, "solved directions", "solve"), ctx.model_meta(), "solved directions", "solve")
-    tensors = load_file(str(solver_dir / "directions.safetensors"))
-    position = {q: i for i, q in enumerate(tensors.pop("query_ids").tolist())}
+    if ctx.cfg.solver.name in SOURCE_SOLVERS:
+        ids, traj, passes = scoring_passes(ctx, compute)
+        sets = [(p.checkpoint, p.directions) for p in passes]
+    else:
+        check_meta(read_meta(solver_dir, "solved directions", "solve"), ctx.model_meta(), "solved directions", "solve")
+        tensors = load_file(str(solver_dir / "directions.safetensors"))
+        ids, traj = tensors.pop("query_ids"), None
+        sets = [(None, {name: x.to(compute) for name, x in tensors.items()})]
+    position = {q: i for i, q in enumerate(ids.tolist())}
     absent = [q for q in query_ids if q not in position]
     if absent:
         raise DastraError(
@@ -84,8 +99,7 @@ def _load_directions(ctx: Context, query_ids: list[int]) -> dict[str, torch.Tens
             f"re-run `dastra score --solver {ctx.cfg.solver.name}`"
         )
     index = torch.tensor([position[q] for q in query_ids])
-    compute = product_dtype(ctx.model, ctx.stat_dtype)
-    return {name: x[index].to(compute) for name, x in tensors.items()}
+    return traj, [(checkpoint, {name: x[index] for name, x in d.items()}) for checkpoint, d in sets]
 
 
 def attribute_tokens(ctx: Context, documents: list[ShownDocument], query_ids: list[int]) -> pa.Table:
@@ -93,9 +107,10 @@ def attribute_tokens(ctx: Context, documents: list[ShownDocument], query_ids: li
 
     The documents are written to a temporary Parquet file and cut into sequences by the same corpus reader that
     scoring uses, so token ids and sequences are identical. Raises when a document's terms do not add up to its
-    score in `topk.parquet` (the scores then came from other directions or another model).
+    score in `topk.parquet` (the scores then came from other directions or another model). SOURCE's terms are the
+    sum of one such pass per trajectory checkpoint, the model at that checkpoint's weights.
     """
-    directions = _load_directions(ctx, query_ids)
+    traj, passes = _load_directions(ctx, query_ids)
     query_index = {q: i for i, q in enumerate(query_ids)}
     wanted: dict[int, list[int]] = {}
     texts: dict[int, str] = {}
@@ -105,38 +120,46 @@ def attribute_tokens(ctx: Context, documents: list[ShownDocument], query_ids: li
     with tempfile.TemporaryDirectory(prefix="dastra-report-") as tmp:
         subset = Path(tmp) / "documents.parquet"
         pq.write_table(pa.table({"doc_id": pa.array(list(texts), pa.int64()), "text": list(texts.values())}), subset)
-        batches = iter_training_batches(
-            subset,
-            ctx.tokenizer,
-            ctx.cfg.data.max_length,
-            ctx.cfg.scoring.batch_size,
-            text_column="text",
-            id_column="doc_id",
-        )
-        with progress_bar("per-token attribution", len(texts), "docs") as advance:
-            seen: set[int] = set()
+        token_lists: dict[tuple[int, int], list[int]] = {}
+        summed: dict[tuple[int, int], torch.Tensor] = {}
+        with progress_bar("per-token attribution", len(texts) * len(passes), "docs") as advance:
+            for checkpoint, directions in passes:
+                batches = iter_training_batches(
+                    subset,
+                    ctx.tokenizer,
+                    ctx.cfg.data.max_length,
+                    ctx.cfg.scoring.batch_size,
+                    text_column="text",
+                    id_column="doc_id",
+                )
+                seen: set[int] = set()
 
-            def counted(batches=batches):
-                for batch in batches:
-                    yield batch
-                    new = set(batch["doc_id"].tolist()) - seen
-                    seen.update(new)
-                    advance(len(new))
+                def counted(batches=batches, seen=seen):
+                    for batch in batches:
+                        yield batch
+                        new = set(batch["doc_id"].tolist()) - seen
+                        seen.update(new)
+                        advance(len(new))
 
-            pairs = document_token_scores(
-                ctx.model, ctx.tracked, counted(), directions, wanted, product_dtype(ctx.model, ctx.stat_dtype)
-            )
+                at = nullcontext() if checkpoint is None else weights(ctx.model, traj.state(checkpoint))
+                with at:
+                    pairs = document_token_scores(
+                        ctx.model, ctx.tracked, counted(), directions, wanted, product_dtype(ctx.model, ctx.stat_dtype)
+                    )
+                for key, entry in pairs.items():
+                    token_lists[key] = entry.token_ids
+                    summed[key] = summed[key] + entry.terms if key in summed else entry.terms
             token_ids, token_scores = [], []
             for doc in documents:
-                entry = pairs[(query_index[doc.query_id], doc.doc_id)]
-                terms = entry.terms
+                key = (query_index[doc.query_id], doc.doc_id)
+                terms = summed[key]
                 if abs(float(terms.sum()) - doc.score) > SUM_TOLERANCE * float(terms.abs().sum()) + 1e-12:
                     raise DastraError(
                         f"topk.parquet: document {doc.doc_id} of query {doc.query_id} has score {doc.score:.6g} but "
                         f"its per-token terms under solver '{ctx.cfg.solver.name}' sum to {float(terms.sum()):.6g}; "
                         f"the top-k came from other directions: re-run `dastra score --solver {ctx.cfg.solver.name}`"
                     )
-                token_ids.append(entry.token_ids)
+                token_ids.append(token_lists[key])
                 token_scores.append(terms.tolist())
     return pa.table(
         {

@@ -4,11 +4,13 @@
 - `segments`: L segments of a trajectory, their mean / effective learning rates and implied damping.
 - `averaging`: EK-FAC averaged over a segment's checkpoints; averaged parameters (Fast-SOURCE).
 - `directions`: EK-FAC-SOURCE (exp-form or damped) and ASTRA-SOURCE query directions, and scores.
+- `stages`: `dastra solve|score --method source|astra-source` on the pipeline's model and corpus.
 """
 
 from distributed_astra.source.averaging import average_ekfac, average_states, fit_segment_ekfac
 from distributed_astra.source.directions import (
     VARIANTS,
+    astra_segment_direction,
     astra_source_directions,
     forgetting,
     propagated_queries,
@@ -35,6 +37,7 @@ __all__ = [
     "Trajectory",
     "TrajectoryRecorder",
     "adam_preconditioner_rms",
+    "astra_segment_direction",
     "astra_source_directions",
     "average_ekfac",
     "average_states",

@@ -62,31 +62,33 @@ def average_ekfac(factors: Sequence[EkfacFactors]) -> EkfacFactors:
 
 
 def fit_segment_ekfac(
-    checkpoints: Sequence[tuple[nn.Module, dict[str, TrackedModule]]],
+    checkpoints: Callable[[], Iterable[tuple[nn.Module, dict[str, TrackedModule]]]],
     make_batches: Callable[[], Iterable[dict[str, torch.Tensor]]],
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
 ) -> EkfacFactors:
-    """SOURCE's averaged EK-FAC over the checkpoints of one segment: (model, tracked modules) per checkpoint.
+    """SOURCE's averaged EK-FAC over the checkpoints of one segment (App. D.2, seeds §6.3).
 
-    `make_batches()` must yield the same data on every call (it is called twice per checkpoint). Sums over
-    checkpoints divided by the total counts are the means over checkpoints because every checkpoint sees the
-    same data.
+    `checkpoints()` yields (model, tracked modules) at each checkpoint of the segment, in the same order on each of
+    its two calls: a list's iterator, or a generator that loads each checkpoint's weights into one model in turn
+    (source/stages.py). `make_batches()` must yield the same data on every call (it is called twice per
+    checkpoint). Sums over checkpoints divided by the total counts are the means over checkpoints because every
+    checkpoint sees the same data.
     """
-    if not checkpoints:
-        raise DastraError("cannot fit a segment's EK-FAC over zero checkpoints")
-    names = list(checkpoints[0][1])
-    for i, (_, tracked) in enumerate(checkpoints):
-        if list(tracked) != names:
+    generator, names, cov = None, None, None
+    for i, (model, tracked) in enumerate(checkpoints()):
+        if names is None:
+            names = list(tracked)
+            generator = torch.Generator(device=model_device(model)).manual_seed(seed)
+        elif list(tracked) != names:
             raise DastraError(f"checkpoint {i} tracks modules {list(tracked)}, checkpoint 0 tracks {names}")
-    generator = torch.Generator(device=model_device(checkpoints[0][0])).manual_seed(seed)
-    cov = None
-    for model, tracked in checkpoints:
         stats = collect_covariances(model, tracked, make_batches(), dtype, generator)
         cov = stats if cov is None else cov + stats
+    if cov is None:
+        raise DastraError("cannot fit a segment's EK-FAC over zero checkpoints")
     eigens = eigendecompose(cov)
     lam = None
-    for model, tracked in checkpoints:
+    for model, tracked in checkpoints():
         stats = collect_eigenvalue_correction(model, tracked, eigens, make_batches(), dtype, generator)
         lam = stats if lam is None else lam + stats
     return build_factors(cov, eigens, lam)

@@ -117,15 +117,33 @@ def astra_source_directions(
             f"got {len(products)} and {len(batches)}"
         )
     us = propagated_queries(query_grads, factors, segments, strategy)
-    results = []
-    for index, (f, seg, u) in enumerate(zip(factors, segments, us)):
-        lam = seg.damping
-        callback = on_iteration(index) if on_iteration is not None else None
-        results.append(
-            solve(u, ekfac_preconditioner(f, cfg, lam, strategy), products[index], batches[index], cfg, lam,
-                  query_ids=query_ids, on_iteration=callback)
+    return [
+        astra_segment_direction(
+            u, f, seg, products[index], batches[index], cfg, strategy, query_ids,
+            on_iteration(index) if on_iteration is not None else None,
         )
-    return results
+        for index, (f, seg, u) in enumerate(zip(factors, segments, us))
+    ]
+
+
+def astra_segment_direction(
+    u: Vectors,
+    factors: EkfacFactors,
+    segment: Segment,
+    product: CurvatureProduct,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    cfg: SolverConfig,
+    strategy: str = "ekfac",
+    query_ids: Sequence[str] | None = None,
+    on_iteration: OnIteration | None = None,
+) -> SolveResult:
+    """One segment of ASTRA-SOURCE (seeds §7, step 2): w_ℓ = (Ḡ_ℓ + λ_ℓI)⁻¹ u_ℓ by ASTRA, preconditioned by the
+    segment's EK-FAC with λ̃_ℓ = λ_ℓ and started at its solution; `product` gives G̃ at the segment's weights."""
+    if cfg.name != "astra":
+        raise DastraError(f"ASTRA-SOURCE runs the astra solver, but solver.name is '{cfg.name}'")
+    lam = segment.damping
+    return solve(u, ekfac_preconditioner(factors, cfg, lam, strategy), product, batches, cfg, lam,
+                 query_ids=query_ids, on_iteration=on_iteration)
 
 
 def source_scores(directions: Sequence[Vectors], train_grads: Sequence[Sequence[Vectors]]) -> torch.Tensor:
