@@ -47,7 +47,7 @@ from distributed_astra.distributed import is_distributed
 from distributed_astra.errors import DastraError
 from distributed_astra.eval.facts import fact_recall
 from distributed_astra.ihvp.ekfac import default_damping
-from distributed_astra.ihvp.products import FisherProduct, GGNProduct
+from distributed_astra.ihvp.products import FisherProduct, GGNProduct, label_generator
 from distributed_astra.ihvp.solvers import MinibatchSampler, SolveResult, ekfac_preconditioner
 from distributed_astra.ihvp.solvers import solve as solve_ihvp
 from distributed_astra.models.load import load_causal_lm, load_tokenizer
@@ -313,14 +313,13 @@ def curvature_minibatches(ctx: Context) -> tuple[GGNProduct | FisherProduct, Min
     """G̃·v of the iterative solvers (`solver.product`) at the model's current weights, and the minibatches it runs
     on: `solver.minibatch_size` sequences drawn with replacement from the first `factors.max_sequences`."""
     cfg = ctx.cfg.solver
-    generator = torch.Generator().manual_seed(cfg.seed)
     product = (
         GGNProduct(ctx.model, ctx.tracked)
         if cfg.product == "ggn"
-        else FisherProduct(ctx.model, ctx.tracked, cfg.fisher_samples, generator)
+        else FisherProduct(ctx.model, ctx.tracked, cfg.fisher_samples, label_generator(ctx.model, cfg.seed))
     )
     sequences = ctx.training_batches(ctx.cfg.factors.batch_size, ctx.cfg.factors.max_sequences)
-    return product, MinibatchSampler(sequences, cfg.minibatch_size, generator)
+    return product, MinibatchSampler(sequences, cfg.minibatch_size, torch.Generator().manual_seed(cfg.seed))
 
 
 def solve(ctx: Context) -> float:

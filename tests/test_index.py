@@ -253,3 +253,10 @@ def test_search_with_new_queries_preconditions_them_first(run, workspace, tmp_pa
     table = pq.read_table(copy / "search" / "topk.parquet")
     assert set(table.column("query_id").to_pylist()) == {42} and table.num_rows == TOP_K
     assert json.loads((copy / "queries" / "meta.json").read_text())["queries"] == str(new)
+
+
+def test_search_refuses_source_directions_and_names_the_command_to_use(run, workspace):
+    run_dir, full, _ = run
+    result = invoke("search", *_args(workspace, run_dir, *full, "solver.name=source"))
+    assert result.exit_code == 2
+    assert "solver.name=source" in result.output and "dastra score --method source" in result.output

@@ -27,7 +27,6 @@ from collections.abc import Mapping
 import psutil
 import torch
 
-from distributed_astra.config import SolverConfig
 from distributed_astra.curvature.factors import EkfacFactors
 from distributed_astra.distributed.collectives import (
     advance_label_stream,
@@ -39,7 +38,7 @@ from distributed_astra.distributed.collectives import (
 from distributed_astra.distributed.fit import training_batches
 from distributed_astra.distributed.worker_group import RankState
 from distributed_astra.errors import DastraError
-from distributed_astra.ihvp.products import Batch, CurvatureProduct, FisherProduct, GGNProduct, Vectors
+from distributed_astra.ihvp.products import Batch, CurvatureProduct, FisherProduct, GGNProduct, Vectors, label_generator
 from distributed_astra.ihvp.solvers import MinibatchSampler, ekfac_preconditioner, solve
 
 # Direction-sized tensors one query keeps alive in `ihvp.solve` (v, x, momentum, G̃x, (G̃+λ)x, gradient, its
@@ -132,27 +131,23 @@ def solve_mode(cfg_mode: str, stage: int, product: str) -> str:
     return cfg_mode
 
 
-def _product(state: RankState, cfg: SolverConfig, generator: torch.Generator) -> CurvatureProduct:
-    if cfg.product == "ggn":
-        return GGNProduct(state.model, state.tracked)
-    return FisherProduct(state.model, state.tracked, 1, generator)
-
-
 def rank_solve(
     state: RankState, corpus: str, factors: EkfacFactors, grads: dict[str, torch.Tensor], damping: float, mode: str
 ) -> list[dict]:
     """Solve every chunk's share of this rank; returns one record per piece solved here (only rank 0 in mode data)."""
     cfg = state.cfg.solver
     preconditioner = ekfac_preconditioner(factors, cfg, damping, state.cfg.factors.strategy)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)  # minibatch indices, as pipeline.curvature_minibatches
     label_samples = cfg.fisher_samples if cfg.product == "fisher" else 1
-    label_generator = generator if cfg.product == "fisher" else None
+    labels = label_generator(state.model, cfg.seed) if cfg.product == "fisher" else None
     product: CurvatureProduct | None = None
     sampler: MinibatchSampler | None = None
     if cfg.name != "ekfac":  # the iterative solvers need G̃·v on minibatches of the corpus
-        product = _product(state, cfg, generator)
+        product = GGNProduct(state.model, state.tracked) if labels is None else FisherProduct(
+            state.model, state.tracked, 1, labels
+        )
         if mode == "data":
-            product = SlicedProduct(product, state.rank, state.world_size, label_samples, label_generator)
+            product = SlicedProduct(product, state.rank, state.world_size, label_samples, labels)
         sampler = MinibatchSampler(
             training_batches(state, corpus, state.cfg.factors.batch_size, state.cfg.factors.max_sequences),
             cfg.minibatch_size, generator,
@@ -168,9 +163,12 @@ def rank_solve(
             lo, hi = slice_bounds(chunk_stop - chunk_start, state.world_size, state.rank)
             parts = [(chunk_start + s, min(chunk_start + s + piece, chunk_start + hi)) for s in range(lo, hi, piece)]
         start_state = generator.get_state()
+        label_state = labels.get_state() if labels is not None else None
         longest = 0
         for lo, hi in parts:
             generator.set_state(start_state)
+            if labels is not None:
+                labels.set_state(label_state)
             counting = CountingSampler(sampler) if sampler is not None else None
             result = solve(
                 {n: g[lo:hi] for n, g in grads.items()}, preconditioner, product, counting, cfg, damping,
@@ -184,6 +182,8 @@ def rank_solve(
                 })
         if mode == "queries" and cfg.name != "ekfac":
             generator.set_state(start_state)
+            if labels is not None:
+                labels.set_state(label_state)
             (longest,) = all_reduce_counts(longest, op=torch.distributed.ReduceOp.MAX)
-            fast_forward(sampler, longest, label_samples, label_generator)
+            fast_forward(sampler, longest, label_samples, labels)
     return records

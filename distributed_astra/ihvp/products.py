@@ -297,6 +297,12 @@ class GGNProduct(CurvatureProduct):
             return forward_ad.unpack_dual(self._logits(duals, batch)).tangent
 
 
+def label_generator(model: nn.Module, seed: int) -> torch.Generator:
+    """The generator of FisherProduct's sampled labels: on the model's device (where `sample_labels` draws), seeded
+    apart from the CPU generator of the minibatch indices so that the two streams never interleave."""
+    return torch.Generator(device=model_device(model)).manual_seed(seed + 1)
+
+
 class FisherProduct(CurvatureProduct):
     """Sampled-label (true) Fisher·v from module hooks and an ordinary forward/backward: ZeRO-3 compatible.
 

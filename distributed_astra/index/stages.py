@@ -21,9 +21,11 @@ import torch
 from safetensors.torch import load_file
 
 from distributed_astra.artifacts import atomic_path, check_meta, read_meta, write_json
+from distributed_astra.config import SOURCE_SOLVERS
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.data.corpus import Corpus, open_corpus
 from distributed_astra.data.sequences import iter_document_batches, load_queries
+from distributed_astra.errors import DastraError
 from distributed_astra.index.faiss_index import INDEX_FORMATS, build_index, load_index, save_index, search_index
 from distributed_astra.index.store import GradientStore, StoreWriter, open_store, store_bytes, write_store
 from distributed_astra.progress import console, progress_bar
@@ -151,6 +153,11 @@ def exact_document_scores(
 
 def search(ctx: Context) -> pa.Table:
     """Top-k documents per query from the index: a shortlist of top_k·r, re-scored exactly when index.rescore."""
+    if ctx.cfg.solver.name in SOURCE_SOLVERS:
+        raise DastraError(
+            f"solver.name={ctx.cfg.solver.name}: the index ranks one direction per query at the final weights, SOURCE "
+            f"needs one per checkpoint; use `dastra score --method {ctx.cfg.solver.name}` or search with ekfac | astra"
+        )
     projection = run_projection(ctx)
     expected = expected_meta(ctx, projection)
     store = open_store(store_dir(ctx), expected)
