@@ -280,13 +280,13 @@ def query(ctx: Context) -> None:
         write_json(tmp / "meta.json", {**ctx.model_meta(), "queries": str(ctx.queries), "num_queries": len(ids)})
 
 
-def _load_query_gradients(ctx: Context) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def load_query_gradients(ctx: Context) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     check_meta(read_meta(ctx.paths.queries, "query gradients", "query"), ctx.model_meta(), "query gradients", "query")
     tensors = load_file(str(ctx.paths.queries / "gradients.safetensors"))
     return tensors.pop("query_ids"), tensors
 
 
-def _solver_logger(ctx: Context, query_ids: list[int], name: str | None = None):
+def solver_logger(ctx: Context, query_ids: list[int], name: str | None = None):
     """W&B/jsonl series for one query chunk: h and the residual per query, their mean over running queries, lr
     (under solve/<name>/, `solver.name` by default)."""
     name = name or ctx.cfg.solver.name
@@ -337,7 +337,7 @@ def solve(ctx: Context) -> float:
 
         return source_stages.solve(ctx)
     factors = load_factors(ctx.paths.factors, factor_meta(ctx))
-    ids, grads = _load_query_gradients(ctx)
+    ids, grads = load_query_gradients(ctx)
     damping = default_damping(factors) if cfg.damping == "auto" else float(cfg.damping)
     preconditioner = ekfac_preconditioner(factors, cfg, damping, ctx.cfg.factors.strategy)
     product, sampler = None, None
@@ -350,7 +350,7 @@ def solve(ctx: Context) -> float:
     with progress_bar(f"solve ({cfg.name})", len(starts) * steps_per_chunk, "it") as advance:
         for start in starts:
             chunk_ids = ids[start : start + cfg.query_batch_size].tolist()
-            log = _solver_logger(ctx, chunk_ids)
+            log = solver_logger(ctx, chunk_ids)
             done = [0]
 
             def on_iteration(iteration, objective, residual, lr, log=log, done=done):

@@ -226,6 +226,28 @@ def test_astra_on_two_ranks_equals_single_process(
     assert sorted(trace.select(["query_id", "query", "iteration"]).to_pylist(), key=str) == sorted(
         expected_trace.select(["query_id", "query", "iteration"]).to_pylist(), key=str
     )
+    # the tracker gets every query's h series, as the single-process solve logs it while it runs
+    got_series, expected_series = _objective_series(tmp_path), _objective_series(reference)
+    assert set(got_series) == {f"solve/astra/objective/q{q}" for q in expected_trace.column("query_id").to_pylist()}
+    assert set(got_series) == set(expected_series)
+    for key, series in expected_series.items():
+        assert [step for step, _ in got_series[key]] == [step for step, _ in series]
+        assert torch.allclose(torch.tensor([h for _, h in got_series[key]]), torch.tensor([h for _, h in series]),
+                              rtol=RTOL, atol=1e-10)
+
+
+def _objective_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, h) per `solve/astra/objective/q<id>` key of the run's metrics.jsonl, from the last solve logged."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for key, value in record.items():
+            if key.startswith("solve/astra/objective/q"):
+                previous = series.setdefault(key, [])
+                if previous and record["step"] <= previous[-1][0]:  # a later solve starts the series again
+                    previous.clear()
+                previous.append((record["step"], value))
+    return series
 
 
 def test_every_rank_step_sees_the_drivers_current_config(ray_session, workspace: Path, tmp_path: Path):

@@ -32,7 +32,7 @@ from distributed_astra.distributed.worker_group import WorkerGroup
 from distributed_astra.errors import DastraError
 from distributed_astra.ihvp.ekfac import default_damping
 from distributed_astra.ihvp.monitor import trace_table
-from distributed_astra.pipeline import Context, factor_meta, _load_query_gradients, topk_table
+from distributed_astra.pipeline import Context, factor_meta, load_query_gradients, solver_logger, topk_table
 from distributed_astra.progress import console
 
 _session: dict[str, object] = {"owns_ray": False, "group": None, "key": None}
@@ -128,7 +128,7 @@ def solve(ctx: Context) -> float:
     """(G + λI)⁻¹∇f on the ranks (distributed/solve.py); writes the single-process `ihvp/<solver>/` artifact."""
     cfg = ctx.cfg.solver
     factors = load_factors(ctx.paths.factors, factor_meta(ctx))
-    ids, grads = _load_query_gradients(ctx)
+    ids, grads = load_query_gradients(ctx)
     damping = default_damping(factors) if cfg.damping == "auto" else float(cfg.damping)
     group = group_for(ctx)
     mode = solve_mode(ctx.cfg.ray.solve_mode, group.stage, cfg.product) if cfg.name != "ekfac" else "queries"
@@ -150,7 +150,8 @@ def solve(ctx: Context) -> float:
                 trace["query"] = [p["start"] - p["chunk_start"] + q for q in trace["query"]]
                 trace["query_id"] = [str(int(ids[int(q)])) for q in trace["query_id"]]
                 traces.append(trace_table(trace))
-            pq.write_table(pa.concat_tables(traces), tmp / "trace.parquet")
+            trace = pa.concat_tables(traces)
+            pq.write_table(trace, tmp / "trace.parquet")
         write_json(
             tmp / "meta.json",
             {
@@ -160,6 +161,8 @@ def solve(ctx: Context) -> float:
                 "status": {s: statuses.count(s) for s in sorted(set(statuses))},
             },
         )
+    if cfg.name != "ekfac":
+        _log_trace(ctx, trace)
     for p in pieces:
         for message in p["messages"]:
             console.print(f"[yellow]warning:[/] {message}", highlight=False)
@@ -171,6 +174,25 @@ def solve(ctx: Context) -> float:
         **{f"solve/{cfg.name}/num_{s}": statuses.count(s) for s in set(statuses)},
     })
     return damping
+
+
+def _log_trace(ctx: Context, trace: pa.Table) -> None:
+    """The ranks' convergence traces into the tracker, as single-process solves log them while they run: per
+    iteration, h and the residual of every query still running (pipeline.solver_logger)."""
+    rows = trace.to_pydict()
+    query_ids = sorted({int(q) for q in rows["query_id"]})
+    column = {q: i for i, q in enumerate(query_ids)}
+    log = solver_logger(ctx, query_ids)
+    steps: dict[tuple[int, int], list[int]] = {}
+    for i, key in enumerate(zip(rows["repeat"], rows["iteration"])):
+        steps.setdefault(key, []).append(i)
+    for (_repeat, iteration), members in sorted(steps.items()):
+        objective = torch.full((len(query_ids),), float("nan"), dtype=torch.float64)
+        residual = torch.full_like(objective, float("nan"))
+        for i in members:
+            objective[column[int(rows["query_id"][i])]] = rows["objective"][i]
+            residual[column[int(rows["query_id"][i])]] = rows["residual"][i]
+        log(iteration, objective, residual, rows["lr"][members[0]])
 
 
 def _directions_digest(path: Path) -> str:

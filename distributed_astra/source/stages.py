@@ -124,7 +124,7 @@ def _astra_directions(
 ) -> tuple[list[Vectors], list[SolveResult]]:
     """ASTRA-SOURCE (seeds §7): per segment, w_ℓ = (Ḡ_ℓ + λ_ℓI)⁻¹u_ℓ by ASTRA with G̃ at θ̄_ℓ (option 3), query chunks
     of `solver.query_batch_size`, the other solver.* settings as for `--solver astra`."""
-    from distributed_astra.pipeline import _solver_logger, curvature_minibatches
+    from distributed_astra.pipeline import curvature_minibatches, solver_logger
 
     cfg = ctx.cfg.solver.model_copy(update={"name": "astra"})
     strategy = ctx.cfg.factors.strategy
@@ -138,7 +138,7 @@ def _astra_directions(
                 parts = []
                 for start in starts:
                     chunk = ids[start : start + cfg.query_batch_size].tolist()
-                    log = _solver_logger(ctx, chunk, f"astra-source/segment{seg.index}")
+                    log = solver_logger(ctx, chunk, f"astra-source/segment{seg.index}")
                     result = astra_segment_direction(
                         {name: g[start : start + len(chunk)] for name, g in u.items()}, f, seg, product, sampler,
                         cfg, strategy, [f"{q}@segment{seg.index}" for q in chunk],
@@ -155,13 +155,13 @@ def _astra_directions(
 def solve(ctx: Context) -> float:
     """SOURCE or ASTRA-SOURCE directions per segment (module docstring); returns the IF-comparable damping
     Σ_ℓ K_ℓλ_ℓ / Σ_ℓ K_ℓ (seeds §10.2)."""
-    from distributed_astra.pipeline import _load_query_gradients
+    from distributed_astra.pipeline import load_query_gradients
 
     name, src = ctx.cfg.solver.name, ctx.cfg.source
     folder = trajectory_folder(ctx)
     traj = load_trajectory(folder)
     segments = segment_trajectory(traj, src.num_segments)
-    ids, grads = _load_query_gradients(ctx)  # ∇f(θ^s): u_{L−1}
+    ids, grads = load_query_gradients(ctx)  # ∇f(θ^s): u_{L−1}
     factors = segment_factors(ctx, folder, traj, segments)
     strategy = ctx.cfg.factors.strategy
     results: list[SolveResult] = []
