@@ -4,6 +4,7 @@ influence function is exact), retraining as Ray tasks with a resumable disk cach
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 from distributed_astra.cli import app
 from distributed_astra.config import load_config
 from distributed_astra.errors import DastraError
-from distributed_astra.eval.lds import ground_truth, lds_per_query, removed_mask, run_lds, spearman
+from distributed_astra.eval.lds import _cached_scores, ground_truth, lds_per_query, removed_mask, run_lds, spearman
 from distributed_astra.eval.methods import METHODS, MethodSettings, ModelAttribution
 from distributed_astra.eval.retrain import RetrainCache
 from distributed_astra.eval.tasks import build_task
@@ -138,3 +139,16 @@ def test_cli_eval_lds_writes_results_and_logs_offline(ray_session, tmp_path):
 
     bad = CliRunner().invoke(app, ["eval", "lds", "--task", "ridge", "--methods", "nope"])
     assert bad.exit_code == 2 and "valid methods" in bad.output
+
+
+def test_cached_scores_keep_the_seconds_they_took(tmp_path):
+    """A re-run reads the scores and their original compute time (the table's "seconds" column), not 0."""
+    path = tmp_path / "m-model00.pt"
+
+    def compute():
+        time.sleep(0.05)
+        return torch.arange(6.0).reshape(2, 3)
+
+    scores, seconds = _cached_scores(path, compute)
+    again, seconds_again = _cached_scores(path, lambda: pytest.fail("the cache was not used"))
+    assert torch.equal(again, scores) and seconds >= 0.05 and seconds_again == seconds

@@ -164,15 +164,19 @@ def _settings_hash(method: Method, settings: MethodSettings) -> str:
 
 
 def _cached_scores(path: Path, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """A method's scores on one model and the seconds they took to compute, from the cache when it holds them."""
     if path.is_file():
-        return torch.load(path), 0.0
+        cached = torch.load(path)
+        if isinstance(cached, dict):  # an older cache file holds the bare tensor, without its compute time: redo it
+            return cached["scores"], float(cached["seconds"])
     start = time.perf_counter()
     scores = compute()
+    seconds = time.perf_counter() - start
     if not bool(torch.isfinite(scores).all()):
         raise DastraError(f"non-finite attribution scores ({path.name}): the method diverged on this model")
     with atomic_path(path) as tmp:
-        torch.save(scores, tmp)
-    return scores, time.perf_counter() - start
+        torch.save({"scores": scores, "seconds": seconds}, tmp)
+    return scores, seconds
 
 
 def _row(method: Method, scale: float | None, per_model: list[torch.Tensor], removed, measured, seconds) -> LdsRow:
