@@ -190,12 +190,12 @@ def _train_tiny_model(cfg: Config, paths: RunPaths, corpus: Path) -> None:
     """Tokenizer and tiny GPT-2 into `model/`, and the training trajectory (`source.checkpoints` checkpoints evenly
     spaced over the steps, the last one the final model) into `trajectory/` for SOURCE (seeds §6.3)."""
     tiny = cfg.model.tiny
-    texts = pq.read_table(corpus, columns=[cfg.data.text_column]).column(0).to_pylist()
+    documents = open_corpus(corpus, cfg.data.text_column, cfg.data.id_column, cfg.data.split)
     with atomic_path(paths.model) as tmp:
-        tokenizer = train_bpe_tokenizer(texts, tiny.vocab_size, tmp)
+        tokenizer = train_bpe_tokenizer((d.text for d in documents.iter_documents()), tiny.vocab_size, tmp)
         model = build_tiny_gpt2(len(tokenizer), tiny.n_layer, tiny.n_head, tiny.n_embd, cfg.data.max_length, tiny.seed)
         batches = shuffled_epochs(
-            corpus,
+            documents,
             tokenizer,
             cfg.data.max_length,
             tiny.train_batch_size,

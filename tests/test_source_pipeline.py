@@ -40,7 +40,7 @@ def _overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:
         f"model.tiny.train_steps={STEPS}",
         "model.tiny.train_batch_size=8",
         f"source.checkpoints={CHECKPOINTS}",
-        f"data.corpus={root / 'corpus.parquet'}",
+        f"data.corpus={root / 'corpus-*.parquet'}",  # two files: the tiny GPT-2 trains on a glob too
         f"data.queries={root / 'queries.parquet'}",
         "data.max_length=32",
         "factors.batch_size=8",
@@ -57,7 +57,9 @@ def _overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:
 def run(tmp_path_factory) -> tuple[Path, Path]:
     """(workspace, run dir): corpus and queries, the tiny GPT-2 trained with its trajectory, fit and query done."""
     root = tmp_path_factory.mktemp("source-pipeline")
-    pq.write_table(pa.Table.from_pylist(corpus_rows(20)), root / "corpus.parquet")
+    rows = corpus_rows(20)
+    pq.write_table(pa.Table.from_pylist(rows[:10]), root / "corpus-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[10:]), root / "corpus-1.parquet")
     pq.write_table(pa.Table.from_pylist(QUERIES), root / "queries.parquet")
     run_dir = root / "run"
     ctx = pipeline.open_context(load_config(None, _overrides(root, run_dir)), "test")
