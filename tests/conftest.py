@@ -203,3 +203,12 @@ def write_workspace(
     tokenizer = train_bpe_tokenizer([r["text"] for r in rows], 300, root / "model")
     tiny.build_tiny_gpt2(len(tokenizer), n_layer, 2, 16, 32, seed=0).save_pretrained(root / "model")
     return root
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    """A CLI result that failed on bad input: exit code 2, one line starting "error:", holding every fragment."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from distributed_astra.cli import app
 from distributed_astra.models.tiny import build_tiny_gpt2
-from tests.conftest import QUERIES, corpus_rows, write_workspace
+from tests.conftest import QUERIES, assert_one_line_error, corpus_rows, write_workspace
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
@@ -41,14 +41,6 @@ def _args(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
 
 def invoke(*args: str):
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
-
-
-def _one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
 
 
 def test_stages_one_by_one_then_run_give_the_same_topk(workspace: Path, tmp_path: Path):
@@ -99,29 +91,29 @@ def test_stages_one_by_one_then_run_give_the_same_topk(workspace: Path, tmp_path
 
 
 def test_unknown_config_key(workspace: Path, tmp_path: Path):
-    _one_line_error(invoke("fit", *_args(workspace, tmp_path, "factors.batchsize=3")), "unknown key 'factors.batchsize'")
+    assert_one_line_error(invoke("fit", *_args(workspace, tmp_path, "factors.batchsize=3")), "unknown key 'factors.batchsize'")
 
 
 def test_wrong_type(workspace: Path, tmp_path: Path):
-    _one_line_error(invoke("fit", *_args(workspace, tmp_path, "factors.batch_size=many")), "factors.batch_size")
+    assert_one_line_error(invoke("fit", *_args(workspace, tmp_path, "factors.batch_size=many")), "factors.batch_size")
 
 
 def test_missing_model_path(workspace: Path, tmp_path: Path):
     missing = tmp_path / "no-such-model"
-    _one_line_error(invoke("fit", *_args(workspace, tmp_path, f"model.path={missing}")), "model.path", str(missing))
+    assert_one_line_error(invoke("fit", *_args(workspace, tmp_path, f"model.path={missing}")), "model.path", str(missing))
 
 
 def test_uncached_hub_id_offline_says_to_set_model_path(workspace: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = invoke("fit", *_args(workspace, tmp_path, "model.source=hub", "model.hub_id=nobody/not-a-model"))
-    _one_line_error(result, "nobody/not-a-model", "set model.path")
+    assert_one_line_error(result, "nobody/not-a-model", "set model.path")
 
 
 def test_empty_corpus(workspace: Path, tmp_path: Path):
     empty = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"doc_id": pa.array([], pa.int64()), "text": pa.array([], pa.string())}), empty)
     run_dir = tmp_path / "run"
-    _one_line_error(invoke("fit", *_args(workspace, run_dir, f"data.corpus={empty}")), str(empty), "empty")
+    assert_one_line_error(invoke("fit", *_args(workspace, run_dir, f"data.corpus={empty}")), str(empty), "empty")
     assert not (run_dir / "factors").exists()
 
 
@@ -134,7 +126,7 @@ def test_factors_from_another_model_are_refused(workspace: Path, tmp_path: Path)
     tokenizer.save_pretrained(other)
     build_tiny_gpt2(len(tokenizer), 2, 2, 16, 32, seed=1).save_pretrained(other)
     result = invoke("solve", *_args(workspace, run_dir, f"model.path={other}"))
-    _one_line_error(result, "fingerprint", "dastra fit")
+    assert_one_line_error(result, "fingerprint", "dastra fit")
     assert not (run_dir / "ihvp").exists()
 
 
@@ -147,7 +139,7 @@ def test_nan_gradient_names_the_module(workspace: Path, tmp_path: Path):
     AutoTokenizer.from_pretrained(workspace / "model").save_pretrained(poisoned)
     run_dir = tmp_path / "run"
     result = invoke("query", *_args(workspace, run_dir, f"model.path={poisoned}"))
-    _one_line_error(result, "module transformer.h.1.mlp.c_fc: its weights hold NaN/Inf")
+    assert_one_line_error(result, "module transformer.h.1.mlp.c_fc: its weights hold NaN/Inf")
     assert not (run_dir / "queries").exists()
 
 
@@ -155,12 +147,12 @@ def test_query_without_completion_tokens(workspace: Path, tmp_path: Path):
     bad = tmp_path / "queries.parquet"
     pq.write_table(pa.Table.from_pylist([{"query_id": 7, "prompt": "alpha", "completion": ""}]), bad)
     run_dir = tmp_path / "run"
-    _one_line_error(invoke("query", *_args(workspace, run_dir, f"data.queries={bad}")), "query 7", "completion")
+    assert_one_line_error(invoke("query", *_args(workspace, run_dir, f"data.queries={bad}")), "query 7", "completion")
     assert not (run_dir / "queries").exists()
 
 
 def test_solve_before_fit_says_which_stage_to_run(workspace: Path, tmp_path: Path):
-    _one_line_error(invoke("solve", *_args(workspace, tmp_path / "fresh")), "dastra fit")
+    assert_one_line_error(invoke("solve", *_args(workspace, tmp_path / "fresh")), "dastra fit")
 
 
 @pytest.mark.parametrize("solver", ["sni", "lissa", "astra"])

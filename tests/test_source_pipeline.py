@@ -21,7 +21,7 @@ from distributed_astra import pipeline
 from distributed_astra.cli import app
 from distributed_astra.config import load_config
 from distributed_astra.source import Trajectory, load_trajectory, save_trajectory
-from tests.conftest import QUERIES, corpus_rows
+from tests.conftest import QUERIES, assert_one_line_error, corpus_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,20 +154,12 @@ def test_cli_solve_score_report_with_method_source(run):
     assert (run_dir / "token_scores.parquet").is_file() and (run_dir / "report.html").is_file()
 
 
-def _one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
-
-
 def test_missing_trajectory_names_the_field(run, tmp_path):
     root, run_dir = run
     model = ("model.source=path", f"model.path={run_dir / 'model'}")
-    _one_line_error(_cli(root, tmp_path / "a", "solve", "--method", "source", extra=model), "source.trajectory")
+    assert_one_line_error(_cli(root, tmp_path / "a", "solve", "--method", "source", extra=model), "source.trajectory")
     missing = tmp_path / "nowhere"
-    _one_line_error(_cli(root, run_dir, "solve", "--method", "source", extra=(f"source.trajectory={missing}",)),
+    assert_one_line_error(_cli(root, run_dir, "solve", "--method", "source", extra=(f"source.trajectory={missing}",)),
                     "source.trajectory", str(missing))
 
 
@@ -175,4 +167,4 @@ def test_source_refuses_distributed_stages(run, tmp_path):
     root, run_dir = run
     result = _cli(root, tmp_path / "b", "solve", "--method", "source",
                   extra=("ray.num_workers=2", "scoring.dense=false"))
-    _one_line_error(result, "ray.num_workers=1", "source")
+    assert_one_line_error(result, "ray.num_workers=1", "source")
