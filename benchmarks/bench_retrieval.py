@@ -46,7 +46,7 @@ from safetensors.torch import load_file  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from distributed_astra import pipeline  # noqa: E402
-from distributed_astra.config import IndexConfig, load_config  # noqa: E402
+from distributed_astra.config import load_config  # noqa: E402
 from distributed_astra.curvature.covariance import product_dtype  # noqa: E402
 from distributed_astra.curvature.factors import load_factors  # noqa: E402
 from distributed_astra.errors import DastraError  # noqa: E402
