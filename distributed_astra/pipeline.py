@@ -50,7 +50,7 @@ from distributed_astra.ihvp.ekfac import default_damping
 from distributed_astra.ihvp.products import FisherProduct, GGNProduct, label_generator
 from distributed_astra.ihvp.solvers import MinibatchSampler, SolveResult, ekfac_preconditioner
 from distributed_astra.ihvp.solvers import solve as solve_ihvp
-from distributed_astra.models.load import load_causal_lm, load_tokenizer
+from distributed_astra.models.load import check_context_length, load_causal_lm, load_tokenizer
 from distributed_astra.models.modules import TrackedModule, select_tracked_modules
 from distributed_astra.models.tiny import build_tiny_gpt2, tiny_optimizer_settings, train_tiny_gpt2
 from distributed_astra.progress import console, progress_bar
@@ -234,6 +234,7 @@ def open_context(cfg: Config, job: str) -> Context:
         if cfg.model.source == "path" and not cfg.model.path:
             raise DastraError("model.path is empty: set it to a local HF model folder (model.source is 'path')")
     model = load_causal_lm(model_path, hub_id, cfg.model.dtype)
+    check_context_length(model, cfg.data.max_length)
     tokenizer = load_tokenizer(model_path, hub_id)
     tracked = select_tracked_modules(model, cfg.model.tracked_modules)
     tracker = Tracker(paths.root, cfg.tracking, cfg.model_dump(mode="json"), job)

@@ -109,6 +109,13 @@ def test_uncached_hub_id_offline_says_to_set_model_path(workspace: Path, tmp_pat
     assert_one_line_error(result, "nobody/not-a-model", "set model.path")
 
 
+
+def test_sequences_longer_than_the_model_context_are_refused(workspace: Path, tmp_path: Path):
+    positions = json.loads((workspace / "model" / "config.json").read_text())["n_positions"]
+    result = invoke("fit", *_args(workspace, tmp_path, f"data.max_length={positions + 1}"))
+    assert_one_line_error(result, f"data.max_length {positions + 1}", f"at most {positions}")
+    assert not (tmp_path / "factors").exists()
+
 def test_empty_corpus(workspace: Path, tmp_path: Path):
     empty = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"doc_id": pa.array([], pa.int64()), "text": pa.array([], pa.string())}), empty)

@@ -53,6 +53,18 @@ def load_causal_lm(path: str | None, hub_id: str | None, dtype: str) -> nn.Modul
     return prepare_for_attribution(model)
 
 
+def check_context_length(model: nn.Module, max_length: int) -> None:
+    """Refuse `data.max_length` beyond the model's positions (HF configs name them n_positions or
+    max_position_embeddings): longer sequences would index past the position embeddings."""
+    config = model.config
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if limit is not None and max_length > limit:
+        raise DastraError(
+            f"data.max_length {max_length} exceeds the model's context of {limit} positions: set data.max_length "
+            f"to at most {limit} (longer documents are split into several sequences)"
+        )
+
+
 def load_tokenizer(path: str | None, hub_id: str | None) -> PreTrainedTokenizerBase:
     source = _resolve(path, hub_id)
     try:
