@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from distributed_astra.errors import DastraError
 
@@ -51,6 +56,18 @@ def atomic_path(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """`safetensors.torch.save_file`, with a failed write raised as the OSError it is (safetensors reports a full disk
+    as a SafetensorError "... (os error 28)"), so the CLI can say what to do instead of printing a traceback."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
 
 
 def write_json(path: Path, data: Any) -> None:

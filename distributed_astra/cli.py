@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +14,8 @@ import typer
 
 from distributed_astra.config import Config, load_config
 from distributed_astra.errors import DastraError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file-size limit
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-data attribution with EK-FAC and ASTRA.")
 
@@ -52,6 +56,15 @@ def _guarded(action: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: finished artifacts are kept; re-run the same command to continue")
         raise typer.Exit(130) from None
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        console.print(
+            f"[bold red]error:[/] no room to write {exc.filename or 'an artifact'} ({os.strerror(exc.errno)}): free "
+            "disk space or set output.run_dir on another disk, then re-run; finished artifacts are kept",
+            highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(2) from None
 
 
 def _stage(

@@ -132,7 +132,7 @@ class IndexConfig(Section):
     """The projected gradient store and its faiss index (index/), and `dastra search`."""
 
     store_dtype: Literal["float16", "float32"] = "float16"
-    kind: Literal["auto", "flat", "ivfpq"] = "auto"  # auto: flat below ivfpq_min_documents, IVF-PQ + refine above
+    kind: Literal["auto", "flat", "ivfflat", "ivfpq"] = "auto"  # auto: flat below ivfpq_min_documents, IVF-PQ + refine above
     ivfpq_min_documents: int = Field(100_000, gt=0)
     nlist: int | None = Field(None, gt=0)  # IVF lists; None: 4 sqrt(N)
     pq_m: int | None = Field(None, gt=0)  # PQ sub-quantizers (must divide the total dimension); None: D / 8

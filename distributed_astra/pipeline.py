@@ -30,12 +30,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 import distributed_astra
-from distributed_astra.artifacts import atomic_path, check_meta, read_meta, write_json
+from distributed_astra.artifacts import atomic_path, check_meta, read_meta, save_tensors, write_json
 from distributed_astra.config import SOURCE_SOLVERS, Config
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import EkfacFactors, fit_ekfac, load_factors, model_fingerprint, save_factors
@@ -277,7 +277,7 @@ def query(ctx: Context) -> None:
         ids, grads = query_gradients(ctx.model, ctx.tracked, batches, ctx.stat_dtype, on_batch=advance)
     with atomic_path(ctx.paths.queries) as tmp:
         tmp.mkdir()
-        save_file({"query_ids": ids, **grads}, str(tmp / "gradients.safetensors"))
+        save_tensors({"query_ids": ids, **grads}, tmp / "gradients.safetensors")
         write_json(tmp / "meta.json", {**ctx.model_meta(), "queries": str(ctx.queries), "num_queries": len(ids)})
 
 
@@ -378,7 +378,7 @@ def solve(ctx: Context) -> float:
     out = ctx.paths.ihvp(cfg.name)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        save_file({"query_ids": ids, **directions}, str(tmp / "directions.safetensors"))
+        save_tensors({"query_ids": ids, **directions}, tmp / "directions.safetensors")
         if iterative:
             pq.write_table(pa.concat_tables([r.table() for r in results]), tmp / "trace.parquet")
         write_json(

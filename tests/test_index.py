@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from distributed_astra.cli import app
 from distributed_astra.config import IndexConfig
-from distributed_astra.index.faiss_index import build_index, search_index
+from distributed_astra.index.faiss_index import build_index, load_index, save_index, search_index
 from distributed_astra.index.store import GradientStore, open_store
 from distributed_astra.models.tiny import build_tiny_gpt2
 from tests.conftest import corpus_rows, write_workspace
@@ -210,23 +210,59 @@ def test_ivfpq_recall_on_vectors_of_heterogeneous_norms():
     settings IVF-PQ + refine finds the exact top-10 (recall ≥ 0.95 against IndexFlatIP) and returns exact scores.
     An inner-product k-means quantizer (the former IndexIVFPQ(METRIC_INNER_PRODUCT)) ranks lists by direction only
     and misses the large-norm documents that carry the best scores."""
+    vectors, queries = _gradient_like()
+    index, info = build_index(_VectorStore(vectors), IndexConfig(kind="ivfpq"))
+    assert info["index_format"] == "ivfpq-norm-bands/2" and info["nlist"] > 50
+    _check_recall_and_exact_scores(index, vectors, queries)
+
+
+def test_ivfflat_recall_exact_scores_and_save_load(tmp_path):
+    """IVF-Flat over the same norm-banded lists and bound: recall ≥ 0.95 against IndexFlatIP at the default
+    probing, scores that are the exact inner products (no PQ, no refinement), and the same results after
+    save_index + load_index (which sets nprobe from the config)."""
+    vectors, queries = _gradient_like()
+    cfg = IndexConfig(kind="ivfflat")
+    index, info = build_index(_VectorStore(vectors), cfg)
+    assert info["kind"] == "ivfflat" and info["index_format"] == "ivfflat-norm-bands/1" and info["nlist"] > 50
+    assert isinstance(index, faiss.IndexIVFFlat) and index.d == vectors.shape[1] + 1
+    scores, positions = _check_recall_and_exact_scores(index, vectors, queries)
+    save_index(index, tmp_path)
+    loaded = load_index(tmp_path, cfg.model_copy(update={"device": "cpu"}))
+    assert faiss.extract_index_ivf(loaded).nprobe == index.nprobe
+    loaded_scores, loaded_positions = search_index(loaded, queries, 10)
+    np.testing.assert_array_equal(loaded_positions, positions)
+    np.testing.assert_array_equal(loaded_scores, scores)
+    # load_index takes the probing of the config it is given: every list probed finds the exact top-10
+    everything = load_index(tmp_path, cfg.model_copy(update={"device": "cpu", "probe_fraction": 1.0}))
+    assert faiss.extract_index_ivf(everything).nprobe == info["nlist"]
+    _, all_positions = search_index(everything, queries, 10)
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    np.testing.assert_array_equal(np.sort(all_positions, 1), np.sort(flat.search(queries, 10)[1], 1))
+
+
+def _gradient_like(count: int = 4000, dim: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors with nearly isotropic directions and norms over two orders of magnitude (float16-rounded), queries."""
     rng = np.random.default_rng(0)
-    dim, count = 256, 4000
     scales = np.linspace(1.0, 0.1, dim) ** 2  # anisotropic: some directions shared, most not
     directions = rng.standard_normal((count, dim)) * scales
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
     vectors = (directions * rng.lognormal(0.0, 0.8, (count, 1))).astype(np.float16).astype(np.float32)
     queries = (rng.standard_normal((40, dim)) * scales).astype(np.float32)
-    index, info = build_index(_VectorStore(vectors), IndexConfig(kind="ivfpq"))
-    assert info["index_format"] == "ivfpq-norm-bands/2" and info["nlist"] > 50
+    return vectors, queries
+
+
+def _check_recall_and_exact_scores(index, vectors, queries) -> tuple[np.ndarray, np.ndarray]:
+    """recall@10 ≥ 0.95 against IndexFlatIP, scores equal to the float64 inner products (rtol 1e-5)."""
     scores, positions = search_index(index, queries, 10)
-    flat = faiss.IndexFlatIP(dim)
+    flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(vectors)
     _, exact_positions = flat.search(queries, 10)
     recall = np.mean([len(set(p) & set(e)) / 10 for p, e in zip(positions, exact_positions)])
     assert recall >= 0.95, recall
     exact = np.einsum("qd,qkd->qk", queries.astype(np.float64), vectors[positions].astype(np.float64))
     np.testing.assert_allclose(scores, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+    return scores, positions
 
 
 def test_search_refuses_an_index_of_another_projection(run, workspace, tmp_path):

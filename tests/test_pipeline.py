@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -115,6 +117,27 @@ def test_sequences_longer_than_the_model_context_are_refused(workspace: Path, tm
     result = invoke("fit", *_args(workspace, tmp_path, f"data.max_length={positions + 1}"))
     assert_one_line_error(result, f"data.max_length {positions + 1}", f"at most {positions}")
     assert not (tmp_path / "factors").exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_artifact(workspace: Path, tmp_path: Path):
+    """A real write failure, no mock: `dastra fit` in a child process whose file-size limit (RLIMIT_FSIZE, so writes
+    fail with EFBIG as they would with ENOSPC) is below the size of the factors file."""
+    limit = 16 * 1024
+    child = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "from distributed_astra.cli import app; sys.argv[0] = 'dastra'; app()"
+    )
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", child, "fit", *_args(workspace, run_dir)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    output = result.stdout + result.stderr  # the console writes to stderr
+    last = [line for line in output.splitlines() if line.strip()][-1]
+    assert last.startswith("error: no room to write") and "free disk space" in last, output
+    assert "Traceback" not in output
+    assert not (run_dir / "factors").exists() and not list(run_dir.glob(".factors*"))
 
 def test_empty_corpus(workspace: Path, tmp_path: Path):
     empty = tmp_path / "empty.parquet"

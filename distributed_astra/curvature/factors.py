@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from distributed_astra.artifacts import atomic_path, check_meta, read_meta, write_json
+from distributed_astra.artifacts import atomic_path, check_meta, read_meta, save_tensors, write_json
 from distributed_astra.curvature.covariance import CovarianceStats, collect_covariances, model_device
 from distributed_astra.curvature.eigen import KroneckerEigen, LambdaStats, collect_eigenvalue_correction, eigendecompose
 from distributed_astra.errors import DastraError
@@ -207,7 +207,7 @@ def save_factors(factors: EkfacFactors, out_dir: str | os.PathLike, meta: dict) 
     }
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        save_file(tensors, str(tmp / FACTORS_FILE))
+        save_tensors(tensors, tmp / FACTORS_FILE)
         write_json(tmp / META_FILE, {**meta, _RESERVED_META_KEY: description})
     return out_dir
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from distributed_astra.artifacts import atomic_path, check_meta, read_meta, write_json
+from distributed_astra.artifacts import atomic_path, check_meta, read_meta, save_tensors, write_json
 from distributed_astra.config import SOURCE_SOLVERS, Config
 from distributed_astra.curvature.factors import EkfacFactors, load_factors, save_factors
 from distributed_astra.data.corpus import open_corpus
@@ -142,7 +142,7 @@ def solve(ctx: Context) -> float:
     out = ctx.paths.ihvp(cfg.name)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        save_file({"query_ids": ids, **directions}, str(tmp / "directions.safetensors"))
+        save_tensors({"query_ids": ids, **directions}, tmp / "directions.safetensors")
         if cfg.name != "ekfac":
             traces = []
             for p in pieces:

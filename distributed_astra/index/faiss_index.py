@@ -1,15 +1,15 @@
-"""faiss inner-product indexes over a gradient store: exact flat, or IVF-PQ re-ranked by IndexRefineFlat.
+"""faiss inner-product indexes over a gradient store: exact flat, or IVF-PQ with an exact re-ranking.
 
     index = build_index(store, cfg.index)        # vectors streamed shard by shard, converted to float32 per shard
     scores, positions = search_index(index, queries, k)   # positions index the store's documents in shard order
 
 - flat: `IndexFlatIP`, exact maximum inner product.
-- ivfpq: `IndexIVFPQ` (inner-product metric) trained on an even sample of `index.train_size` vectors, wrapped in
-  `IndexRefineFlat`, which keeps the vectors and re-ranks `refine_factor` x k PQ candidates exactly. IVF-PQ alone
-  has poor recall on gradients (ENV.md: 0.05-0.22); with the refinement, recall@10 against flat is 0.97 on the
-  demo store (4,040 vectors) but 0.71 on a 100k synthetic store, where the PQ ranking is the limit (finer
-  sub-vectors: 0.84 at 4 dims; docs/results/retrieval.md). `index.pq_m` None: the largest divisor of D that is
-  at most D / 8, i.e. 8-dimensional sub-vectors (256 for D = 2,048).
+- ivfpq: norm-banded IVF lists probed by an upper bound on their best inner product, PQ codes of the vectors,
+  wrapped in `IndexRefine` over a flat inner-product copy that re-ranks `refine_factor` x k PQ candidates exactly
+  (`_build_ivfpq` says why). Recall@10 against flat is 0.97 on the demo store (4,040 vectors) but 0.71 on a 100k
+  synthetic store, where the PQ ranking is the limit (finer sub-vectors: 0.84 at 4 dims;
+  docs/results/retrieval.md). `index.pq_m` None: the largest divisor of D that is at most D / 8, i.e.
+  8-dimensional sub-vectors (256 for D = 2,048).
 - device: a GPU index when faiss has GPUs (`index.device: auto | gpu`); `gpu` without one warns and stays on CPU.
   Indexes are saved on CPU (`faiss.write_index`) and moved to the GPU after loading.
 """
@@ -29,7 +29,7 @@ from distributed_astra.index.store import GradientStore
 
 INDEX_FILE = "index.faiss"
 # recorded in index/meta.json and checked by `search`: an index of an older layout is refused, naming this field
-INDEX_FORMATS = {"flat": "flat-ip/1", "ivfpq": "ivfpq-norm-bands/2"}
+INDEX_FORMATS = {"flat": "flat-ip/1", "ivfflat": "ivfflat-norm-bands/1", "ivfpq": "ivfpq-norm-bands/2"}
 
 
 def index_kind(cfg: IndexConfig, num_documents: int) -> str:
@@ -130,35 +130,17 @@ class _NormBandedLists:
         return lists
 
 
-def _build_ivfpq(store: GradientStore, cfg: IndexConfig) -> tuple[faiss.Index, dict[str, object]]:
-    """IVF-PQ for maximum inner product: norm-banded lists probed by an upper bound, exact refinement.
+def _ivf_lists(
+    store: GradientStore, cfg: IndexConfig, sample: np.ndarray, width: int
+) -> tuple[_NormBandedLists, faiss.IndexFlatIP]:
+    """The IVF partition of `store` for maximum inner product, shared by ivfflat and ivfpq (`_build_ivfpq` says why).
 
-    Why not `IndexIVFPQ(..., METRIC_INNER_PRODUCT)` with its k-means quantizer: projected (preconditioned) gradients
-    are nearly isotropic in direction (a document's nearest neighbour has a cosine of ~0.2, a query's best document
-    ~0.05) and their norms spread over two orders of magnitude, so the best inner products come mostly from the
-    largest-norm documents. A direction-only quantizer ranks lists by <q, c> and misses them (recall@10 0.41 on the
-    demo store at nprobe 16), and the MIPS-to-L2 reduction (append sqrt(M^2 - |x|^2)) collapses L2 k-means into one
-    giant list on such data. Here instead:
-
-    - lists: `index.norm_bands` bands of equal count by norm, each split by spherical k-means of the directions;
-    - probing: lists in decreasing order of the Cauchy-Schwarz bound <q, c> + |q| R on their best inner product
-      (c the members' mean, R their largest distance to c), so narrow-norm lists of large vectors go first. faiss
-      does this with an inner-product quantizer over rows [c, R, 0...] and queries [q, |q|, 0...];
-    - PQ codes the vectors themselves (not residuals) with the stored rows [x, 0...]: the extra sub-vector is zero,
-      so the PQ scores and the exact refinement (`IndexRefine` over a flat inner-product copy) are <q, x> exactly,
-      whatever |q| is appended. `search_index` appends it; the index's dimension is D + D / pq_m.
+    Returns the lists (k-means on `sample`) and the probing quantizer over D + `width` dimensions, rows
+    [c, R, 0...]: an inner-product search with [q, |q|, 0...] ranks the lists by the bound <q, c> + |q| R.
     """
     dim, count = store.dim, store.num_documents
     nlist = cfg.nlist or max(1, int(4 * math.sqrt(count)))
     nlist = min(nlist, max(1, count // 39))  # faiss wants ≥ 39 training points per list
-    m = _pq_m(cfg, dim)
-    width = dim // m  # one more PQ sub-vector: the |q| / R coordinate, zero for stored vectors
-    sample = _training_sample(store, cfg.train_size)
-    if len(sample) < 2 ** cfg.pq_bits:
-        raise DastraError(
-            f"IVF-PQ needs at least {2 ** cfg.pq_bits} training vectors (index.pq_bits = {cfg.pq_bits}), "
-            f"the store has {len(sample)}: use index.kind: flat"
-        )
     lists = _NormBandedLists(sample, nlist, cfg.norm_bands, cfg.train_iterations)
     nlist = lists.nlist
     sums, counts = np.zeros((nlist, dim)), np.zeros(nlist)
@@ -177,17 +159,70 @@ def _build_ivfpq(store: GradientStore, cfg: IndexConfig) -> tuple[faiss.Index, d
             np.maximum.at(radii, assigned, _norms(x - centres[assigned]))
     quantizer = faiss.IndexFlatIP(dim + width)
     quantizer.add(_augment(centres, radii * (1 + 1e-6), width))
+    return lists, quantizer
+
+
+def _fill_lists(ivf: faiss.IndexIVF, lists: _NormBandedLists, store: GradientStore, copy: faiss.Index | None = None) -> None:
+    """Pass 3: every stored vector as [x, 0...] (ivf.d columns) into its list, and into `copy` when given."""
+    for shard in store.iter_shards():
+        x = np.asarray(shard.vectors, dtype=np.float32)
+        if len(x):
+            stored, assigned = _augment(x, None, ivf.d - x.shape[1]), lists.assign(x)  # named: swig_ptr keeps no reference
+            ivf.add_core(len(stored), faiss.swig_ptr(stored), None, faiss.swig_ptr(assigned))
+            if copy is not None:
+                copy.add(stored)
+
+
+def _build_ivfflat(store: GradientStore, cfg: IndexConfig) -> tuple[faiss.Index, dict[str, object]]:
+    """IVF-Flat for maximum inner product: the norm-banded lists and bound of `_ivf_lists`, float32 vectors.
+
+    `IndexIVFFlat(METRIC_INNER_PRODUCT)` over D + 1 dimensions: stored rows [x, 0], queries [q, |q|] (`search_index`
+    appends the norm), so the quantizer ranks lists by <q, c> + |q| R and the scores are exactly <q, x>. No PQ, no
+    refinement: the only approximation is the lists left unprobed; memory is the flat index's plus one column and
+    the ids (8 B per vector).
+    """
+    lists, quantizer = _ivf_lists(store, cfg, _training_sample(store, cfg.train_size), 1)
+    index = faiss.IndexIVFFlat(quantizer, store.dim + 1, lists.nlist, faiss.METRIC_INNER_PRODUCT)
+    _fill_lists(index, lists, store)
+    index.nprobe = nprobe_for(cfg, lists.nlist)
+    return index, {"nlist": lists.nlist, "norm_bands": len(lists.directions)}
+
+
+def _build_ivfpq(store: GradientStore, cfg: IndexConfig) -> tuple[faiss.Index, dict[str, object]]:
+    """IVF-PQ for maximum inner product: norm-banded lists probed by an upper bound, exact refinement.
+
+    Why not `IndexIVFPQ(..., METRIC_INNER_PRODUCT)` with its k-means quantizer: projected (preconditioned) gradients
+    are nearly isotropic in direction (a document's nearest neighbour has a cosine of ~0.2, a query's best document
+    ~0.05) and their norms spread over two orders of magnitude, so the best inner products come mostly from the
+    largest-norm documents. A direction-only quantizer ranks lists by <q, c> and misses them (recall@10 0.41 on the
+    demo store at nprobe 16), and the MIPS-to-L2 reduction (append sqrt(M^2 - |x|^2)) collapses L2 k-means into one
+    giant list on such data. Here instead (`_ivf_lists`, shared with ivfflat):
+
+    - lists: `index.norm_bands` bands of equal count by norm, each split by spherical k-means of the directions;
+    - probing: lists in decreasing order of the Cauchy-Schwarz bound <q, c> + |q| R on their best inner product
+      (c the members' mean, R their largest distance to c), so narrow-norm lists of large vectors go first. faiss
+      does this with an inner-product quantizer over rows [c, R, 0...] and queries [q, |q|, 0...];
+    - PQ codes the vectors themselves (not residuals) with the stored rows [x, 0...]: the extra sub-vector is zero,
+      so the PQ scores and the exact refinement (`IndexRefine` over a flat inner-product copy) are <q, x> exactly,
+      whatever |q| is appended. `search_index` appends it; the index's dimension is D + D / pq_m.
+    """
+    dim = store.dim
+    m = _pq_m(cfg, dim)
+    width = dim // m  # one more PQ sub-vector: the |q| / R coordinate, zero for stored vectors
+    sample = _training_sample(store, cfg.train_size)
+    if len(sample) < 2 ** cfg.pq_bits:
+        raise DastraError(
+            f"IVF-PQ needs at least {2 ** cfg.pq_bits} training vectors (index.pq_bits = {cfg.pq_bits}), "
+            f"the store has {len(sample)}: use index.kind: flat"
+        )
+    lists, quantizer = _ivf_lists(store, cfg, sample, width)
+    nlist = lists.nlist
     ivfpq = faiss.IndexIVFPQ(quantizer, dim + width, nlist, m + 1, cfg.pq_bits, faiss.METRIC_INNER_PRODUCT)
     ivfpq.by_residual = False
     ivfpq.cp.niter = cfg.train_iterations
     ivfpq.train(_augment(sample, None, width))  # the quantizer is complete: this trains the PQ codebooks only
     refine = faiss.IndexFlatIP(dim + width)
-    for shard in store.iter_shards():  # pass 3: codes into their lists, exact copies for the refinement
-        x = np.asarray(shard.vectors, dtype=np.float32)
-        if len(x):
-            stored, assigned = _augment(x, None, width), lists.assign(x)  # named: swig_ptr keeps no reference
-            ivfpq.add_core(len(stored), faiss.swig_ptr(stored), None, faiss.swig_ptr(assigned))
-            refine.add(stored)
+    _fill_lists(ivfpq, lists, store, refine)  # codes into their lists, exact copies for the refinement
     index = faiss.IndexRefine(ivfpq, refine)
     index.k_factor = float(cfg.refine_factor)
     faiss.downcast_index(index.base_index).nprobe = nprobe_for(cfg, nlist)
@@ -208,8 +243,8 @@ def build_index(store: GradientStore, cfg: IndexConfig) -> tuple[faiss.Index, di
         raise DastraError("the gradient store holds no document: check data.corpus")
     kind = index_kind(cfg, count)
     info: dict[str, object] = {"kind": kind, "index_format": INDEX_FORMATS[kind], "num_documents": count, "dim": dim}
-    if kind == "ivfpq":
-        index, built = _build_ivfpq(store, cfg)
+    if kind in ("ivfflat", "ivfpq"):
+        index, built = (_build_ivfflat if kind == "ivfflat" else _build_ivfpq)(store, cfg)
         info.update(built)
         return index, info
     index = faiss.IndexFlatIP(dim)
@@ -226,9 +261,12 @@ def save_index(index: faiss.Index, folder: Path) -> None:
 def load_index(folder: Path, cfg: IndexConfig) -> faiss.Index:
     """Read the saved index, set the search parameters of `cfg` (nprobe, refine_factor), move it to the device."""
     index = faiss.read_index(str(Path(folder) / INDEX_FILE))
-    if isinstance(index, faiss.IndexRefine):
+    base = index
+    if isinstance(index, faiss.IndexRefine):  # ivfpq
         index.k_factor = float(cfg.refine_factor)
-        ivf = faiss.extract_index_ivf(index.base_index)
+        base = index.base_index
+    if not isinstance(index, faiss.IndexFlat):  # ivfflat, ivfpq
+        ivf = faiss.extract_index_ivf(base)
         ivf.nprobe = nprobe_for(cfg, ivf.nlist)
     return to_device(index, cfg.device)
 
@@ -236,8 +274,9 @@ def load_index(folder: Path, cfg: IndexConfig) -> faiss.Index:
 def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores [Q, k], positions [Q, k]) of the k largest inner products <q, x>; position -1 where fewer exist.
 
-    An IVF-PQ index of `build_index` has D + D / pq_m dimensions: the queries are searched as [q, |q|, 0...] (the
-    norm feeds the lists' probing bound; stored vectors are zero there, so the scores stay <q, x>).
+    An IVF index of `build_index` has D + 1 (ivfflat) or D + D / pq_m (ivfpq) dimensions: the queries are searched
+    as [q, |q|, 0...] (the norm feeds the lists' probing bound; stored vectors are zero there, so the scores stay
+    <q, x>).
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if index.d > queries.shape[1]:

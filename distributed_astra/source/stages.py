@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from distributed_astra.artifacts import atomic_path, check_meta, read_meta, write_json
+from distributed_astra.artifacts import atomic_path, check_meta, read_meta, save_tensors, write_json
 from distributed_astra.curvature.factors import EkfacFactors, load_factors, save_factors
 from distributed_astra.errors import DastraError
 from distributed_astra.ihvp.products import Vectors
@@ -176,8 +176,8 @@ def solve(ctx: Context) -> float:
     with atomic_path(out) as tmp:
         tmp.mkdir()
         for seg, w in zip(segments, directions):
-            save_file({"query_ids": ids, **{k: v.contiguous() for k, v in w.items()}},
-                      str(tmp / f"directions_segment{seg.index}.safetensors"))
+            save_tensors({"query_ids": ids, **{k: v.contiguous() for k, v in w.items()}},
+                         tmp / f"directions_segment{seg.index}.safetensors")
         if results:
             pq.write_table(pa.concat_tables([r.table() for r in results]), tmp / "trace.parquet")
         write_json(

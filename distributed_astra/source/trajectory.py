@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from distributed_astra.artifacts import atomic_path, write_json
+from distributed_astra.artifacts import atomic_path, save_tensors, write_json
 from distributed_astra.errors import DastraError
 
 TRAJECTORY_FILE = "trajectory.json"
@@ -209,7 +209,7 @@ def save_trajectory(traj: Trajectory, folder: str | os.PathLike) -> Path:
     with atomic_path(folder) as tmp:
         (tmp / CHECKPOINT_DIR).mkdir(parents=True)
         for i, record in enumerate(traj.checkpoints):
-            save_file(traj.state(i), str(tmp / record.file))
+            save_tensors(traj.state(i), tmp / record.file)
         write_json(tmp / TRAJECTORY_FILE, description)
     return folder
 
