@@ -10,8 +10,8 @@ sequences, the 80 demo fact queries solved with EK-FAC at the auto damping. Meas
   exact      `pipeline.score` with scoring.dense: the exhaustive exact scores of every document (full gradients,
              Σ_t Ds_tᵀ X ā_t) and the time of exact streaming scoring of the corpus
   index      `pipeline.index` at the default projection (16 x 16 per module): store + flat index
-  search     faiss search of the projected queries (flat and IVF-PQ + exact IndexRefine), against the exact time
-  recall     IVF-PQ + refine top-10 against flat (exact inner product on the same vectors)
+  search     faiss search of the projected queries (flat, IVF-Flat, IVF-PQ + exact IndexRefine), against the exact time
+  recall     IVF-PQ + refine and IVF-Flat top-10 against flat (exact inner product on the same vectors)
   two-stage  `pipeline.search`: shortlist top_k x shortlist_factor from the index, exact re-score, top-10; agreement
              with the exhaustive exact top-10 (fraction of entries)
   curve      one extra pass: projected against exact scores for several projection dimensions, for the EK-FAC
@@ -124,6 +124,30 @@ def curve(ctx, query_grads: dict, directions: dict, num_docs: int) -> dict:
     return {"rows": rows, "full_dim": sum(o * i for o, i in shapes.values())}
 
 
+def ivf_sweep(store, ivf_cfg, queries: np.ndarray, flat_top: np.ndarray, seconds: dict) -> dict:
+    """Build the IVF kind of `ivf_cfg` on the store; recall@10 against flat and search time over a few nprobe."""
+    kind = ivf_cfg.kind
+    t0 = time.perf_counter()
+    index, info = build_index(store, ivf_cfg)
+    seconds[f"{kind}_build"] = time.perf_counter() - t0
+    nlist = int(info["nlist"])
+    default_nprobe = nprobe_for(ivf_cfg, nlist)
+    info["nprobe"] = default_nprobe
+    sweep = []
+    for nprobe in sorted({max(1, nlist // 8), max(1, nlist // 4), default_nprobe, nlist}):
+        faiss.extract_index_ivf(index).nprobe = nprobe
+        t0 = time.perf_counter()
+        _, positions = search_index(index, queries, TOP_K)
+        elapsed = time.perf_counter() - t0
+        hits = [len(set(positions[q]) & set(flat_top[q])) / TOP_K for q in range(len(queries))]
+        sweep.append({"nprobe": nprobe, "recall": float(np.mean(hits)), "seconds": elapsed})
+        log(f"{kind} {sweep[-1]} {info}")
+    default = next(r for r in sweep if r["nprobe"] == default_nprobe)
+    seconds[f"{kind}_search"] = default["seconds"]
+    info["nprobe_sweep"] = sweep
+    return {"info": info, "recall": default["recall"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -189,25 +213,10 @@ def main() -> None:
         t0 = time.perf_counter()
         flat_scores, flat_positions = search_index(flat, queries, TOP_K * cfg.index.shortlist_factor)
         seconds["flat_search"] = time.perf_counter() - t0
-        ivf_cfg = cfg.index.model_copy(update={"kind": "ivfpq"})  # the run's IVF-PQ settings, forced on this store
-        t0 = time.perf_counter()
-        ivfpq, ivf_info = build_index(store, ivf_cfg)
-        seconds["ivfpq_build"] = time.perf_counter() - t0
-        nlist = int(ivf_info["nlist"])
-        default_nprobe = nprobe_for(ivf_cfg, nlist)
-        ivf_info["nprobe"] = default_nprobe
-        sweep = []
-        for nprobe in sorted({max(1, nlist // 8), max(1, nlist // 4), default_nprobe, nlist}):
-            faiss.extract_index_ivf(ivfpq.base_index).nprobe = nprobe
-            t0 = time.perf_counter()
-            _, ivf_positions = search_index(ivfpq, queries, TOP_K)
-            elapsed = time.perf_counter() - t0
-            hits = [len(set(ivf_positions[q]) & set(flat_positions[q, :TOP_K])) / TOP_K for q in range(len(queries))]
-            sweep.append({"nprobe": nprobe, "recall": float(np.mean(hits)), "seconds": elapsed})
-            log(f"ivfpq {sweep[-1]} {ivf_info}")
-        default = next(r for r in sweep if r["nprobe"] == default_nprobe)
-        recall, seconds["ivfpq_search"] = default["recall"], default["seconds"]
-        ivf_info["nprobe_sweep"] = sweep
+        ivf = {}  # kind -> build info with its nprobe sweep; recall and time at the default nprobe
+        for kind in ("ivfpq", "ivfflat"):
+            ivf[kind] = ivf_sweep(store, cfg.index.model_copy(update={"kind": kind}), queries, flat_positions[:, :TOP_K], seconds)
+        recall, recall_flat = ivf["ivfpq"]["recall"], ivf["ivfflat"]["recall"]
 
         t0 = time.perf_counter()
         result = pipeline.search(ctx)
@@ -234,6 +243,7 @@ def main() -> None:
     search_seconds = seconds["project_queries"] + seconds["flat_search"]
     speedup = seconds["exact_streaming_score"] / search_seconds
     speedup_ivf = seconds["exact_streaming_score"] / (seconds["project_queries"] + seconds["ivfpq_search"])
+    speedup_ivfflat = seconds["exact_streaming_score"] / (seconds["project_queries"] + seconds["ivfflat_search"])
     speedup_two_stage = seconds["exact_streaming_score"] / seconds["search_stage_with_rescore"]
     default_row = next(r for r in curve_result["rows"] if r["directions"] == "ekfac" and r["dims"] == "16x16")
     summary = {
@@ -244,8 +254,10 @@ def main() -> None:
         "damping": damping,
         "effective_dimension": d_eff,
         "ivfpq_recall_at_10_vs_flat": recall,
+        "ivfflat_recall_at_10_vs_flat": recall_flat,
         "speedup_flat_search_vs_exact": speedup,
         "speedup_ivfpq_search_vs_exact": speedup_ivf,
+        "speedup_ivfflat_search_vs_exact": speedup_ivfflat,
         "speedup_search_stage_with_rescore_vs_exact": speedup_two_stage,
         "two_stage_agreement_top10": agreement,
         "shortlist_union_documents": shortlist_union,
@@ -253,7 +265,8 @@ def main() -> None:
         "targets": {"recall": recall >= 0.95, "speedup": speedup >= 20, "two_stage": agreement >= 0.95},
         "seconds": seconds,
         "curve": curve_result["rows"],
-        "ivfpq": ivf_info,
+        "ivfpq": ivf["ivfpq"]["info"],
+        "ivfflat": ivf["ivfflat"]["info"],
     }
     write_markdown(out, summary, cfg)
     print(json.dumps(summary))
@@ -277,8 +290,10 @@ def write_markdown(path: Path, s: dict, cfg) -> None:
         "| measure | value | target | met |",
         "|---|---:|---:|---|",
         f"| IVF-PQ (norm-banded lists) + exact refine recall@10 against flat (same vectors) | {s['ivfpq_recall_at_10_vs_flat']:.3f} | ≥ 0.95 | {yes(s['targets']['recall'])} |",
+        f"| IVF-Flat (same lists, no PQ; `index.kind: auto` from {cfg.index.ivf_min_documents:,} documents) recall@10 against flat | {s['ivfflat_recall_at_10_vs_flat']:.3f} | (info) | |",
         f"| exact streaming scoring / (query projection + flat search) | {s['speedup_flat_search_vs_exact']:.0f}x | ≥ 20x | {yes(s['targets']['speedup'])} |",
         f"| exact streaming scoring / (query projection + IVF-PQ search) | {s['speedup_ivfpq_search_vs_exact']:.0f}x | (info) | |",
+        f"| exact streaming scoring / (query projection + IVF-Flat search) | {s['speedup_ivfflat_search_vs_exact']:.0f}x | (info) | |",
         f"| exact streaming scoring / whole `search` stage with exact re-score | {s['speedup_search_stage_with_rescore_vs_exact']:.1f}x | (info) | |",
         f"| two-stage (shortlist, exact re-score) top-10 agreeing with exhaustive exact top-10 | {s['two_stage_agreement_top10']:.3f} | ≥ 0.95 | {yes(s['targets']['two_stage'])} |",
         f"| Spearman projected vs exact, EK-FAC directions, default dimension (median over queries) | {s['spearman_default_dim_ekfac']:.3f} | ≥ 0.9 | {yes(s['spearman_default_dim_ekfac'] >= 0.9)} |",
@@ -287,6 +302,7 @@ def write_markdown(path: Path, s: dict, cfg) -> None:
         f"The re-score stage scored {s['shortlist_union_documents']:,} distinct candidate documents (the union of the "
         "queries' shortlists), so its time is close to a full pass when Q x k x r approaches N.",
         f"IVF-PQ: {json.dumps(s['ivfpq'])}.",
+        f"IVF-Flat: {json.dumps(s['ivfflat'])}.",
         "",
         "## Projected against exact scores, over the projection dimension",
         "",

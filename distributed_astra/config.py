@@ -132,16 +132,21 @@ class IndexConfig(Section):
     """The projected gradient store and its faiss index (index/), and `dastra search`."""
 
     store_dtype: Literal["float16", "float32"] = "float16"
-    kind: Literal["auto", "flat", "ivfflat", "ivfpq"] = "auto"  # auto: flat below ivfpq_min_documents, IVF-PQ + refine above
-    ivfpq_min_documents: int = Field(100_000, gt=0)
+    # auto: flat below ivf_min_documents, ivfflat from there; ivfpq (IVF-PQ + exact refine) only when asked for
+    kind: Literal["auto", "flat", "ivfflat", "ivfpq"] = "auto"
+    ivf_min_documents: int = Field(100_000, gt=0)
     nlist: int | None = Field(None, gt=0)  # IVF lists; None: 4 sqrt(N)
     pq_m: int | None = Field(None, gt=0)  # PQ sub-quantizers (must divide the total dimension); None: D / 8
     pq_bits: int = Field(8, gt=0, le=16)
     norm_bands: int = Field(8, gt=0)  # IVF lists = norm bands x spherical k-means of directions (faiss_index.py)
-    nprobe: int | None = Field(None, gt=0)  # lists probed; None: ceil(probe_fraction x nlist)
-    probe_fraction: float = Field(0.5, gt=0, le=1)
+    nprobe: int | None = Field(None, gt=0)  # lists probed; None: max(min_nprobe, ceil(probe_fraction x nlist))
+    # one default for ivfflat and ivfpq: the top-10 lie in the few lists of highest bound, a count that grows slowly
+    # with N, so a small fraction of many lists (0.05 of 1,264 at 100k: recall 0.95) or a floor of lists on small
+    # stores (48 of 96 on the demo store: 0.97); docs/results/retrieval.md
+    probe_fraction: float = Field(0.05, gt=0, le=1)
+    min_nprobe: int = Field(48, gt=0)
     refine_factor: int = Field(50, gt=0)  # IndexRefine k_factor: PQ candidates re-ranked exactly per result
-    train_size: int = Field(65_536, gt=0)  # vectors sampled (evenly) to train IVF-PQ
+    train_size: int = Field(65_536, gt=0)  # vectors sampled (evenly) to train the IVF lists and PQ codebooks
     train_iterations: int = Field(10, gt=0)  # k-means iterations (IVF directions, PQ codebooks)
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: GPU when faiss has one; gpu without one warns, uses CPU
     shortlist_factor: int = Field(10, gt=0)  # r: the index returns top_k x r candidates per query

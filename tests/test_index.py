@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from distributed_astra.cli import app
 from distributed_astra.config import IndexConfig
-from distributed_astra.index.faiss_index import build_index, load_index, save_index, search_index
+from distributed_astra.index.faiss_index import build_index, index_kind, load_index, save_index, search_index
 from distributed_astra.index.store import GradientStore, open_store
 from distributed_astra.models.tiny import build_tiny_gpt2
 from tests.conftest import corpus_rows, write_workspace
@@ -225,6 +225,9 @@ def test_ivfflat_recall_exact_scores_and_save_load(tmp_path):
     index, info = build_index(_VectorStore(vectors), cfg)
     assert info["kind"] == "ivfflat" and info["index_format"] == "ivfflat-norm-bands/1" and info["nlist"] > 50
     assert isinstance(index, faiss.IndexIVFFlat) and index.d == vectors.shape[1] + 1
+    assert index.nprobe == min(cfg.min_nprobe, info["nlist"])  # a small store: the floor of lists, not 5%
+    assert index_kind(cfg.model_copy(update={"kind": "auto"}), cfg.ivf_min_documents) == "ivfflat"
+    assert index_kind(cfg.model_copy(update={"kind": "auto"}), cfg.ivf_min_documents - 1) == "flat"
     scores, positions = _check_recall_and_exact_scores(index, vectors, queries)
     save_index(index, tmp_path)
     loaded = load_index(tmp_path, cfg.model_copy(update={"device": "cpu"}))

@@ -162,7 +162,8 @@ def search(ctx: Context) -> pa.Table:
     expected = expected_meta(ctx, projection)
     store = open_store(store_dir(ctx), expected)
     index_meta = read_meta(index_dir(ctx), "faiss index", "index")
-    layout = {"index_format": INDEX_FORMATS["ivfpq"]} if index_meta.get("kind") == "ivfpq" else {}  # older IVF-PQ
+    kind = index_meta.get("kind")  # an index of an older layout of its kind (one without index_format) is refused
+    layout = {"index_format": INDEX_FORMATS[kind]} if kind in INDEX_FORMATS and kind != "flat" else {}
     check_meta(index_meta, {**expected, "shard_plan": store.meta["shard_plan"], **layout}, "faiss index", "index")
     query_ids, directions = _ensure_directions(ctx)
     cfg, k = ctx.cfg.index, ctx.cfg.scoring.top_k
