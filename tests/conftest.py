@@ -205,6 +205,16 @@ def write_workspace(
     return root
 
 
+
+def workspace_overrides(workspace: Path) -> list[str]:
+    """The config overrides that point a run at what `write_workspace` wrote."""
+    return [
+        "model.source=path",
+        f"model.path={workspace / 'model'}",
+        f"data.corpus={workspace / 'corpus.parquet'}",
+        f"data.queries={workspace / 'queries.parquet'}",
+    ]
+
 def assert_one_line_error(result, *fragments: str) -> None:
     """A CLI result that failed on bad input: exit code 2, one line starting "error:", holding every fragment."""
     assert result.exit_code == 2, result.output

@@ -34,7 +34,7 @@ from distributed_astra.distributed.collectives import balance_by_cost, slice_bou
 from distributed_astra.distributed.deepspeed_config import load_ds_config
 from distributed_astra.distributed.solve import solve_mode
 from distributed_astra.errors import DastraError
-from tests.conftest import QUERIES, corpus_rows, write_workspace
+from tests.conftest import QUERIES, corpus_rows, workspace_overrides, write_workspace
 
 RTOL = 1e-5
 
@@ -50,10 +50,7 @@ def workspace(tmp_path_factory) -> Path:
 
 def _overrides(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
-        "model.source=path",
-        f"model.path={workspace / 'model'}",
-        f"data.corpus={workspace / 'corpus.parquet'}",
-        f"data.queries={workspace / 'queries.parquet'}",
+        *workspace_overrides(workspace),
         "data.max_length=32",
         "data.shard_rows=4",
         "factors.batch_size=8",

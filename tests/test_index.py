@@ -23,7 +23,7 @@ from distributed_astra.config import IndexConfig
 from distributed_astra.index.faiss_index import build_index, index_kind, load_index, save_index, search_index
 from distributed_astra.index.store import GradientStore, open_store
 from distributed_astra.models.tiny import build_tiny_gpt2
-from tests.conftest import corpus_rows, write_workspace
+from tests.conftest import corpus_rows, workspace_overrides, write_workspace
 
 NUM_DOCS, TOP_K = 60, 5
 
@@ -42,10 +42,7 @@ def workspace(tmp_path_factory) -> Path:
 
 def _args(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
     overrides = [
-        "model.source=path",
-        f"model.path={workspace / 'model'}",
-        f"data.corpus={workspace / 'corpus.parquet'}",
-        f"data.queries={workspace / 'queries.parquet'}",
+        *workspace_overrides(workspace),
         "data.max_length=16",  # documents of up to 50 words span several sequences
         "data.shard_rows=16",
         "factors.batch_size=8",
@@ -93,6 +90,17 @@ def _exact_topk(dense, query_id: int, k: int) -> list[int]:
     return dense[f"q{query_id}"].sort_values(ascending=False).index[:k].tolist()
 
 
+def _assert_search_is_exact_topk(run_dir: Path, dense, rel: float) -> list[dict]:
+    """search/topk.parquet holds, per query, the exhaustive exact top-k with its exact scores; returns its rows."""
+    table = pq.read_table(run_dir / "search" / "topk.parquet").to_pylist()
+    for q in range(3):
+        got = [r for r in table if r["query_id"] == q]
+        assert [r["doc_id"] for r in got] == _exact_topk(dense, q, TOP_K)
+        for r in got:
+            assert r["score"] == pytest.approx(dense.loc[r["doc_id"], f"q{q}"], rel=rel, abs=1e-6)
+    return table
+
+
 def test_store_layout_metadata_and_zero_copy_fp16(run, default_run):
     run_dir, full, _ = run
     meta = json.loads((run_dir / "store" / "meta.json").read_text())
@@ -119,12 +127,7 @@ def test_full_dimension_store_reproduces_exact_scores(run, workspace):
     run_dir, full, dense = run
     result = invoke("search", *_args(workspace, run_dir, *full, "index.shortlist_factor=2", "index.rescore=false"))
     assert result.exit_code == 0, result.output
-    table = pq.read_table(run_dir / "search" / "topk.parquet").to_pylist()
-    for q in range(3):
-        got = [r for r in table if r["query_id"] == q]
-        assert [r["doc_id"] for r in got] == _exact_topk(dense, q, TOP_K)
-        for r in got:
-            assert r["score"] == pytest.approx(dense.loc[r["doc_id"], f"q{q}"], rel=1e-4, abs=1e-6)
+    _assert_search_is_exact_topk(run_dir, dense, rel=1e-4)
 
 
 def test_two_stage_search_equals_exhaustive_exact_topk(run, default_run, workspace):
@@ -133,13 +136,8 @@ def test_two_stage_search_equals_exhaustive_exact_topk(run, default_run, workspa
     other = default_run
     result = invoke("search", *_args(workspace, other, f"index.shortlist_factor={NUM_DOCS}"))
     assert result.exit_code == 0, result.output
-    table = pq.read_table(other / "search" / "topk.parquet").to_pylist()
-    for q in range(3):
-        got = [r for r in table if r["query_id"] == q]
-        assert [r["doc_id"] for r in got] == _exact_topk(dense, q, TOP_K)
-        for r in got:
-            assert r["score"] == pytest.approx(dense.loc[r["doc_id"], f"q{q}"], rel=1e-5, abs=1e-6)
-            assert r["text"] and r["row"] == r["doc_id"] - 500
+    for r in _assert_search_is_exact_topk(other, dense, rel=1e-5):
+        assert r["text"] and r["row"] == r["doc_id"] - 500
 
 
 def test_search_refuses_a_store_from_another_seed_or_model(run, workspace, tmp_path):

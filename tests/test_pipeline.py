@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from distributed_astra.cli import app
 from distributed_astra.models.tiny import build_tiny_gpt2
-from tests.conftest import QUERIES, assert_one_line_error, corpus_rows, write_workspace
+from tests.conftest import QUERIES, assert_one_line_error, corpus_rows, workspace_overrides, write_workspace
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
@@ -25,10 +25,7 @@ def workspace(tmp_path_factory) -> Path:
 
 def _args(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
     overrides = [
-        "model.source=path",
-        f"model.path={workspace / 'model'}",
-        f"data.corpus={workspace / 'corpus.parquet'}",
-        f"data.queries={workspace / 'queries.parquet'}",
+        *workspace_overrides(workspace),
         "data.max_length=32",
         "factors.batch_size=8",
         "scoring.batch_size=8",

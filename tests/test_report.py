@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from distributed_astra.cli import app
 from distributed_astra.report.segments import best_window, token_segments
-from tests.conftest import corpus_rows, write_workspace
+from tests.conftest import corpus_rows, workspace_overrides, write_workspace
 
 # Words with HTML-special characters: the report must show them as text, never as markup.
 WORDS = "alpha beta gamma delta <i>kappa</i> sigma&omega river \"city\" stone 'theta' café 日本".split()
@@ -30,11 +30,8 @@ NUM_SHOWN, TOP_K = 2, 4
 
 def _overrides(workspace: Path, *extra: str) -> list[str]:
     settings = [
-        "model.source=path",
-        f"model.path={workspace / 'model'}",
+        *workspace_overrides(workspace),
         "model.dtype=float64",
-        f"data.corpus={workspace / 'corpus.parquet'}",
-        f"data.queries={workspace / 'queries.parquet'}",
         "data.max_length=16",
         "factors.batch_size=16",
         "scoring.batch_size=16",
