@@ -90,6 +90,17 @@ class SolverConfig(Section):
     tolerance: float = Field(0.0, ge=0)  # stop a query when |Δh| / |h| stays below this for `patience` iterations
     patience: int = Field(10, gt=0)  # iterations of rising h (or of tiny |Δh|) before stopping a query
     query_batch_size: int = Field(16, gt=0)
+    heldout_every: int = Field(
+        10,
+        ge=0,
+        description="iterations between evaluations of h and the residual on ONE fixed held-out curvature batch "
+        "(also at the start and the end; 0: off): the convergence signal of the report and W&B. Costs "
+        "(iterations / heldout_every + 2) x heldout_batch_size sequence-products per chunk against the solve's "
+        "iterations x minibatch_size (the demo: 3 x 4 / (20 x 8) = 7.5%)",
+    )
+    heldout_batch_size: int = Field(
+        4, gt=0, description="sequences of the fixed held-out curvature batch (drawn once, with its own generator)"
+    )
     seed: int = 0
 
 

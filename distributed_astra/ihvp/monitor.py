@@ -21,6 +21,12 @@ noise alone can trigger both rules. Rows of running queries have status "running
 
 `on_iteration(iteration, h[Q], residual[Q], lr)` (e.g. a W&B logger) receives tensors over ALL Q queries, NaN for
 queries that are no longer running. Write the trace with `trace_table(...)` (a pyarrow.Table for `trace.parquet`).
+
+Because every row is measured on a different minibatch, the trace's h zig-zags and cannot say whether the solve
+converged. `HeldoutTrace` holds the other signal (ihvp/solvers.py, `HeldoutEvaluator`): h and the residual of the
+iterates on ONE fixed curvature batch drawn once, every `solver.heldout_every` iterations and at the end, so the
+held-out h of a query is a deterministic function of its iterate and its differences over iterations are real
+(`heldout_table(...)` gives `heldout.parquet`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch
 log = logging.getLogger(__name__)
 
 OnIteration = Callable[[int, torch.Tensor, torch.Tensor, float], None]
+OnHeldout = Callable[[int, torch.Tensor, torch.Tensor], None]  # (global iteration, h[Q], residual[Q]), NaN = not evaluated
 
 RUNNING = "running"
 CONVERGED = "converged"
@@ -42,6 +49,7 @@ DIVERGED = "diverged"
 MAX_ITERATIONS = "max_iterations"
 EXACT = "exact"  # the EK-FAC solver: no iteration
 TRACE_COLUMNS = ("query", "query_id", "repeat", "iteration", "objective", "residual", "lr", "status")
+HELDOUT_COLUMNS = ("query", "query_id", "repeat", "iteration", "objective", "residual")
 
 
 @dataclass
@@ -71,6 +79,44 @@ class Trace:
         """The columns restricted to query q (in iteration order)."""
         keep = [i for i, x in enumerate(self.query) if x == q]
         return {k: [v[i] for i in keep] for k, v in self.columns().items()}
+
+
+@dataclass
+class HeldoutTrace:
+    """Column-wise rows of the held-out evaluation: one per (query, repeat, iteration k) evaluated, k being the
+    number of steps taken (k = 0: the initial iterate; the last row of a query: its final iterate)."""
+
+    query: list[int] = field(default_factory=list)
+    query_id: list[str] = field(default_factory=list)
+    repeat: list[int] = field(default_factory=list)
+    iteration: list[int] = field(default_factory=list)
+    objective: list[float] = field(default_factory=list)
+    residual: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+    def columns(self) -> dict[str, list]:
+        return {name: getattr(self, name) for name in HELDOUT_COLUMNS}
+
+
+def heldout_table(trace: HeldoutTrace | dict[str, list]):
+    """A pyarrow.Table (query int64, query_id string, repeat, iteration int64, objective, residual float64) for
+    `heldout.parquet`, from a `HeldoutTrace` or a dict of its columns."""
+    import pyarrow as pa
+
+    cols = trace.columns() if isinstance(trace, HeldoutTrace) else {k: list(trace.get(k, [])) for k in HELDOUT_COLUMNS}
+    schema = pa.schema(
+        [
+            ("query", pa.int64()),
+            ("query_id", pa.string()),
+            ("repeat", pa.int64()),
+            ("iteration", pa.int64()),
+            ("objective", pa.float64()),
+            ("residual", pa.float64()),
+        ]
+    )
+    return pa.table({k: cols[k] for k in HELDOUT_COLUMNS}, schema=schema)
 
 
 def trace_table(trace: Trace | Sequence[dict] | dict[str, list]):

@@ -30,13 +30,27 @@ gives the fallback of diverged queries (without one they fall back to their init
 `batches` is any iterator of minibatches (a `MinibatchSampler` draws them with replacement; `itertools.repeat(b)`
 gives the full-batch G). One minibatch is drawn per iteration and shared by all queries still running.
 Per-query monitoring, stopping and the trace are in `monitor.py`.
+
+Held-out evaluation (`heldout=`, a batch from `MinibatchSampler.draw` with its own generator, and
+`cfg.heldout_every`): the iterate x_k of every running query is measured on that ONE fixed batch B_h at k = 0,
+every `heldout_every` iterations and after the last step,
+
+    h_h(x) = ½ xᵀ(G̃_h + λI)x − vᵀx,   r_h(x) = ‖(G̃_h + λI)x − v‖,
+
+the same product the iterations compute, on a batch that never changes, so h_h(x_k) − h_h(x_0) is a difference of
+one function (no minibatch noise between the two measurements). It costs (⌈K / every⌉ + 1) extra products on
+|B_h| sequences per chunk and changes nothing in the solve: the minibatch stream is untouched and the Fisher
+product's label generator is restored around each evaluation (which draws the same labels each time, seeded by
+cfg.seed + 1, so the held-out Fisher is fixed too).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,8 +65,11 @@ from distributed_astra.ihvp.monitor import (
     MAX_ITERATIONS,
     RUNNING,
     ConvergenceMonitor,
+    HeldoutTrace,
+    OnHeldout,
     OnIteration,
     Trace,
+    heldout_table,
     trace_table,
 )
 from distributed_astra.ihvp.products import (
@@ -216,6 +233,13 @@ class MinibatchSampler:
         self.last_indices = index
         return self._collate(index)
 
+    def draw(self, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """`size` rows drawn with replacement by `generator`, leaving this sampler's own stream untouched (the
+        solvers' fixed held-out batch)."""
+        if size < 1:
+            raise DastraError(f"solver.heldout_batch_size must be >= 1, got {size}")
+        return self._collate(torch.randint(self.num_sequences, (int(size),), generator=generator))
+
     def full_batch(self) -> dict[str, torch.Tensor]:
         """Every loss-carrying sequence once (its product is the full G = (1/N) Σ_n J_nᵀ H_n J_n)."""
         return self._collate(torch.arange(self.num_sequences))
@@ -240,6 +264,8 @@ class SolveResult:
     status[q]: "exact" (ekfac), "converged", "max_iterations" or "diverged" (then x[q] is the EK-FAC solution and
     fell_back[q] is True). iterations[q]: iterations run for q (summed over LiSSA repeats). trace: the monitor's
     rows; `table()` gives the pyarrow.Table for trace.parquet. messages: the divergence warnings.
+    heldout: the held-out evaluation's rows (empty without a held-out batch), `heldout_table()` for
+    heldout.parquet; heldout_seconds: the wall time those evaluations took.
     """
 
     x: Vectors
@@ -248,9 +274,73 @@ class SolveResult:
     iterations: list[int]
     trace: Trace
     messages: list[str]
+    heldout: HeldoutTrace = field(default_factory=HeldoutTrace)
+    heldout_seconds: float = 0.0
 
     def table(self):
         return trace_table(self.trace)
+
+    def heldout_table(self):
+        return heldout_table(self.heldout)
+
+
+class HeldoutEvaluator:
+    """h and the residual of iterates on one fixed curvature batch (module docstring), into a `HeldoutTrace`.
+
+    `evaluate(x, v, index, iteration, repeat, step)` measures the rows `index` (queries of the chunk) of the given
+    iterates x / right-hand sides v (restricted to `index`), records them at `iteration` (steps taken) and calls
+    `on_heldout(step, h[Q], r[Q])` with NaN for the queries not measured.
+    """
+
+    def __init__(
+        self, product: CurvatureProduct, batch: Mapping[str, torch.Tensor], damping: float, every: int,
+        num_queries: int, query_ids: Sequence[str], seed: int, on_heldout: OnHeldout | None = None,
+    ) -> None:
+        self.product = product
+        self.batch = batch
+        self.damping = damping
+        self.every = int(every)
+        self.num_queries = num_queries
+        self.query_ids = list(query_ids)
+        self.seed = seed
+        self.on_heldout = on_heldout
+        self.trace = HeldoutTrace()
+        self.seconds = 0.0
+
+    def due(self, k: int) -> bool:
+        return self.every > 0 and k % self.every == 0
+
+    def _product(self, x: Vectors) -> Vectors:
+        generator = getattr(self.product, "generator", None)  # the Fisher product's labels: fixed, and restored
+        if not isinstance(generator, torch.Generator):
+            return self.product.product(x, self.batch)
+        state = generator.get_state()
+        generator.manual_seed(self.seed + 1)
+        try:
+            return self.product.product(x, self.batch)
+        finally:
+            generator.set_state(state)
+
+    def evaluate(self, x: Vectors, v: Vectors, index: torch.Tensor, iteration: int, repeat: int, step: int) -> None:
+        if index.numel() == 0:
+            return
+        started = time.perf_counter()
+        ax = vec_axpy(self.damping, x, self._product(x))
+        h = (0.5 * vec_dot(x, ax) - vec_dot(v, x)).detach().double().cpu()
+        r = vec_norm(vec_sub(ax, v)).detach().double().cpu()
+        self.seconds += time.perf_counter() - started
+        for j, q in enumerate(index.cpu().tolist()):
+            self.trace.query.append(q)
+            self.trace.query_id.append(self.query_ids[q])
+            self.trace.repeat.append(repeat)
+            self.trace.iteration.append(iteration)
+            self.trace.objective.append(float(h[j]))
+            self.trace.residual.append(float(r[j]))
+        if self.on_heldout is not None:
+            full_h = torch.full((self.num_queries,), math.nan, dtype=torch.float64)
+            full_r = torch.full_like(full_h, math.nan)
+            full_h[index.cpu()], full_r[index.cpu()] = h, r
+            self.on_heldout(step, full_h, full_r)
 
 
 # ============================================================================================ solve
@@ -265,6 +355,8 @@ def solve(
     x0: Vectors | None = None,
     query_ids: Sequence[str] | None = None,
     on_iteration: OnIteration | None = None,
+    heldout: Mapping[str, torch.Tensor] | None = None,
+    on_heldout: OnHeldout | None = None,
 ) -> SolveResult:
     """Solve (G + λI) x = v for every query (see the module docstring); λ = `damping` (a number: resolve "auto"
     with `default_damping(factors)` first).
@@ -273,6 +365,9 @@ def solve(
     query_ids name the queries in the trace and in divergence messages (default: their indices).
     on_iteration(iteration, h[Q], residual[Q], lr) is called once per iteration (NaN for stopped queries); for
     lissa, `iteration` counts across repeats.
+    heldout: a fixed curvature batch (`MinibatchSampler.draw`) on which the iterates are measured at the start,
+    every cfg.heldout_every iterations and at the end (module docstring; nothing when cfg.heldout_every is 0);
+    on_heldout(iteration, h[Q], residual[Q]) receives each evaluation (NaN for queries not measured).
     """
     if cfg.name not in SOLVERS:
         raise DastraError(f"solver.name '{cfg.name}' is not one of: {', '.join(SOLVERS)}")
@@ -328,6 +423,11 @@ def solve(
         on_iteration=on_iteration,
     )
     repeats = cfg.lissa_repeats if cfg.name == "lissa" else 1
+    evaluator = None
+    if heldout is not None and cfg.heldout_every > 0:
+        evaluator = HeldoutEvaluator(
+            product, heldout, damping, cfg.heldout_every, num_queries, monitor.query_ids, cfg.seed, on_heldout
+        )
 
     total = vec_zeros_like(v)
     for repeat in range(repeats):
@@ -338,14 +438,24 @@ def solve(
         if not alive:
             break
         x = vec_clone(init)
+        ran_before = list(monitor.iterations)
         if cfg.iterations == 0:
             for q in alive:
                 monitor.status[q] = MAX_ITERATIONS
         else:
             _iterate(
                 x, v, torch.tensor(alive, dtype=torch.long), product, iterator, precond_step, cfg, damping, alpha,
-                monitor, step_offset=repeat * cfg.iterations,
+                monitor, step_offset=repeat * cfg.iterations, evaluator=evaluator, repeat=repeat,
             )
+        if evaluator is not None:  # the final iterate of every query that did not diverge, at its step count
+            offset = repeat * cfg.iterations
+            by_steps: dict[int, list[int]] = {}
+            for q in alive:
+                if monitor.status[q] != DIVERGED:
+                    by_steps.setdefault(monitor.iterations[q] - ran_before[q], []).append(q)
+            for steps, members in sorted(by_steps.items()):
+                index = torch.tensor(members, dtype=torch.long)
+                evaluator.evaluate(vec_take(x, index), vec_take(v, index), index, steps, repeat, offset + steps)
         total = vec_axpy(1.0, x, total)
 
     diverged = torch.tensor([s == DIVERGED for s in monitor.status], dtype=torch.bool)
@@ -353,7 +463,10 @@ def solve(
     if bool(diverged.any()):
         index = diverged.nonzero().squeeze(1)
         vec_put(x, index, vec_take(fallback, index))
-    return SolveResult(x, list(monitor.status), diverged, list(monitor.iterations), monitor.trace, monitor.messages)
+    return SolveResult(
+        x, list(monitor.status), diverged, list(monitor.iterations), monitor.trace, monitor.messages,
+        evaluator.trace if evaluator is not None else HeldoutTrace(), evaluator.seconds if evaluator is not None else 0.0,
+    )
 
 
 def _iterate(
@@ -368,8 +481,11 @@ def _iterate(
     alpha: float,
     monitor: ConvergenceMonitor,
     step_offset: int,
+    evaluator: HeldoutEvaluator | None = None,
+    repeat: int = 0,
 ) -> None:
-    """Run up to cfg.iterations SGD steps on the queries `index` of x, in place; the monitor stops queries."""
+    """Run up to cfg.iterations SGD steps on the queries `index` of x, in place; the monitor stops queries.
+    `evaluator` measures the iterates of the running queries on its held-out batch when `evaluator.due(k)`."""
     momentum = float(cfg.momentum)
     buf: Vectors | None = None
     for k in range(cfg.iterations):
@@ -385,6 +501,8 @@ def _iterate(
             ) from None
         xk = vec_take(x, index)
         vk = vec_take(v, index)
+        if evaluator is not None and evaluator.due(k):
+            evaluator.evaluate(xk, vk, index, k, repeat, step_offset + k)
         gx = product.product(xk, batch)
         ax = vec_axpy(damping, xk, gx)  # (G̃_k + λI) x_k
         grad = vec_sub(ax, vk)  # ∇h(x_k) on minibatch k
