@@ -154,10 +154,10 @@ def child(stage: str, work: Path, corpus: Path, run_dir: Path) -> None:
             from distributed_astra.index.store import StoreWriter, write_store
 
             projection = stages.run_projection(ctx)
-            corpus_reader = stages.open_run_corpus(ctx)
+            corpus_reader = ctx.open_corpus()
             writer = StoreWriter(
                 ctx.model, ctx.tracked, ctx.tokenizer, corpus_reader, corpus_reader.shard_plan(cfg.data.shard_rows),
-                projection, MAX_LENGTH, BATCH, product_dtype(ctx.model, ctx.stat_dtype), "float16",
+                projection, ctx.sequence_format, BATCH, product_dtype(ctx.model, ctx.stat_dtype), "float16",
             )
             meta = write_store(writer, run_dir / "store", stages.expected_meta(ctx, projection))
             info["documents"] = meta["num_documents"]

@@ -28,68 +28,120 @@ class Section(BaseModel):
 class TinyModelConfig(Section):
     """The demo's GPT-2, built and trained inside the run directory when `model.source` is `tiny`."""
 
-    vocab_size: int = Field(4096, gt=0)
-    n_layer: int = Field(2, gt=0)
-    n_head: int = Field(4, gt=0)
-    n_embd: int = Field(128, gt=0)
-    train_steps: int = Field(1300, gt=0)
-    train_batch_size: int = Field(32, gt=0)
-    learning_rate: float = Field(3e-3, gt=0)
-    seed: int = 0
+    vocab_size: int = Field(4096, gt=0, description="byte-level BPE vocabulary trained on the corpus")
+    n_layer: int = Field(2, gt=0, description="transformer blocks")
+    n_head: int = Field(4, gt=0, description="attention heads per block")
+    n_embd: int = Field(128, gt=0, description="hidden width")
+    train_steps: int = Field(1300, gt=0, description="AdamW steps of the demo training")
+    train_batch_size: int = Field(32, gt=0, description="sequences per training step")
+    learning_rate: float = Field(3e-3, gt=0, description="peak AdamW learning rate")
+    seed: int = Field(0, description="initialisation and batch-order seed")
 
 
 class ModelConfig(Section):
-    source: Literal["tiny", "path", "hub"] = "tiny"
-    path: str | None = None
-    hub_id: str | None = None
-    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
-    tracked_modules: list[str] = Field(default_factory=lambda: ["transformer.h.*.mlp.c_fc", "transformer.h.*.mlp.c_proj"])
-    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    """The model attributed: the demo's tiny GPT-2, a local Hugging Face folder or a hub id."""
+
+    source: Literal["tiny", "path", "hub"] = Field(
+        "tiny", description="tiny (built and trained in the run dir) | path (model.path) | hub (model.hub_id)"
+    )
+    path: str | None = Field(None, description="a local HF model folder (model.source: path)")
+    hub_id: str | None = Field(None, description="a hub id found in the local HF cache (model.source: hub)")
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = Field(
+        "float32", description="the model's compute dtype; statistics always use factors.dtype"
+    )
+    tracked_modules: list[str] = Field(
+        default_factory=lambda: ["transformer.h.*.mlp.c_fc", "transformer.h.*.mlp.c_proj"],
+        description="glob patterns over module names whose weights are attributed; nn.Linear and HF Conv1D only",
+    )
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="the demo's GPT-2")
 
 
 class DataConfig(Section):
-    corpus: str = "demo"
-    queries: str = "demo"
-    text_column: str = "text"
-    id_column: str | None = "doc_id"  # None: the document id is the row number (data/corpus.py)
-    split: str = "train"  # the split read from a DatasetDict `save_to_disk` folder
-    max_length: int = Field(64, gt=1)
-    num_stdlib_docs: int = Field(1500, gt=0)
-    num_facts: int = Field(40, gt=0)
-    seed: int = 0
-    shard_rows: int = Field(256, gt=0)  # corpus rows per shard (stable shard ids: distributed scoring, its resume)
+    """The training corpus, the queries, and how documents become token sequences (docs/design.md, "Documents")."""
+
+    corpus: str = Field(
+        "demo", description="demo | a Parquet/Arrow file, a glob, a folder of such files, or a save_to_disk folder"
+    )
+    queries: str = Field(
+        "demo", description="demo | a Parquet file with query_id, prompt, completion (and optionally fact_doc_id)"
+    )
+    text_column: str = Field("text", description="the corpus column holding each document's text")
+    id_column: str | None = Field(
+        "doc_id", description="an integer or string document id column, or null to use row numbers as ids"
+    )
+    split: str = Field("train", description="the split read from a DatasetDict save_to_disk folder")
+    max_length: int = Field(64, gt=1, description="tokens per sequence (at most the model's positions)")
+    long_documents: Literal["split", "truncate"] = Field(
+        "split",
+        description="split: a long document becomes several sequences (every token counts) | truncate: only its "
+        "first max_length tokens (kronfluence's and bergson's examples)",
+    )
+    add_eos: bool = Field(True, description="end every document with the tokenizer's eos token before cutting")
+    num_stdlib_docs: int = Field(1500, gt=0, description="demo corpus: standard-library documents")
+    num_facts: int = Field(40, gt=0, description="demo corpus: planted made-up facts (two queries each)")
+    seed: int = Field(0, description="demo corpus: placement of the fact documents")
+    shard_rows: int = Field(
+        256, gt=0, description="corpus rows per shard: the unit of distributed scoring, of the store and of resume"
+    )
 
 
 class FactorsConfig(Section):
-    strategy: Literal["ekfac", "kfac"] = "ekfac"
-    dtype: Literal["float32", "float64"] = "float64"
-    batch_size: int = Field(32, gt=0)
-    max_sequences: int | None = Field(None, gt=0)
-    seed: int = 0
+    """The EK-FAC fit (`dastra fit`, seeds §3)."""
+
+    strategy: Literal["ekfac", "kfac"] = Field(
+        "ekfac", description="ekfac (corrected eigenvalues Λ) | kfac (Kronecker products of the A and S spectra)"
+    )
+    dtype: Literal["float32", "float64"] = Field(
+        "float64", description="statistics and eigendecompositions, whatever the model dtype"
+    )
+    batch_size: int = Field(32, gt=0, description="sequences per fit batch")
+    max_sequences: int | None = Field(None, gt=0, description="cap on sequences per pass (null: the whole corpus)")
+    seed: int = Field(0, description="label sampling for the true Fisher")
+
+
+METHODS = Literal["ekfac", "sni", "lissa", "astra", "source", "astra-source"]
 
 
 class SolverConfig(Section):
     """iHVP solver settings (seeds §4-5). Defaults are the ASTRA paper's GPT-2 column (seeds §10.2, Table 3)."""
 
-    # source | astra-source: SOURCE over the training trajectory (`source` section, seeds §6-7), single-process
-    name: Literal["ekfac", "sni", "lissa", "astra", "source", "astra-source"] = "ekfac"
-    # solved and scored too by `dastra run`, for comparison (summary.json, report); top-k under baselines/<name>/
-    baselines: list[Literal["ekfac", "sni", "lissa", "astra", "source", "astra-source"]] = Field(default_factory=list)
-    damping: float | Literal["auto"] = "auto"
-    preconditioner_damping: float | None = Field(None, gt=0)  # λ̃ of ASTRA; None = λ (the paper's choice)
-    product: Literal["ggn", "fisher"] = "ggn"  # exact minibatch GGN·v, or the hook-only sampled-label Fisher·v
-    fisher_samples: int = Field(1, gt=0)  # label samples per token for the Fisher product
-    iterations: int = Field(300, ge=0)
-    lr: float = Field(1.0, gt=0)
-    lr_mode: Literal["auto", "relative", "absolute"] = "auto"  # auto: α = lr / μ̂_max; relative: α = lr × λ (Table 3); absolute: α = lr (Fig 3)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    lr_decay: float = Field(0.9, gt=0, le=1)
-    lr_decay_every: int = Field(100, gt=0)
-    minibatch_size: int = Field(16, gt=0)  # ℬ, sequences per G̃ minibatch, sampled with replacement
-    lissa_repeats: int = Field(1, gt=0)  # R of LiSSA (R = 1 is SNI)
-    tolerance: float = Field(0.0, ge=0)  # stop a query when |Δh| / |h| stays below this for `patience` iterations
-    patience: int = Field(10, gt=0)  # iterations of rising h (or of tiny |Δh|) before stopping a query
-    query_batch_size: int = Field(16, gt=0)
+    name: METHODS = Field(
+        "astra",
+        description="ekfac | sni | lissa | astra (seeds §4-5) | source | astra-source (§6-7, over the training "
+        "trajectory); its top-k is topk.parquet and the report's",
+    )
+    baselines: list[METHODS] = Field(
+        default_factory=lambda: ["ekfac"],
+        description="also solved and scored by `dastra run`, for comparison (summary.json, report); top-k under "
+        "baselines/<name>/",
+    )
+    damping: float | Literal["auto"] = Field(
+        "auto", description="λ: auto = 0.1 x mean(Λ) (docs/design.md, \"Damping\"), or a number"
+    )
+    preconditioner_damping: float | None = Field(
+        None, gt=0, description="λ̃ of ASTRA's EK-FAC preconditioner; null = λ (the paper's choice)"
+    )
+    product: Literal["ggn", "fisher"] = Field(
+        "ggn", description="ggn: exact minibatch GGN·v | fisher: the hook-only sampled-label Fisher·v"
+    )
+    fisher_samples: int = Field(1, gt=0, description="label samples per token for the Fisher product")
+    iterations: int = Field(300, ge=0, description="iterations of sni | lissa | astra per query")
+    lr: float = Field(1.0, gt=0, description="step size, read as lr_mode says")
+    lr_mode: Literal["auto", "relative", "absolute"] = Field(
+        "auto",
+        description="auto: α = lr / μ̂_max (largest eigenvalue of (P + λI)⁻¹(G̃ + λI)) | relative: α = lr × λ "
+        "(Table 3) | absolute: α = lr (Fig 3)",
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="heavy-ball momentum of ASTRA")
+    lr_decay: float = Field(0.9, gt=0, le=1, description="α is multiplied by this every lr_decay_every iterations")
+    lr_decay_every: int = Field(100, gt=0, description="iterations between learning-rate decays")
+    minibatch_size: int = Field(16, gt=0, description="ℬ: sequences per G̃ minibatch, drawn with replacement")
+    lissa_repeats: int = Field(1, gt=0, description="R of LiSSA (R = 1 is SNI)")
+    tolerance: float = Field(
+        0.0, ge=0, description="stop a query when |Δh| / |h| stays below this for `patience` iterations (0: never)"
+    )
+    patience: int = Field(10, gt=0, description="iterations of rising h (or of tiny |Δh|) before stopping a query")
+    query_batch_size: int = Field(16, gt=0, description="queries solved together, sharing each curvature minibatch")
     heldout_every: int = Field(
         10,
         ge=0,
@@ -101,7 +153,7 @@ class SolverConfig(Section):
     heldout_batch_size: int = Field(
         4, gt=0, description="sequences of the fixed held-out curvature batch (drawn once, with its own generator)"
     )
-    seed: int = 0
+    seed: int = Field(0, description="minibatch sampling and Fisher labels")
 
 
 class SourceConfig(Section):
@@ -111,125 +163,183 @@ class SourceConfig(Section):
     for `model.source: path | hub` it is a folder written by `source.save_trajectory`, named by `trajectory`.
     """
 
-    num_segments: int = Field(3, gt=0)  # L: equal ranges of optimizer steps (the papers' 3)
-    variant: Literal["exp", "damped"] = "exp"  # r̄ of `source`: exp form (EK-FAC-SOURCE) or damped (Ḡ + λ_ℓI)⁻¹
-    checkpoints: int = Field(6, gt=0)  # checkpoints recorded while the tiny GPT-2 trains, evenly spaced, the last = θ^s
-    trajectory: str | None = None  # trajectory folder for model.source path | hub; null with tiny = <run_dir>/trajectory
+    num_segments: int = Field(3, gt=0, description="L: equal ranges of optimizer steps (the papers' 3)")
+    variant: Literal["exp", "damped"] = Field(
+        "exp", description="r̄ of `source`: exp form (EK-FAC-SOURCE) | damped (Ḡ + λ_ℓI)⁻¹ (= astra-source at 0 iterations)"
+    )
+    checkpoints: int = Field(
+        6, gt=0, description="checkpoints recorded while the tiny GPT-2 trains, evenly spaced, the last = θ^s"
+    )
+    trajectory: str | None = Field(
+        None, description="trajectory folder for model.source path | hub; null with tiny = <run_dir>/trajectory"
+    )
 
 
 class ScoringConfig(Section):
-    top_k: int = Field(10, gt=0)
-    batch_size: int = Field(32, gt=0)
-    dense: bool = False
+    """Streaming the corpus against the solved directions (`dastra score`)."""
+
+    top_k: int = Field(10, gt=0, description="documents kept per query")
+    batch_size: int = Field(32, gt=0, description="sequences per scoring batch")
+    dense: bool = Field(False, description="also write scores/dense.parquet (N documents x Q queries)")
 
 
 class ReportConfig(Section):
     """`report.html` (`dastra report`): how much of the run a person is shown."""
 
-    num_queries: int = Field(20, gt=0)  # the first queries of topk.parquet that get a section (per-token pass)
-    max_tokens: int = Field(64, gt=0)  # tokens of document text shown: the window holding the most influence
+    num_queries: int = Field(
+        20, gt=0, description="the first queries of topk.parquet that get a section (only they get the per-token pass)"
+    )
+    max_tokens: int = Field(64, gt=0, description="tokens of document text shown: the window holding the most influence")
 
 
 class ProjectionConfig(Section):
     """Kronecker-factored random projection of per-module gradients (scoring/projection.py)."""
 
-    seed: int = 0
-    out_dim: int = Field(16, gt=0)  # k_out: rows of P_out, per module
-    in_dim: int = Field(16, gt=0)  # k_in: rows of P_in, per module
-    per_module: dict[str, tuple[int, int]] = Field(default_factory=dict)  # glob -> (k_out, k_in), first match wins
+    seed: int = Field(0, description="seed of the random projection matrices")
+    out_dim: int = Field(16, gt=0, description="k_out: rows of P_out, per module")
+    in_dim: int = Field(16, gt=0, description="k_in: rows of P_in, per module")
+    per_module: dict[str, tuple[int, int]] = Field(
+        default_factory=dict, description="glob -> [out_dim, in_dim] per module, first match wins"
+    )
 
 
 class IndexConfig(Section):
     """The projected gradient store and its faiss index (index/), and `dastra search`."""
 
-    store_dtype: Literal["float16", "float32"] = "float16"
-    # auto: flat below ivf_min_documents, ivfflat from there; ivfpq (IVF-PQ + exact refine) only when asked for
-    kind: Literal["auto", "flat", "ivfflat", "ivfpq"] = "auto"
-    ivf_min_documents: int = Field(100_000, gt=0)
-    nlist: int | None = Field(None, gt=0)  # IVF lists; None: 4 sqrt(N)
-    pq_m: int | None = Field(None, gt=0)  # PQ sub-quantizers (must divide the total dimension); None: D / 8
-    pq_bits: int = Field(8, gt=0, le=16)
-    norm_bands: int = Field(8, gt=0)  # IVF lists = norm bands x spherical k-means of directions (faiss_index.py)
-    nprobe: int | None = Field(None, gt=0)  # lists probed; None: max(min_nprobe, ceil(probe_fraction x nlist))
-    # one default for ivfflat and ivfpq: the top-10 lie in the few lists of highest bound, a count that grows slowly
-    # with N, so a small fraction of many lists (0.05 of 1,264 at 100k: recall 0.95) or a floor of lists on small
-    # stores (48 of 96 on the demo store: 0.97); docs/results/retrieval.md
-    probe_fraction: float = Field(0.05, gt=0, le=1)
-    min_nprobe: int = Field(48, gt=0)
-    refine_factor: int = Field(50, gt=0)  # IndexRefine k_factor: PQ candidates re-ranked exactly per result
-    train_size: int = Field(65_536, gt=0)  # vectors sampled (evenly) to train the IVF lists and PQ codebooks
-    train_iterations: int = Field(10, gt=0)  # k-means iterations (IVF directions, PQ codebooks)
-    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: GPU when faiss has one; gpu without one warns, uses CPU
-    shortlist_factor: int = Field(10, gt=0)  # r: the index returns top_k x r candidates per query
-    rescore: bool = True  # re-score the candidates exactly with full gradients before keeping the top-k
+    store_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of the projected store")
+    kind: Literal["auto", "flat", "ivfflat", "ivfpq"] = Field(
+        "auto",
+        description="auto: flat below ivf_min_documents, ivfflat from there | flat (exact) | ivfflat | ivfpq "
+        "(IVF-PQ + exact refine)",
+    )
+    ivf_min_documents: int = Field(100_000, gt=0, description="auto switches from flat to ivfflat at this many documents")
+    nlist: int | None = Field(None, gt=0, description="IVF lists; null: 4 sqrt(N)")
+    pq_m: int | None = Field(None, gt=0, description="PQ sub-quantizers (must divide the dimension); null: D / 8")
+    pq_bits: int = Field(8, gt=0, le=16, description="bits per PQ code")
+    norm_bands: int = Field(
+        8, gt=0, description="IVF lists = norm bands x spherical k-means of directions, probed by <q,c> + |q| R"
+    )
+    nprobe: int | None = Field(
+        None, gt=0, description="lists probed; null: max(min_nprobe, ceil(probe_fraction x nlist))"
+    )
+    # One default for ivfflat and ivfpq: the top-10 lie in the few lists of highest bound, a count that grows slowly
+    # with N, so a small fraction of many lists or a floor of lists on small stores (docs/results/retrieval.md).
+    probe_fraction: float = Field(0.05, gt=0, le=1, description="fraction of the IVF lists probed")
+    min_nprobe: int = Field(48, gt=0, description="at least this many lists are probed (all of them on small stores)")
+    refine_factor: int = Field(50, gt=0, description="IndexRefine k_factor: PQ candidates re-ranked exactly per result")
+    train_size: int = Field(65_536, gt=0, description="vectors sampled (evenly) to train the IVF lists and PQ codebooks")
+    train_iterations: int = Field(10, gt=0, description="k-means iterations (IVF directions, PQ codebooks)")
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="auto: GPU when faiss has one | cpu | gpu (without one: a warning, then CPU)"
+    )
+    shortlist_factor: int = Field(10, gt=0, description="r: the index returns top_k x r candidates per query")
+    rescore: bool = Field(True, description="re-score the candidates exactly with full gradients before the top-k")
 
 
 class RayConfig(Section):
     """Distributed execution (docs/distributed.md): num_workers > 1, an address or deepspeed.stage > 0 turn it on."""
 
-    address: str | None = None  # a running cluster ("host:6379"); null = an embedded local Ray on 127.0.0.1
-    num_workers: int = Field(1, gt=0)  # ranks of the DeepSpeed group (fit, solve) and scoring actors
-    use_gpu: bool = False  # one GPU per worker (NCCL); false = CPU workers (gloo)
-    cpus_per_worker: int = Field(1, gt=0)  # CPUs per worker bundle, also its torch/BLAS threads
-    num_cpus: int | None = Field(None, gt=0)  # CPUs of an embedded Ray (null: every core of this machine)
-    object_store_mb: int = Field(256, gt=0)  # object store of an embedded Ray
-    connect_timeout_s: float = Field(30.0, gt=0)  # an unreachable ray.address fails after this
-    timeout_s: float = Field(1800.0, gt=0)  # longest wait for one distributed step (a collective, a shard)
-    max_restarts: int = Field(2, ge=0)  # restarts of a dead scoring actor; its shard is retried as often
-    solve_mode: Literal["auto", "queries", "data"] = "auto"  # auto: queries on replicated models, data under ZeRO-3
+    address: str | None = Field(
+        None, description="a running cluster (host:6379); null = an embedded local Ray on 127.0.0.1"
+    )
+    num_workers: int = Field(1, gt=0, description="ranks of the DeepSpeed group (fit, solve) and scoring actors")
+    use_gpu: bool = Field(False, description="one GPU per worker (NCCL); false = CPU workers (gloo)")
+    cpus_per_worker: int = Field(1, gt=0, description="CPUs per worker bundle, also its torch/BLAS threads")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of an embedded Ray (null: every core of this machine)")
+    object_store_mb: int = Field(256, gt=0, description="object store of an embedded Ray, in MB")
+    connect_timeout_s: float = Field(30.0, gt=0, description="an unreachable ray.address fails after this many seconds")
+    timeout_s: float = Field(1800.0, gt=0, description="longest wait for one distributed step (a collective, a shard)")
+    max_restarts: int = Field(2, ge=0, description="restarts of a dead scoring actor; its shard is retried as often")
+    solve_mode: Literal["auto", "queries", "data"] = Field(
+        "auto",
+        description="auto: queries on replicated models, data under ZeRO-3 | queries (queries split over ranks) | "
+        "data (minibatch slices, all-reduce)",
+    )
 
 
 class DeepSpeedConfig(Section):
-    stage: Literal[0, 1, 2, 3] = 0
-    config: str | None = None  # a DeepSpeed JSON; null = configs/ds/zero{stage}.json
+    """DeepSpeed ZeRO for the distributed fit and solve."""
+
+    stage: Literal[0, 1, 2, 3] = Field(
+        0, description="ZeRO stage 0-3 (1 and 2 run as 0: attribution has no optimizer state)"
+    )
+    config: str | None = Field(None, description="a DeepSpeed JSON; null = configs/ds/zero{stage}.json")
 
 
 class TrackingConfig(Section):
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "distributed-astra"
-    run_name: str | None = None
+    """Metrics: always `<run_dir>/metrics.jsonl`, and Weights & Biases."""
+
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="offline | online (needs WANDB_API_KEY, else falls back to offline) | disabled"
+    )
+    project: str = Field("distributed-astra", description="W&B project")
+    run_name: str | None = Field(None, description="W&B run name; null = <run dir>-<job>")
 
 
 class PlanConfig(Section):
     """The memory/time planner (`dastra plan`, docs/gpt2xl.md); `dastra run` refuses a config it says cannot fit."""
 
-    gpus: int | None = Field(None, gt=0)  # GPUs (ranks) in all; null = ray.num_workers
-    gpus_per_node: int = Field(8, gt=0)
-    gpu_memory: str | None = None  # per GPU, e.g. "80GB"; null = this machine's GPU, else its RAM
-    memory_reserve: float = Field(0.1, ge=0, lt=1)  # fraction kept free (CUDA context, allocator fragmentation)
-    throughput_tflops: float = Field(200.0, gt=0)  # sustained matmul TFLOP/s per GPU used for the time column
-    documents: int | None = Field(None, gt=0)  # corpus size when data.corpus cannot be read (null: its row count)
-    tokens_per_document: int | None = Field(None, gt=0)  # null = data.max_length (one full sequence per document)
-    hf_config: str | None = None  # a config.json to plan from without weights (e.g. configs/models/gpt2-xl.json)
-    check: bool = True  # `dastra run` refuses a config whose stages do not fit, before any work
+    gpus: int | None = Field(None, gt=0, description="GPUs (ranks) in all; null = ray.num_workers")
+    gpus_per_node: int = Field(8, gt=0, description="GPUs per node")
+    gpu_memory: str | None = Field(
+        None, description="memory per GPU, e.g. \"80GB\"; null = this machine's GPU, else its RAM"
+    )
+    memory_reserve: float = Field(
+        0.1, ge=0, lt=1, description="fraction kept free (CUDA context, allocator fragmentation)"
+    )
+    throughput_tflops: float = Field(200.0, gt=0, description="sustained matmul TFLOP/s per GPU for the time column")
+    documents: int | None = Field(
+        None, gt=0, description="corpus size when data.corpus cannot be read (null: its row count)"
+    )
+    tokens_per_document: int | None = Field(None, gt=0, description="null = data.max_length (one full sequence each)")
+    hf_config: str | None = Field(
+        None, description="a config.json to plan from without weights (e.g. configs/models/gpt2-xl.json)"
+    )
+    check: bool = Field(True, description="`dastra run` refuses a config whose stages do not fit, before any work")
 
 
 class OutputConfig(Section):
-    run_dir: str = "runs/demo"
+    """Where a run's artifacts go."""
+
+    run_dir: str = Field("runs/demo", description="the run directory (--run-dir)")
 
 
 class EvalConfig(Section):
     """The LDS harness and fact tracing (`dastra eval lds|facts`; seeds §9.1, docs/results/lds.md)."""
 
-    num_subsets: int = Field(100, gt=1)  # M: random subsets S_j kept for retraining
-    subset_fraction: float = Field(0.5, gt=0, lt=1)  # β: |S_j| = ⌊βN⌋
-    num_retrain_seeds: int = Field(5, gt=0)  # R: retraining seeds per subset, averaged
-    ensemble_size: int = Field(5, gt=0)  # E: models trained on all data, each with its own factors and iHVPs
-    damping_scale: float = Field(10.0, gt=0)  # λ = damping_scale × mean(Λ) of each model (the digits sweep, lds.md)
-    damping_sweep: list[float] = Field(default_factory=list)  # extra damping_scale values for the λ sweep
-    iterations: int = Field(200, ge=0)  # SNI and ASTRA iterations (seeds Table 3)
-    minibatch_size: int = Field(64, gt=0)  # ℬ of the G̃ minibatches
-    astra_lr: float = Field(0.01, gt=0)  # ASTRA's absolute step α (docs/results/convergence.md: best on the MLP)
-    sni_lr: float = Field(1.0, gt=0)  # SNI's step as a multiple of 1/(max Λ + λ)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    lr_decay: float = Field(0.5, gt=0, le=1)  # ×0.5 every 50 iterations (seeds Table 3)
-    lr_decay_every: int = Field(50, gt=0)
-    trak_dim: int = Field(256, gt=0)  # TRAK projection dimension k (capped at N/2)
-    cache_dir: str = "runs/eval"  # retrained models, measurements and scores, keyed by task/recipe/subset/seed
-    results_dir: str = "docs/results"  # lds.md, lds.png and lds.json (per-task results, merged across runs)
-    seed: int = 0  # subsets
-    recipe: dict[str, int | float | list[int]] = Field(default_factory=dict)  # overrides of the task's recipe fields
-    facts_methods: list[str] = Field(default_factory=lambda: ["graddot", "ekfac", "astra"])
+    num_subsets: int = Field(100, gt=1, description="M: random subsets S_j kept for retraining")
+    subset_fraction: float = Field(0.5, gt=0, lt=1, description="β: |S_j| = ⌊βN⌋")
+    num_retrain_seeds: int = Field(5, gt=0, description="R: retraining seeds per subset, averaged")
+    ensemble_size: int = Field(
+        5, gt=0, description="E: models trained on all data, each with its own factors and iHVPs"
+    )
+    damping_scale: float = Field(
+        10.0, gt=0, description="λ = damping_scale × mean(Λ) of each model (the digits sweep, lds.md)"
+    )
+    damping_sweep: list[float] = Field(default_factory=list, description="extra damping_scale values for the λ sweep")
+    iterations: int = Field(200, ge=0, description="SNI and ASTRA iterations (seeds Table 3)")
+    minibatch_size: int = Field(64, gt=0, description="ℬ of the G̃ minibatches")
+    astra_lr: float = Field(
+        0.01, gt=0, description="ASTRA's absolute step α (docs/results/convergence.md: best on the MLP)"
+    )
+    sni_lr: float = Field(1.0, gt=0, description="SNI's step as a multiple of 1/(max Λ + λ)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="ASTRA's heavy-ball momentum")
+    lr_decay: float = Field(0.5, gt=0, le=1, description="×0.5 every lr_decay_every iterations (seeds Table 3)")
+    lr_decay_every: int = Field(50, gt=0, description="iterations between learning-rate decays")
+    trak_dim: int = Field(256, gt=0, description="TRAK projection dimension k (capped at N/2)")
+    cache_dir: str = Field(
+        "runs/eval", description="retrained models, measurements and scores, keyed by task/recipe/subset/seed"
+    )
+    results_dir: str = Field(
+        "docs/results", description="lds.md, lds.png and lds.json (per-task results, merged across runs)"
+    )
+    seed: int = Field(0, description="seed of the subsets")
+    recipe: dict[str, int | float | list[int]] = Field(
+        default_factory=dict, description="overrides of the task's recipe fields, e.g. {epochs: 10}"
+    )
+    facts_methods: list[str] = Field(
+        default_factory=lambda: ["graddot", "ekfac", "astra"], description="methods of `dastra eval facts`"
+    )
 
 
 class Config(Section):
@@ -253,6 +363,51 @@ class Config(Section):
         """A short, stable hash of the named sections: artifacts record it and stages compare it."""
         dumped = {name: getattr(self, name).model_dump(mode="json") for name in sections}
         return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _section_type(annotation: object) -> type[Section] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
+
+
+def _flow(value: object) -> str:
+    """One YAML value on one line (a string quoted only where YAML needs it)."""
+    return yaml.safe_dump([value], default_flow_style=True, allow_unicode=True, width=10**6).strip()[1:-1]
+
+
+def describe_keys(section: type[Section] | None = None, prefix: str = "") -> list[tuple[str, object, str]]:
+    """(dotted key, default, description) of every leaf key, in declaration order."""
+    section = section or Config
+    rows: list[tuple[str, object, str]] = []
+    for name, field in section.model_fields.items():
+        child = _section_type(field.annotation)
+        if child is not None:
+            rows.extend(describe_keys(child, f"{prefix}{name}."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((prefix + name, default, field.description or ""))
+    return rows
+
+
+def config_yaml(cfg: Config, section: Section | None = None, indent: int = 0) -> str:
+    """`cfg` as YAML that `load_config` reads back, every key commented with its description, and with its default
+    where `cfg` differs from it (`dastra config --show`, `<run_dir>/config.yaml`)."""
+    section = section if section is not None else cfg
+    lines: list[str] = []
+    pad = "  " * indent
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        if _section_type(field.annotation) is not None:
+            doc = (type(value).__doc__ or "").strip().splitlines()
+            lines.append(f"{pad}{name}:" + (f"  # {doc[0]}" if doc else ""))
+            lines.append(config_yaml(cfg, value, indent + 1))
+            continue
+        dumped = value.model_dump(mode="json") if isinstance(value, BaseModel) else json.loads(json.dumps(value))
+        default = json.loads(json.dumps(field.get_default(call_default_factory=True)))
+        note = field.description or ""
+        if dumped != default:
+            note += f" (default: {_flow(default)})"
+        lines.append(f"{pad}{name}: {_flow(dumped)}" + (f"  # {note}" if note else ""))
+    return "\n".join(lines)
 
 
 def _key_path(loc: tuple) -> str:

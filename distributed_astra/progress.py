@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -16,7 +18,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
+# Off a terminal (CI logs, files) rich would fall back to 80 columns and squeeze table columns out of the top-k.
+PIPE_WIDTH = 200
+console = Console(stderr=True, width=None if sys.stderr.isatty() or "COLUMNS" in os.environ else PIPE_WIDTH)
 
 
 @contextmanager

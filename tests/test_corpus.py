@@ -102,10 +102,10 @@ def test_missing_text_column_lists_the_columns(tmp_path):
     assert str(info.value) == (
         f"corpus {path} has no column 'text' (data.text_column); its columns are ['doc_id', 'body', 'lang']"
     )
-    pq.write_table(pa.table({"doc_id": ["x"], "text": ["a"]}), tmp_path / "string_ids.parquet")
-    with pytest.raises(DastraError, match=r"column 'doc_id' \(data.id_column\) must hold integers"):
-        open_corpus(tmp_path / "string_ids.parquet")
-    assert _docs(open_corpus(tmp_path / "string_ids.parquet", id_column=None)) == [(0, 0, "a")]
+    pq.write_table(pa.table({"doc_id": [1.5], "text": ["a"]}), tmp_path / "float_ids.parquet")
+    with pytest.raises(DastraError, match=r"column 'doc_id' \(data.id_column\) must hold integers or strings"):
+        open_corpus(tmp_path / "float_ids.parquet")
+    assert _docs(open_corpus(tmp_path / "float_ids.parquet", id_column=None)) == [(0, 0, "a")]
     pq.write_table(pa.table({"doc_id": [1], "lang": [3]}), tmp_path / "numbers.parquet")
     with pytest.raises(DastraError, match=r"column 'lang' \(data.text_column\) must hold text"):
         open_corpus(tmp_path / "numbers.parquet", text_column="lang")
@@ -146,3 +146,21 @@ def test_streaming_reads_one_record_batch_at_a_time(tmp_path):
     for _ in range(16):
         next(documents)
     assert stats.rows == 16  # exactly one record batch of 16 rows read so far, out of 1110
+
+
+def test_string_doc_ids_are_kept_and_keyed_by_row(tmp_path):
+    """A string id column: documents keep their ids; tensors key them by global row, and `doc_ids` maps back."""
+    first, second = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pq.write_table(pa.table({"doc_id": ["wiki/x", "wiki/y"], "text": ["one", " "]}), first)
+    pq.write_table(pa.table({"doc_id": ["wiki/z"], "text": ["three"]}), second)
+    corpus = open_corpus(str(tmp_path / "*.parquet"))
+    docs = list(corpus.iter_documents())
+    assert [(d.doc_id, d.row, d.key) for d in docs] == [("wiki/x", 0, 0), ("wiki/z", 2, 2)]
+    assert corpus.doc_ids([2, 0]) == {0: "wiki/x", 2: "wiki/z"}
+    assert corpus.texts([2]) == {2: "three"}
+    pq.write_table(pa.table({"doc_id": [7], "text": ["four"]}), tmp_path / "c.parquet")
+    with pytest.raises(DastraError, match="integers in some files and strings in others"):
+        open_corpus(str(tmp_path / "*.parquet"))
+    pq.write_table(pa.table({"doc_id": ["u", None], "text": ["a", "b"]}), tmp_path / "nulls.parquet")
+    with pytest.raises(DastraError, match=r"null doc id; give every row an id"):
+        list(open_corpus(tmp_path / "nulls.parquet").iter_documents())

@@ -15,7 +15,9 @@ from distributed_astra.data import demo_corpus
 from distributed_astra.data.demo_corpus import build_demo_corpus, planted_facts
 from distributed_astra.data.sequences import (
     Query,
+    SequenceFormat,
     count_sequences,
+    iter_document_sequences,
     iter_query_batches,
     iter_training_batches,
     load_queries,
@@ -224,7 +226,7 @@ def test_query_labels_mask_the_prompt_exactly(tokenizer):
         Query(9, "Here is a fairly long prompt with several words", " ok", None),
     ]
     batches = list(iter_query_batches(queries, tokenizer, batch_size=2))
-    assert [b["query_id"].tolist() for b in batches] == [[5, 8], [9]]
+    assert [b["query_index"].tolist() for b in batches] == [[0, 1], [2]]  # positions in the list given
     rows = [(b, r) for b in batches for r in range(b["input_ids"].shape[0])]
     for query, (batch, row) in zip(queries, rows):
         prompt = tokenizer(query.prompt, add_special_tokens=False)["input_ids"]
@@ -258,3 +260,47 @@ def test_load_queries(demo, tmp_path):
         load_queries(bad)
     with pytest.raises(DastraError, match="not found"):
         load_queries(tmp_path / "missing.parquet")
+
+
+def test_query_ids_are_integers_or_strings_kept_as_given(tmp_path):
+    path = tmp_path / "q.parquet"
+    pq.write_table(pa.table({
+        "query_id": ["fact_00", "fact_01"], "prompt": ["a", "b"], "completion": [" c", " d"],
+        "fact_doc_id": ["wiki/3", None],
+    }), path)
+    assert load_queries(path) == [Query("fact_00", "a", " c", "wiki/3"), Query("fact_01", "b", " d", None)]
+    cases = {
+        "nulls": ({"query_id": ["a", None]}, r"column 'query_id' has 1 null value\(s\); give every query an id"),
+        "floats": ({"query_id": [1.0, 2.5]}, r"column 'query_id' must hold integers or strings, not double"),
+        "binary": ({"query_id": [b"a", b"b"]}, r"column 'query_id' must hold integers or strings, not binary"),
+        "duplicates": ({"query_id": ["x", "y", "x", "y"]}, r"query_id values must be unique; repeated: 'x', 'y'"),
+        "bad targets": ({"query_id": [1, 2], "fact_doc_id": [0.5, 1.5]}, r"'fact_doc_id' must hold integers or strings"),
+    }
+    for name, (columns, message) in cases.items():
+        rows = len(columns["query_id"])
+        bad = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({**columns, "prompt": ["p"] * rows, "completion": [" c"] * rows}), bad)
+        with pytest.raises(DastraError, match=message):
+            load_queries(bad)
+
+
+@pytest.mark.parametrize("max_length", [5, 16])
+def test_truncate_without_eos_is_the_hf_tokenizers_truncation(tokenizer, tmp_path, max_length):
+    """data.long_documents=truncate + data.add_eos=false: exactly `tokenizer(text, truncation=True,
+    max_length=T, add_special_tokens=False)`; the defaults keep every token and end each document with eos."""
+    texts = ["def f(x):\n    return x + 1  # a longer document than the context " * 3, "short", "two words"]
+    path = _write_corpus(tmp_path / "c.parquet", texts)
+    hf = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"]
+    fmt = SequenceFormat(max_length, long_documents="truncate", add_eos=False)
+    truncated = [ids for ids, _ in iter_document_sequences(path, tokenizer, fmt)]
+    assert truncated == [list(ids) for ids in hf]
+    assert len(hf[0]) == max_length  # the long document really was cut
+    with_eos = [ids for ids, _ in iter_document_sequences(path, tokenizer, SequenceFormat(max_length, "truncate"))]
+    full = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert with_eos == [(list(ids) + [tokenizer.eos_token_id])[:max_length] for ids in full]
+    split = list(iter_document_sequences(path, tokenizer, SequenceFormat(max_length, "split", False)))
+    for key, ids in enumerate(full):
+        joined = [t for piece, k in split if k == key for t in piece]
+        # every token, but a lone last one, which predicts nothing once the loss is shifted, is folded out
+        assert joined == list(ids)[: len(joined)] and len(ids) - len(joined) in ((0, 1) if len(ids) > max_length else (0,))
+    assert all(len(ids) <= max_length for ids, _ in split) and len(split) > len(texts)

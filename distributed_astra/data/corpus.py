@@ -4,12 +4,15 @@
     plan = corpus.shard_plan(rows_per_shard=10_000)           # stable shard ids: file + row range
     for doc in corpus.iter_documents(plan.shards[3]):          # Document(doc_id, row, text), one record batch at a time
         ...
-    corpus.texts([12, 40])                                     # doc_id -> text, for reports
+    corpus.texts([12, 40])                                     # document key -> text, for reports
+    corpus.doc_ids([12, 40])                                   # document key -> doc_id as the corpus gives it
 
 Nothing here holds the corpus in memory: files are read one record batch (`READ_BATCH_ROWS` rows) at a time, Arrow
 files through a memory map. The files of a corpus are ordered (a glob is sorted by path, a `save_to_disk` folder
 keeps the order of its `state.json`), and every row has a global index `row` in that order. The document id is the
-integer `id_column` when one is configured, and `row` otherwise (stable as long as the files do not change).
+`id_column` value as given (an integer or a string) when one is configured, and `row` otherwise (stable as long as
+the files do not change). Tensors carry a document's integer `key`: its id when ids are integers, its row otherwise;
+`Corpus.doc_ids` maps keys back to ids for every table a user reads (topk.parquet, search/topk.parquet, the report).
 
 Rows whose text is null, empty or only whitespace, and rows whose bytes are not valid UTF-8, are skipped and counted
 in `CorpusStats`; they never stop a pass.
@@ -105,9 +108,19 @@ class CorpusStats:
 
 @dataclass(frozen=True)
 class Document:
-    doc_id: int
+    doc_id: int | str  # as the corpus gives it (data.id_column), or the row when there is no id column
     row: int  # global row index in the corpus
     text: str
+
+    @property
+    def key(self) -> int:
+        """The integer that stands for the document in tensors: its id when ids are integers, else its row."""
+        return self.doc_id if isinstance(self.doc_id, int) else self.row
+
+
+def is_id_type(arrow_type: pa.DataType) -> bool:
+    """Ids (data.id_column, query_id, fact_doc_id) are integers or strings."""
+    return pa.types.is_integer(arrow_type) or pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -200,9 +213,9 @@ def _check_columns(path: Path, schema: pa.Schema, text_column: str, id_column: s
             f"corpus {path}: column '{text_column}' (data.text_column) must hold text (string or binary), "
             f"not {text_type}"
         )
-    if id_column is not None and not pa.types.is_integer(schema.field(id_column).type):
+    if id_column is not None and not is_id_type(schema.field(id_column).type):
         raise DastraError(
-            f"corpus {path}: column '{id_column}' (data.id_column) must hold integers, "
+            f"corpus {path}: column '{id_column}' (data.id_column) must hold integers or strings, "
             f"not {schema.field(id_column).type}; or set data.id_column: null to use row numbers"
         )
 
@@ -243,13 +256,21 @@ def _as_bytes(column: pa.Array) -> pa.Array:
 
 
 class Corpus:
-    """An ordered list of Parquet/Arrow files with a text column and, optionally, an integer id column."""
+    """An ordered list of Parquet/Arrow files with a text column and, optionally, an id column (integers or strings)."""
 
-    def __init__(self, source: str, files: tuple[CorpusFile, ...], text_column: str, id_column: str | None) -> None:
+    def __init__(
+        self, source: str, files: tuple[CorpusFile, ...], text_column: str, id_column: str | None, string_ids: bool
+    ) -> None:
         self.source = source
         self.files = files
         self.text_column = text_column
         self.id_column = id_column
+        self.string_ids = string_ids
+
+    @property
+    def keys_are_rows(self) -> bool:
+        """Document keys (`Document.key`) are global rows: no id column, or a string one."""
+        return self.id_column is None or self.string_ids
 
     @property
     def num_rows(self) -> int:
@@ -337,11 +358,14 @@ class Corpus:
                 else:
                     ids = batch.column(self.id_column).to_pylist()
                     if any(i is None for i in ids):
-                        raise DastraError(f"corpus {part.path}: column '{self.id_column}' has a null doc id")
+                        raise DastraError(
+                            f"corpus {part.path}: column '{self.id_column}' (data.id_column) has a null doc id; "
+                            "give every row an id, or set data.id_column: null to use row numbers"
+                        )
                 for offset, (doc_id, text) in enumerate(zip(ids, texts)):
                     if text is not None:
                         stats.documents += 1
-                        yield Document(int(doc_id), row + offset, text)
+                        yield Document(doc_id, row + offset, text)
                 stats.rows += batch.num_rows
                 row += batch.num_rows
 
@@ -363,12 +387,19 @@ class Corpus:
                 inside = [r for r in inside if r not in chunk]
         return found
 
-    def texts(self, doc_ids: Iterable[int]) -> dict[int, str]:
-        """doc_id -> text for the given ids: a positional read when ids are row numbers, else one streaming scan."""
-        wanted = sorted(set(int(d) for d in doc_ids))
+    def doc_ids(self, keys: Iterable[int]) -> dict[int, int | str]:
+        """Document key -> doc_id as the corpus gives it (a positional read of the id column for string ids)."""
+        wanted = sorted(set(int(k) for k in keys))
+        if not self.keys_are_rows or self.id_column is None:
+            return {k: k for k in wanted}
+        return {row: doc.doc_id for row, doc in self.documents_at(wanted).items()}
+
+    def texts(self, keys: Iterable[int]) -> dict[int, str]:
+        """Document key -> text: a positional read when keys are rows, else one streaming scan of the id column."""
+        wanted = sorted(set(int(d) for d in keys))
         if not wanted:
             return {}
-        if self.id_column is None:
+        if self.keys_are_rows:
             return {row: doc.text for row, doc in self.documents_at(wanted).items()}
         value_set = pa.array(wanted, pa.int64())
         found: dict[int, str] = {}
@@ -393,12 +424,20 @@ def open_corpus(
         return source
     files: list[CorpusFile] = []
     offset = 0
+    id_kinds: set[str] = set()
     for path in corpus_files(source, split):
         fmt = _file_format(path)
         schema, num_rows = _schema_and_rows(path, fmt)
         _check_columns(path, schema, text_column, id_column)
+        if id_column is not None:
+            id_kinds.add("integer" if pa.types.is_integer(schema.field(id_column).type) else "string")
         files.append(CorpusFile(str(path), fmt, num_rows, offset))
         offset += num_rows
     if offset == 0:
         raise DastraError(f"corpus {source} is empty")
-    return Corpus(str(source), tuple(files), text_column, id_column)
+    if len(id_kinds) > 1:
+        raise DastraError(
+            f"corpus {source}: column '{id_column}' (data.id_column) holds integers in some files and strings in "
+            "others; give every file the same id type"
+        )
+    return Corpus(str(source), tuple(files), text_column, id_column, id_kinds == {"string"})

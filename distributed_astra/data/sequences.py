@@ -1,11 +1,13 @@
 """Streaming a corpus (data/corpus.py: Parquet/Arrow files, globs, `save_to_disk` folders) into padded training batches, and queries into prompt-masked query batches.
 
 Batches follow `models/lm.py`: input_ids / attention_mask / labels (HF unshifted layout, -100 = no loss) [B, T],
-plus `doc_id` [B] for training batches and `query_id` [B] for query batches. Padding is on the right, with the
-tokenizer's pad id, attention_mask 0 and label -100.
+plus `doc_id` [B] (each sequence's document key, `Document.key`) for training batches and `query_index` [B] (the
+query's position in its list) for query batches. Padding is on the right, with the tokenizer's pad id,
+attention_mask 0 and label -100.
 
-A document is tokenised, given a trailing eos, and cut into consecutive sequences of at most `max_length` tokens;
-a sequence never mixes two documents (docs/design.md), so a document's gradient is the sum of its sequences'.
+A document is tokenised, given a trailing eos (`data.add_eos`), and either cut into consecutive sequences of at most
+`max_length` tokens or truncated to its first `max_length` tokens (`data.long_documents`, docs/design.md,
+"Documents"); a sequence never mixes two documents, so a document's gradient is the sum of its sequences'.
 """
 
 from __future__ import annotations
@@ -16,18 +18,51 @@ import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distributed_astra.data.corpus import READ_BATCH_ROWS, Corpus, CorpusShard, CorpusStats, Document, open_corpus
+from distributed_astra.data.corpus import (
+    READ_BATCH_ROWS,
+    Corpus,
+    CorpusShard,
+    CorpusStats,
+    Document,
+    is_id_type,
+    open_corpus,
+)
 from distributed_astra.errors import DastraError
 from distributed_astra.models.lm import IGNORE_INDEX
 
 CorpusSource = Path | str | Corpus  # a file, glob or folder (see data/corpus.py), or an open Corpus
 
-Sequence = tuple[list[int], int]  # (token ids, doc_id or query_id)
+Sequence = tuple[list[int], int]  # (token ids, document key or query index)
+
+
+@dataclass(frozen=True)
+class SequenceFormat:
+    """How a document becomes token sequences (`data.max_length`, `data.long_documents`, `data.add_eos`).
+
+    split + eos (the default) keeps every token of every document; truncate without eos gives exactly the ids of
+    `tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=False)`, the convention of
+    kronfluence's and bergson's examples.
+    """
+
+    max_length: int
+    long_documents: Literal["split", "truncate"] = "split"
+    add_eos: bool = True
+
+    @classmethod
+    def of(cls, value: SequenceFormat | int) -> SequenceFormat:
+        """A format, or a bare max_length with the default splitting and eos."""
+        return value if isinstance(value, SequenceFormat) else cls(int(value))
+
+    @classmethod
+    def from_data(cls, data) -> SequenceFormat:
+        """The format of a `DataConfig` section."""
+        return cls(data.max_length, data.long_documents, data.add_eos)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -43,22 +78,27 @@ def _pad_id(tokenizer) -> int:
 
 def _eos_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
-        raise DastraError("the tokenizer has no eos token; documents are ended with eos, so give it one")
+        raise DastraError(
+            "the tokenizer has no eos token; documents are ended with eos, so give it one or set data.add_eos: false"
+        )
     return int(tokenizer.eos_token_id)
 
 
 def _document_pieces(
-    documents: Iterable[Document], tokenizer, max_length: int, read_batch_rows: int = READ_BATCH_ROWS
+    documents: Iterable[Document], tokenizer, fmt: SequenceFormat | int, read_batch_rows: int = READ_BATCH_ROWS
 ) -> Iterator[tuple[list[int], Document]]:
     """(token ids, document) for every sequence, tokenising `read_batch_rows` documents at a time."""
+    fmt = SequenceFormat.of(fmt)
+    max_length = fmt.max_length
     if max_length < 2:
         raise DastraError(f"data.max_length must be at least 2 (got {max_length})")
-    eos = _eos_id(tokenizer)
+    ending = [_eos_id(tokenizer)] if fmt.add_eos else []
+    stop = max_length if fmt.long_documents == "truncate" else None
     documents = iter(documents)
     while chunk := list(itertools.islice(documents, read_batch_rows)):
         encoded = tokenizer([doc.text for doc in chunk], add_special_tokens=False)["input_ids"]
         for doc, tokens in zip(chunk, encoded):
-            tokens = list(tokens) + [eos]
+            tokens = (list(tokens) + ending)[:stop]
             for start in range(0, len(tokens), max_length):
                 piece = tokens[start : start + max_length]
                 # A lone trailing token predicts nothing (the loss is shifted): fold it out rather than emit it.
@@ -70,7 +110,7 @@ def _document_pieces(
 def iter_document_sequences(
     corpus_path: CorpusSource,
     tokenizer,
-    max_length: int,
+    fmt: SequenceFormat | int,
     *,
     text_column: str = "text",
     id_column: str | None = "doc_id",
@@ -85,21 +125,21 @@ def iter_document_sequences(
     """
     corpus = open_corpus(corpus_path, text_column, id_column)
     documents = corpus.iter_documents(shard, stats, batch_rows=read_batch_rows)
-    for piece, doc in _document_pieces(documents, tokenizer, max_length, read_batch_rows):
-        yield piece, doc.doc_id
+    for piece, doc in _document_pieces(documents, tokenizer, fmt, read_batch_rows):
+        yield piece, doc.key
 
 
 def iter_document_batches(
-    documents: Iterable[Document], tokenizer, max_length: int, batch_size: int
+    documents: Iterable[Document], tokenizer, fmt: SequenceFormat | int, batch_size: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Training batches (as `iter_training_batches`) of the given documents (e.g. `Corpus.iter_documents(shard)`),
     that also carry `row` [B], each sequence's global corpus row."""
     if batch_size <= 0:
         raise DastraError(f"batch size must be positive (got {batch_size})")
     pad = _pad_id(tokenizer)
-    pieces = _document_pieces(documents, tokenizer, max_length)
+    pieces = _document_pieces(documents, tokenizer, fmt)
     while chunk := list(itertools.islice(pieces, batch_size)):
-        batch = collate_sequences([(tokens, doc.doc_id) for tokens, doc in chunk], pad)
+        batch = collate_sequences([(tokens, doc.key) for tokens, doc in chunk], pad)
         batch["row"] = torch.tensor([doc.row for _, doc in chunk], dtype=torch.long)
         yield batch
 
@@ -120,7 +160,7 @@ def collate_sequences(sequences: list[Sequence], pad_id: int, id_key: str = "doc
 def iter_training_batches(
     corpus_path: CorpusSource,
     tokenizer,
-    max_length: int,
+    fmt: SequenceFormat | int,
     batch_size: int,
     max_sequences: int | None = None,
     *,
@@ -140,7 +180,7 @@ def iter_training_batches(
     pending: list[Sequence] = []
     emitted = 0
     for sequence in iter_document_sequences(
-        corpus_path, tokenizer, max_length, text_column=text_column, id_column=id_column, shard=shard, stats=stats
+        corpus_path, tokenizer, fmt, text_column=text_column, id_column=id_column, shard=shard, stats=stats
     ):
         if max_sequences is not None and emitted + len(pending) >= max_sequences:
             break
@@ -156,7 +196,7 @@ def iter_training_batches(
 def count_sequences(
     corpus_path: CorpusSource,
     tokenizer,
-    max_length: int,
+    fmt: SequenceFormat | int,
     *,
     text_column: str = "text",
     id_column: str | None = "doc_id",
@@ -165,7 +205,7 @@ def count_sequences(
     return sum(
         1
         for _ in iter_document_sequences(
-            corpus_path, tokenizer, max_length, text_column=text_column, id_column=id_column
+            corpus_path, tokenizer, fmt, text_column=text_column, id_column=id_column
         )
     )
 
@@ -173,7 +213,7 @@ def count_sequences(
 def shuffled_epochs(
     corpus_path: CorpusSource,
     tokenizer,
-    max_length: int,
+    fmt: SequenceFormat | int,
     batch_size: int,
     seed: int,
     *,
@@ -189,7 +229,7 @@ def shuffled_epochs(
     """
     pad = _pad_id(tokenizer)
     sequences = list(
-        iter_document_sequences(corpus_path, tokenizer, max_length, text_column=text_column, id_column=id_column)
+        iter_document_sequences(corpus_path, tokenizer, fmt, text_column=text_column, id_column=id_column)
     )
     window = max(1, bucket_batches) * batch_size
 
@@ -211,16 +251,37 @@ def shuffled_epochs(
 # queries
 
 
+QueryId = int | str  # as the queries file gives it
+
+
 @dataclass(frozen=True)
 class Query:
-    query_id: int
+    query_id: QueryId
     prompt: str
     completion: str
-    fact_doc_id: int | None = None
+    fact_doc_id: int | str | None = None
+
+
+def _id_column(table: pa.Table, column: str, queries_path: Path, nullable: bool) -> list:
+    """The values of an id column (integers or strings), refusing other types and (unless nullable) nulls."""
+    values = table.column(column)
+    if not is_id_type(values.type):
+        raise DastraError(
+            f"queries {queries_path}: column '{column}' must hold integers or strings, not {values.type}; "
+            "rewrite it as one of the two"
+        )
+    if not nullable and values.null_count:
+        raise DastraError(
+            f"queries {queries_path}: column '{column}' has {values.null_count} null value(s); give every query an id"
+        )
+    return values.to_pylist()
 
 
 def load_queries(queries_path: Path) -> list[Query]:
-    """Queries from a Parquet file with columns query_id, prompt, completion and, optionally, fact_doc_id."""
+    """Queries from a Parquet file with columns query_id, prompt, completion and, optionally, fact_doc_id.
+
+    Ids (query_id, fact_doc_id) are integers or strings and are kept as given in every output table.
+    """
     queries_path = Path(queries_path)
     if not queries_path.is_file():
         raise DastraError(f"queries file '{queries_path}' not found; point data.queries at a Parquet file")
@@ -236,16 +297,16 @@ def load_queries(queries_path: Path) -> list[Query]:
             )
     if table.num_rows == 0:
         raise DastraError(f"queries {queries_path} is empty")
-    ids = table.column("query_id").to_pylist()
+    ids = _id_column(table, "query_id", queries_path, nullable=False)
     prompts = table.column("prompt").to_pylist()
     completions = table.column("completion").to_pylist()
-    targets = table.column("fact_doc_id").to_pylist() if "fact_doc_id" in table.column_names else [None] * len(ids)
-    if len(set(ids)) != len(ids):
-        raise DastraError(f"queries {queries_path}: query_id values must be unique")
-    return [
-        Query(int(i), p or "", c or "", None if t is None else int(t))
-        for i, p, c, t in zip(ids, prompts, completions, targets)
-    ]
+    has_targets = "fact_doc_id" in table.column_names
+    targets = _id_column(table, "fact_doc_id", queries_path, nullable=True) if has_targets else [None] * len(ids)
+    duplicates = sorted({i for i in ids if ids.count(i) > 1}, key=str) if len(set(ids)) != len(ids) else []
+    if duplicates:
+        shown = ", ".join(repr(i) for i in duplicates[:5])
+        raise DastraError(f"queries {queries_path}: query_id values must be unique; repeated: {shown}")
+    return [Query(i, p or "", c or "", t) for i, p, c, t in zip(ids, prompts, completions, targets)]
 
 
 def encode_query(query: Query, tokenizer) -> tuple[list[int], list[int]]:
@@ -264,28 +325,33 @@ def encode_query(query: Query, tokenizer) -> tuple[list[int], list[int]]:
     return list(prompt), list(completion)
 
 
-def collate_queries(queries: list[Query], tokenizer) -> dict[str, torch.Tensor]:
-    """One padded batch: labels are -100 on prompt tokens and padding, the token ids on completion tokens."""
+def collate_queries(queries: list[Query], tokenizer, first_index: int = 0) -> dict[str, torch.Tensor]:
+    """One padded batch: labels are -100 on prompt tokens and padding, the token ids on completion tokens;
+    `query_index` [B] numbers the queries from `first_index`."""
     pad = _pad_id(tokenizer)
     encoded = [encode_query(q, tokenizer) for q in queries]
-    batch = collate_sequences([(p + c, q.query_id) for (p, c), q in zip(encoded, queries)], pad, id_key="query_id")
+    sequences = [(p + c, first_index + i) for i, (p, c) in enumerate(encoded)]
+    batch = collate_sequences(sequences, pad, id_key="query_index")
     for row, (prompt, _) in enumerate(encoded):
         batch["labels"][row, : len(prompt)] = IGNORE_INDEX
     return batch
 
 
 def iter_query_batches(queries: Iterable[Query], tokenizer, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Query batches of `batch_size` in the given order (the last one may be smaller)."""
+    """Query batches of `batch_size` in the given order (the last one may be smaller); `query_index` is each
+    query's position in `queries`."""
     if batch_size <= 0:
         raise DastraError(f"batch size must be positive (got {batch_size})")
     pending: list[Query] = []
+    done = 0
     for query in queries:
         pending.append(query)
         if len(pending) == batch_size:
-            yield collate_queries(pending, tokenizer)
+            yield collate_queries(pending, tokenizer, done)
+            done += len(pending)
             pending = []
     if pending:
-        yield collate_queries(pending, tokenizer)
+        yield collate_queries(pending, tokenizer, done)
 
 
 def epoch_source(batches) -> Callable[[int], Iterable[dict[str, torch.Tensor]]]:

@@ -28,7 +28,8 @@ from distributed_astra.curvature.eigen import (
     eigendecompose_module,
 )
 from distributed_astra.curvature.factors import EkfacFactors, build_factors
-from distributed_astra.data.sequences import iter_training_batches
+from distributed_astra.data.corpus import open_corpus
+from distributed_astra.data.sequences import SequenceFormat, iter_training_batches
 from distributed_astra.distributed.collectives import (
     RankBatches,
     all_reduce_counts,
@@ -45,8 +46,8 @@ def training_batches(state: RankState, corpus: str, batch_size: int, max_sequenc
     """The corpus's training batches in the single-process order (what `pipeline.Context.training_batches` gives)."""
     data = state.cfg.data
     return iter_training_batches(
-        corpus, state.tokenizer, data.max_length, batch_size, max_sequences=max_sequences,
-        text_column=data.text_column, id_column=data.id_column,
+        open_corpus(corpus, data.text_column, data.id_column, data.split), state.tokenizer,
+        SequenceFormat.from_data(data), batch_size, max_sequences=max_sequences,
     )
 
 

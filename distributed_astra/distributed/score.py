@@ -59,9 +59,10 @@ class ScoringWorker:
         return os.getpid()
 
     def score_shard(self, corpus: str, shard: CorpusShard) -> dict[str, Any]:
-        """The top-k documents of one shard per query: scores [Q, k'] and doc_ids [Q, k'] (k' = min(k, docs))."""
+        """The top-k documents of one shard per query: scores [Q, k'] and document keys [Q, k'] (k' = min(k, docs))."""
         from distributed_astra.curvature.covariance import batch_to_device
-        from distributed_astra.data.sequences import iter_training_batches
+        from distributed_astra.data.corpus import open_corpus
+        from distributed_astra.data.sequences import SequenceFormat, iter_training_batches
         from distributed_astra.scoring.gradients import captured_batches
         from distributed_astra.scoring.inner_products import sequence_scores
         from distributed_astra.scoring.topk import StreamingTopK
@@ -71,8 +72,8 @@ class ScoringWorker:
         batches = (
             batch_to_device(b, self.device)
             for b in iter_training_batches(
-                corpus, self.tokenizer, data.max_length, self.cfg.scoring.batch_size,
-                text_column=data.text_column, id_column=data.id_column, shard=shard,
+                open_corpus(corpus, data.text_column, data.id_column, data.split), self.tokenizer,
+                SequenceFormat.from_data(data), self.cfg.scoring.batch_size, shard=shard,
             )
         )
         num_queries = next(iter(self.directions.values())).shape[0]
@@ -93,13 +94,14 @@ def _shard_file(scores_dir: Path, shard_id: int) -> Path:
     return scores_dir / "shards" / f"shard-{shard_id:06d}.parquet"
 
 
-def _write_shard(scores_dir: Path, result: dict[str, Any], query_ids: torch.Tensor) -> Path:
+def _write_shard(scores_dir: Path, result: dict[str, Any]) -> Path:
+    """One shard's top-k: (query position, rank, document key, score) rows; topk_table turns them into ids."""
     scores, doc_ids = result["scores"], result["doc_ids"]
-    k = scores.shape[1]
+    num_queries, k = scores.shape
     table = pa.table({
-        "query_id": query_ids.repeat_interleave(k).numpy(),
-        "rank": torch.arange(1, k + 1).repeat(len(query_ids)).numpy(),
-        "doc_id": doc_ids.flatten().numpy(),
+        "query": torch.arange(num_queries).repeat_interleave(k).numpy(),
+        "rank": torch.arange(1, k + 1).repeat(num_queries).numpy(),
+        "doc_key": doc_ids.flatten().numpy(),
         "score": scores.flatten().numpy(),
     })
     path = _shard_file(scores_dir, result["shard_id"])
@@ -129,14 +131,14 @@ def finished_shards(scores_dir: Path, meta: dict[str, Any]) -> dict[str, dict[st
 def merge_shards(
     scores_dir: Path, shard_ids: list[int], num_queries: int, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global top-k per query from the per-shard top-k files: (scores [Q, k], doc_ids [Q, k]), best first."""
+    """Global top-k per query from the per-shard top-k files: (scores [Q, k], document keys [Q, k]), best first."""
     tables = [pq.read_table(_shard_file(scores_dir, sid)) for sid in sorted(shard_ids)]
     table = pa.concat_tables(tables)
     per_query = table.num_rows // num_queries if num_queries else 0
-    query_ids = torch.as_tensor(table.column("query_id").to_numpy())
+    queries = torch.as_tensor(table.column("query").to_numpy())
     scores = torch.as_tensor(table.column("score").to_numpy())
-    doc_ids = torch.as_tensor(table.column("doc_id").to_numpy())
-    order = torch.argsort(query_ids, stable=True)  # shard order kept within each query
+    doc_ids = torch.as_tensor(table.column("doc_key").to_numpy())
+    order = torch.argsort(queries, stable=True)  # shard order kept within each query
     scores = scores[order].view(num_queries, per_query)
     doc_ids = doc_ids[order].view(num_queries, per_query)
     best, index = torch.topk(scores, min(k, per_query), dim=1)
@@ -149,7 +151,6 @@ def score_shards(
     corpus: str,
     plan: ShardPlan,
     directions: dict[str, torch.Tensor],
-    query_ids: torch.Tensor,
     scores_dir: Path,
     meta: dict[str, Any],
     on_shard: Callable[[int, list[int]], None] | None = None,
@@ -206,7 +207,7 @@ def score_shards(
                     except RayTaskError as exc:
                         reason = str(exc).strip().splitlines()[-1]
                         raise DastraError(f"scoring shard {shard.shard_id} failed: {reason}") from None
-                    path = _write_shard(scores_dir, result, query_ids)
+                    path = _write_shard(scores_dir, result)
                     manifest["shards"][str(shard.shard_id)] = {
                         "file": str(path.relative_to(scores_dir)), "path": shard.path,
                         "rows": [shard.row_start, shard.row_stop], "num_documents": result["num_documents"],

@@ -18,13 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file
 
-from distributed_astra.artifacts import atomic_path, check_meta, read_meta, write_json
+from distributed_astra.artifacts import atomic_path, check_meta, read_directions, read_meta, write_json
 from distributed_astra.config import SOURCE_SOLVERS
 from distributed_astra.curvature.covariance import product_dtype
-from distributed_astra.data.corpus import Corpus, open_corpus
-from distributed_astra.data.sequences import iter_document_batches, load_queries
+from distributed_astra.data.corpus import Corpus
+from distributed_astra.data.sequences import QueryId, iter_document_batches, load_queries
 from distributed_astra.errors import DastraError
 from distributed_astra.index.faiss_index import INDEX_FORMATS, build_index, load_index, save_index, search_index
 from distributed_astra.index.store import GradientStore, StoreWriter, open_store, store_bytes, write_store
@@ -49,11 +48,6 @@ def search_dir(ctx: Context) -> Path:
     return ctx.paths.root / "search"
 
 
-def open_run_corpus(ctx: Context) -> Corpus:
-    data = ctx.cfg.data
-    return open_corpus(ctx.corpus, data.text_column, data.id_column, data.split)
-
-
 def run_projection(ctx: Context) -> KroneckerProjection:
     cfg = ctx.cfg.projection
     shapes = {name: tm.shape for name, tm in ctx.tracked.items()}
@@ -62,13 +56,17 @@ def run_projection(ctx: Context) -> KroneckerProjection:
 
 def expected_meta(ctx: Context, projection: KroneckerProjection) -> dict[str, Any]:
     """The fields a store or index must share with this run to be searched with its queries."""
-    return {**ctx.model_meta(), **projection.describe(), "max_length": ctx.cfg.data.max_length}
+    data = ctx.cfg.data
+    return {
+        **ctx.model_meta(), **projection.describe(),
+        "max_length": data.max_length, "long_documents": data.long_documents, "add_eos": data.add_eos,
+    }
 
 
 def index(ctx: Context) -> dict[str, Any]:
     """Write the projected gradient store (resumable, shard by shard) and build the faiss index over it."""
     projection = run_projection(ctx)
-    corpus = open_run_corpus(ctx)
+    corpus = ctx.open_corpus()
     plan = corpus.shard_plan(ctx.cfg.data.shard_rows)
     writer = StoreWriter(
         ctx.model,
@@ -77,7 +75,7 @@ def index(ctx: Context) -> dict[str, Any]:
         corpus,
         plan,
         projection,
-        ctx.cfg.data.max_length,
+        ctx.sequence_format,
         ctx.cfg.scoring.batch_size,
         product_dtype(ctx.model, ctx.stat_dtype),
         ctx.cfg.index.store_dtype,
@@ -112,7 +110,7 @@ def index(ctx: Context) -> dict[str, Any]:
     return {**info, "store_seconds": store_seconds, "index_seconds": index_seconds}
 
 
-def _ensure_directions(ctx: Context) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _ensure_directions(ctx: Context) -> tuple[list[QueryId], dict[str, torch.Tensor]]:
     """The solved directions of `data.queries`: reused when ihvp/<solver>/ holds exactly these queries, else the
     query and solve stages run first (so `dastra search --queries FILE` works on new queries)."""
     from distributed_astra import pipeline
@@ -121,17 +119,15 @@ def _ensure_directions(ctx: Context) -> tuple[torch.Tensor, dict[str, torch.Tens
     solver_dir = ctx.paths.ihvp(ctx.cfg.solver.name)
     fresh = False
     queries_meta = ctx.paths.queries / "meta.json"
-    if (solver_dir / "directions.safetensors").is_file() and queries_meta.is_file():
+    if (solver_dir / "meta.json").is_file() and queries_meta.is_file():
         recorded = read_meta(ctx.paths.queries, "query gradients", "query").get("queries")
-        ids = load_file(str(solver_dir / "directions.safetensors"))["query_ids"].tolist()
+        ids = read_meta(solver_dir, "solved directions", "solve").get("query_ids")
         fresh = recorded == str(ctx.queries) and ids == wanted
     if not fresh:
         console.print(f"computing and solving the query gradients of {ctx.queries} ({ctx.cfg.solver.name})")
         pipeline.query(ctx)
         pipeline.solve(ctx)
-    check_meta(read_meta(solver_dir, "solved directions", "solve"), ctx.model_meta(), "solved directions", "solve")
-    tensors = load_file(str(solver_dir / "directions.safetensors"))
-    return tensors.pop("query_ids"), tensors
+    return read_directions(solver_dir, ctx.model_meta())
 
 
 def exact_document_scores(
@@ -142,7 +138,7 @@ def exact_document_scores(
     directions = {name: x.to(compute) for name, x in directions.items()}
     documents = corpus.documents_at(rows)
     ordered = [documents[r] for r in sorted(documents)]
-    batches = iter_document_batches(ordered, ctx.tokenizer, ctx.cfg.data.max_length, ctx.cfg.scoring.batch_size)
+    batches = iter_document_batches(ordered, ctx.tokenizer, ctx.sequence_format, ctx.cfg.scoring.batch_size)
     totals: dict[int, torch.Tensor] = {}
     for batch, capture in captured_batches(ctx.model, ctx.tracked, batches, compute):
         scores = sequence_scores(capture.output_grads, capture.activations, directions).double()
@@ -172,15 +168,15 @@ def search(ctx: Context) -> pa.Table:
     start = time.perf_counter()
     projected, positions = search_index(faiss_index, queries, k * cfg.shortlist_factor)
     search_seconds = time.perf_counter() - start
-    doc_ids, rows = store_ids(store)
-    corpus = open_run_corpus(ctx)
+    _, rows = store_ids(store)
+    corpus = ctx.open_corpus()
     exact: dict[int, torch.Tensor] = {}
     if cfg.rescore:
         candidates = sorted({int(rows[p]) for p in positions.flatten() if p >= 0})
         with progress_bar("exact re-score of the shortlist", len(candidates), "docs"):
             exact = exact_document_scores(ctx, corpus, candidates, directions)
-    records: dict[str, list] = {"query_id": [], "rank": [], "doc_id": [], "score": [], "projected_score": [], "row": []}
-    for q, qid in enumerate(query_ids.tolist()):
+    records: dict[str, list] = {"query_id": [], "rank": [], "score": [], "projected_score": [], "row": []}
+    for q, qid in enumerate(query_ids):
         found = [(int(p), float(s)) for p, s in zip(positions[q], projected[q]) if p >= 0]
         if cfg.rescore:
             found.sort(key=lambda item: -float(exact[int(rows[item[0]])][q]))
@@ -188,12 +184,17 @@ def search(ctx: Context) -> pa.Table:
             row = int(rows[position])
             records["query_id"].append(qid)
             records["rank"].append(rank)
-            records["doc_id"].append(int(doc_ids[position]))
             records["row"].append(row)
             records["projected_score"].append(projected_score)
             records["score"].append(float(exact[row][q]) if cfg.rescore else projected_score)
-    texts = corpus.documents_at(records["row"])
-    table = pa.table({**records, "text": [texts[r].text if r in texts else "" for r in records["row"]]})
+    documents = corpus.documents_at(records["row"])
+    table = pa.table({
+        "query_id": records["query_id"],
+        "rank": records["rank"],
+        "doc_id": [documents[r].doc_id for r in records["row"]],
+        **{column: records[column] for column in ("score", "projected_score", "row")},
+        "text": [documents[r].text for r in records["row"]],
+    })
     out = search_dir(ctx)
     with atomic_path(out) as tmp:
         tmp.mkdir()

@@ -31,7 +31,7 @@ from torch import nn
 
 from distributed_astra.artifacts import atomic_path, check_meta, read_meta, write_json
 from distributed_astra.data.corpus import Corpus, CorpusShard, CorpusStats, ShardPlan
-from distributed_astra.data.sequences import iter_document_batches
+from distributed_astra.data.sequences import SequenceFormat, iter_document_batches
 from distributed_astra.errors import DastraError
 from distributed_astra.models.modules import TrackedModule
 from distributed_astra.scoring.gradients import captured_batches
@@ -117,7 +117,7 @@ class StoreWriter:
     corpus: Corpus
     plan: ShardPlan
     projection: KroneckerProjection
-    max_length: int
+    sequence_format: SequenceFormat
     batch_size: int
     compute_dtype: torch.dtype
     store_dtype: str
@@ -128,7 +128,7 @@ class StoreWriter:
         The shard is one record batch, so that a reader maps it as one [n, D] array without a copy.
         """
         documents = self.corpus.iter_documents(shard, stats)
-        batches = iter_document_batches(documents, self.tokenizer, self.max_length, self.batch_size)
+        batches = iter_document_batches(documents, self.tokenizer, self.sequence_format, self.batch_size)
         vectors = projected_batches(self.model, self.tracked, self.projection, batches, self.compute_dtype)
         # One buffer per shard, filled in place: memory is bounded by data.shard_rows, whatever the corpus size.
         values = np.empty((shard.num_rows, self.projection.dim), dtype=STORE_DTYPES[self.store_dtype][1])

@@ -36,13 +36,13 @@ def query_gradients(
     dtype: torch.dtype,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """∇θ f(z_q) for every query: (query_ids [Q], {module: [Q, out, in+1]}); f is the completion's summed loss."""
+    """∇θ f(z_q) for every query: (query_index [Q], {module: [Q, out, in+1]}); f is the completion's summed loss."""
     ids: list[torch.Tensor] = []
     grads: dict[str, list[torch.Tensor]] = {name: [] for name in tracked}
     for batch, capture in captured_batches(model, tracked, batches, dtype):
-        ids.append(batch["query_id"])
+        ids.append(batch["query_index"])
         for name, grad in capture.per_sequence_gradients().items():
             grads[name].append(grad)
         if on_batch is not None:
-            on_batch(len(batch["query_id"]))
+            on_batch(len(batch["query_index"]))
     return torch.cat(ids), {name: torch.cat(chunks) for name, chunks in grads.items()}

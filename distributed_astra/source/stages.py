@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from distributed_astra.artifacts import atomic_path, check_meta, read_meta, save_tensors, write_json
+from distributed_astra.artifacts import atomic_path, check_meta, load_tensors, read_meta, save_tensors, write_json
 from distributed_astra.curvature.factors import EkfacFactors, load_factors, save_factors
+from distributed_astra.data.sequences import QueryId
 from distributed_astra.errors import DastraError
 from distributed_astra.ihvp.products import Vectors
 from distributed_astra.ihvp.solvers import SolveResult
@@ -119,7 +119,7 @@ def segment_factors(ctx: Context, folder: Path, traj: Trajectory, segments: list
 
 
 def _astra_directions(
-    ctx: Context, ids: torch.Tensor, factors: list[EkfacFactors], segments: list[Segment], us: list[Vectors],
+    ctx: Context, ids: list[QueryId], factors: list[EkfacFactors], segments: list[Segment], us: list[Vectors],
     traj: Trajectory,
 ) -> tuple[list[Vectors], list[SolveResult]]:
     """ASTRA-SOURCE (seeds §7): per segment, w_ℓ = (Ḡ_ℓ + λ_ℓI)⁻¹u_ℓ by ASTRA with G̃ at θ̄_ℓ (option 3), query chunks
@@ -136,9 +136,10 @@ def _astra_directions(
             with weights(ctx.model, average_states([traj.state(i) for i in seg.checkpoints])):
                 product, sampler = curvature_minibatches(ctx)
                 parts = []
+                logger = solver_logger(ctx, f"astra-source/segment{seg.index}")
                 for start in starts:
-                    chunk = ids[start : start + cfg.query_batch_size].tolist()
-                    log = solver_logger(ctx, chunk, f"astra-source/segment{seg.index}")
+                    chunk = ids[start : start + cfg.query_batch_size]
+                    log, _ = logger.chunk(chunk)
                     result = astra_segment_direction(
                         {name: g[start : start + len(chunk)] for name, g in u.items()}, f, seg, product, sampler,
                         cfg, strategy, [f"{q}@segment{seg.index}" for q in chunk],
@@ -148,6 +149,7 @@ def _astra_directions(
                         console.print(f"[yellow]warning:[/] segment {seg.index}: {message}", highlight=False)
                     parts.append(result)
                     results.append(result)
+                logger.finish(pa.concat_tables([r.table() for r in parts]))
             directions.append({name: torch.cat([r.x[name] for r in parts]) for name in u})
     return directions, results
 
@@ -176,8 +178,7 @@ def solve(ctx: Context) -> float:
     with atomic_path(out) as tmp:
         tmp.mkdir()
         for seg, w in zip(segments, directions):
-            save_tensors({"query_ids": ids, **{k: v.contiguous() for k, v in w.items()}},
-                         tmp / f"directions_segment{seg.index}.safetensors")
+            save_tensors({k: v.contiguous() for k, v in w.items()}, tmp / f"directions_segment{seg.index}.safetensors")
         if results:
             pq.write_table(pa.concat_tables([r.table() for r in results]), tmp / "trace.parquet")
         write_json(
@@ -188,6 +189,7 @@ def solve(ctx: Context) -> float:
                 "source": src.model_dump(mode="json"),
                 "damping": damping,  # IF-comparable; each segment's own λ_ℓ is in "segments"
                 "status": {s: statuses.count(s) for s in sorted(set(statuses))},
+                "query_ids": ids,
                 "trajectory": str(folder.resolve()),
                 "segments": [
                     {
@@ -203,7 +205,7 @@ def solve(ctx: Context) -> float:
                 ],
             },
         )
-    ctx.tracker.log({"solve/damping": damping, **{f"solve/{name}/segment{s.index}/damping": s.damping for s in segments}})
+    ctx.tracker.log({f"solve/{name}/damping": damping, **{f"solve/{name}/segment{s.index}/damping": s.damping for s in segments}})
     return damping
 
 
@@ -218,7 +220,7 @@ class ScoringPass:
     directions: Vectors
 
 
-def scoring_passes(ctx: Context, compute: torch.dtype) -> tuple[torch.Tensor, Trajectory, list[ScoringPass]]:
+def scoring_passes(ctx: Context, compute: torch.dtype) -> tuple[list[QueryId], Trajectory, list[ScoringPass]]:
     """(query ids, trajectory, passes) of `solver.name`'s SOURCE directions, checked against the model and the
     trajectory they were solved for."""
     solver_dir = ctx.paths.ihvp(ctx.cfg.solver.name)
@@ -227,10 +229,12 @@ def scoring_passes(ctx: Context, compute: torch.dtype) -> tuple[torch.Tensor, Tr
     if "segments" not in meta:
         raise DastraError(f"{solver_dir} holds no SOURCE directions: re-run `dastra solve --method {ctx.cfg.solver.name}`")
     traj = load_trajectory(meta["trajectory"])
-    query_ids, passes = None, []
+    passes = []
     for seg in meta["segments"]:
-        tensors = load_file(str(solver_dir / f"directions_segment{seg['index']}.safetensors"))
-        query_ids = tensors.pop("query_ids")
+        tensors = load_tensors(
+            solver_dir / f"directions_segment{seg['index']}.safetensors", "solved SOURCE directions",
+            f"solve --method {ctx.cfg.solver.name}",
+        )
         share = 1.0 / len(seg["checkpoints"])
         w = {name: (x * share).to(compute) for name, x in tensors.items()}
         for c in seg["checkpoints"]:
@@ -240,7 +244,7 @@ def scoring_passes(ctx: Context, compute: torch.dtype) -> tuple[torch.Tensor, Tr
                     f"re-run `dastra solve --method {ctx.cfg.solver.name}`"
                 )
             passes.append(ScoringPass(c["index"], c["step"], seg["index"], w))
-    return query_ids, traj, passes
+    return meta["query_ids"], traj, passes
 
 
 def summed_scores(

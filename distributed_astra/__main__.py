@@ -1,0 +1,3 @@
+from distributed_astra.cli import main
+
+main()
