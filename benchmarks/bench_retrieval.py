@@ -42,7 +42,6 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from distributed_astra import pipeline  # noqa: E402
@@ -193,7 +192,7 @@ def main() -> None:
         log(f"exact streaming score: {seconds['exact_streaming_score']:.1f} s")
         dense = pq.read_table(ctx.paths.root / "scores" / "dense.parquet")
         doc_ids = dense.column("doc_id").to_numpy()
-        query_ids = load_file(str(ctx.paths.ihvp("ekfac") / "directions.safetensors"))["query_ids"].tolist()
+        query_ids, tensors = pipeline.load_directions(ctx, "ekfac")
         exact = np.stack([dense.column(f"q{q}").to_numpy() for q in query_ids], axis=1)  # [N, Q]
         exact_top = doc_ids[np.argsort(-exact, axis=0)[:TOP_K]]  # [k, Q]
 
@@ -204,8 +203,6 @@ def main() -> None:
 
         projection = stages.run_projection(ctx)
         store = open_store(stages.store_dir(ctx), stages.expected_meta(ctx, projection))
-        tensors = load_file(str(ctx.paths.ihvp("ekfac") / "directions.safetensors"))
-        tensors.pop("query_ids")
         t0 = time.perf_counter()
         queries = projection.project_matrices({n: x.float() for n, x in tensors.items()}).numpy()
         seconds["project_queries"] = time.perf_counter() - t0
@@ -232,8 +229,7 @@ def main() -> None:
 
         damping = float(json.loads((ctx.paths.ihvp("ekfac") / "meta.json").read_text())["damping"])
         d_eff, full = effective_dimension(ctx, damping)
-        query_grads = load_file(str(ctx.paths.queries / "gradients.safetensors"))
-        query_grads.pop("query_ids")
+        _, query_grads = pipeline.load_query_gradients(ctx)
         t0 = time.perf_counter()
         curve_result = curve(ctx, query_grads, tensors, len(doc_ids))
         seconds["curve_pass"] = time.perf_counter() - t0
