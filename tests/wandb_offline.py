@@ -1,6 +1,7 @@
 """Read back what an offline W&B run wrote to disk: the `.wandb` file is a LevelDB-style log of protobuf Records.
 
-Tests use this to check the real files W&B produced (history rows, summary, config), not a mock.
+Tests use this to check the real files W&B produced (history rows, summary, config, the `define_metric` axes and
+custom charts), not a mock.
 """
 
 from __future__ import annotations
@@ -40,14 +41,38 @@ def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
+def _nest(target: dict, path: list[str], value) -> None:
+    for part in path[:-1]:
+        target = target.setdefault(part, {})
+    target[path[-1]] = value
+
+
 @dataclass
 class OfflineRun:
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    metrics: list[dict] = field(default_factory=list)  # define_metric records: name | glob_name, step_metric
 
     def series(self, key: str) -> list:
         return [row[key] for row in self.history if key in row]
+
+    def keys(self) -> set[str]:
+        """Every history key (media flattened as "key/_type", ...), W&B's own (_step, _runtime, ...) left out."""
+        return {k for row in self.history for k in row if not k.startswith("_")}
+
+    def step_metric(self, key: str) -> str | None:
+        """The x-axis W&B plots `key` against: its own define_metric, else the longest matching glob's."""
+        for metric in self.metrics:
+            if metric["name"] == key and metric["step_metric"]:
+                return metric["step_metric"]
+        globs = [m for m in self.metrics if m["glob_name"] and key.startswith(m["glob_name"].rstrip("*"))]
+        return max(globs, key=lambda m: len(m["glob_name"]))["step_metric"] if globs else None
+
+    @property
+    def charts(self) -> dict:
+        """Custom charts (wandb.plot.*) by key: the `_wandb.visualize` entries of the config."""
+        return self.config.get("_wandb", {}).get("visualize", {})
 
 
 def read_offline_run(run_dir: Path) -> OfflineRun:
@@ -64,4 +89,10 @@ def read_offline_run(run_dir: Path) -> OfflineRun:
             run.summary.update({_key(i): json.loads(i.value_json) for i in record.summary.update})
         elif kind == "run":
             run.config.update({_key(i): json.loads(i.value_json) for i in record.run.config.update})
+        elif kind == "config":
+            for item in record.config.update:
+                _nest(run.config, list(item.nested_key) or [item.key], json.loads(item.value_json))
+        elif kind == "metric":
+            m = record.metric
+            run.metrics.append({"name": m.name, "glob_name": m.glob_name, "step_metric": m.step_metric})
     return run

@@ -18,11 +18,17 @@ reproduce that stream exactly, so their directions equal the single-process ones
   loss-carrying rows; both are all-reduced, so the product is the sum of the slice products divided by N_B: the
   minibatch mean of one process. For the Fisher product, rank r advances the label generator past the rows before
   and after its slice, so its rows get the labels one process would draw.
+
+The held-out evaluation (`solver.heldout_every`, ihvp/solvers.py) runs in both modes: every rank draws the same
+fixed batch from its sampler's pool with the held-out generator (seed + 1), outside the minibatch stream. In mode
+`data` it is sliced like the minibatches, so it holds at least `ray.num_workers` rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+import time
 
 import psutil
 import torch
@@ -152,6 +158,10 @@ def rank_solve(
             training_batches(state, corpus, state.cfg.factors.batch_size, state.cfg.factors.max_sequences),
             cfg.minibatch_size, generator,
         )
+    heldout = None
+    if sampler is not None and cfg.heldout_every > 0:  # pipeline.heldout_batch, sliced in mode data
+        size = max(cfg.heldout_batch_size, state.world_size) if mode == "data" else cfg.heldout_batch_size
+        heldout = sampler.draw(size, torch.Generator().manual_seed(cfg.seed + 1))
     num_queries = next(iter(grads.values())).shape[0]
     records: list[dict] = []
     piece = memory_query_chunk(state.tracked, next(iter(grads.values())).dtype, state.device)
@@ -170,15 +180,19 @@ def rank_solve(
             if labels is not None:
                 labels.set_state(label_state)
             counting = CountingSampler(sampler) if sampler is not None else None
+            started = time.perf_counter()
             result = solve(
                 {n: g[lo:hi] for n, g in grads.items()}, preconditioner, product, counting, cfg, damping,
-                query_ids=[str(q) for q in range(lo, hi)],
+                query_ids=[str(q) for q in range(lo, hi)], heldout=heldout,
             )
+            seconds = time.perf_counter() - started
             longest = max(longest, counting.drawn if counting is not None else 0)
             if mode == "queries" or state.rank == 0:
                 records.append({
                     "start": lo, "stop": hi, "chunk_start": chunk_start, "x": result.x, "status": result.status,
                     "iterations": result.iterations, "messages": result.messages, "trace": result.trace.columns(),
+                    "heldout": result.heldout.columns(), "heldout_seconds": result.heldout_seconds,
+                    "seconds": seconds, "heldout_batch_size": 0 if heldout is None else int(heldout["input_ids"].shape[0]),
                 })
         if mode == "queries" and cfg.name != "ekfac":
             generator.set_state(start_state)

@@ -69,12 +69,15 @@ def train_tiny_gpt2(
     weight_decay: float = 0.0,
     trajectory: TrajectoryRecorder | None = None,
     checkpoint_steps: Collection[int] = (),
+    on_metrics: Callable[[dict[str, float]], None] | None = None,
 ) -> list[float]:
     """Train with AdamW for `steps` steps (linear warmup, then cosine decay to 0); return the per-step losses.
 
     `batches` is a list (cycled over, in the same order each pass) or a callable `epoch -> batches` (called again
     whenever an epoch runs out; `shuffled_epochs` in `data/sequences.py` gives one). `on_step(step, loss)` is
-    called after every step. The model is left in eval() mode.
+    called after every step, and `on_metrics({"step", "loss", "lr", "grad_norm", "tokens", "sequences"})` (the
+    step's learning rate, gradient norm before clipping, predicted tokens and sequences: the tracker's train/*
+    series) too. The model is left in eval() mode.
 
     `trajectory` (built with `tiny_optimizer_settings(weight_decay)`) records every step's learning rate and a
     checkpoint after each step count in `checkpoint_steps` (seeds §6.3). The rate is put on the attribution loss
@@ -115,7 +118,8 @@ def train_tiny_gpt2(
                 loss = mean_token_loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                rate_now = scheduler.get_last_lr()[0]
                 optimizer.step()
                 if trajectory is not None:
                     tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -125,6 +129,12 @@ def train_tiny_gpt2(
                 losses.append(float(loss.detach()))
                 if on_step is not None:
                     on_step(len(losses) - 1, losses[-1])
+                if on_metrics is not None:
+                    on_metrics({
+                        "step": len(losses) - 1, "loss": losses[-1], "lr": rate_now, "grad_norm": float(grad_norm),
+                        "tokens": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+                        "sequences": int(batch["labels"].shape[0]),
+                    })
                 if len(losses) == steps:
                     break
             if not produced:
