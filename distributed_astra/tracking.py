@@ -323,7 +323,7 @@ def _quantiles(values: np.ndarray, prefix: str) -> dict[str, float]:
     return {f"{prefix}_p10": float(p10), f"{prefix}_median": float(median), f"{prefix}_p90": float(p90)}
 
 
-def _relative(rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def relative_to_start(rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(h_k − h_0)/|h_0| and r_k/r_0 of trace rows, h_0 and r_0 being each (query, repeat)'s first row."""
     change = np.full(len(rows["objective"]), np.nan)
     ratio = np.full_like(change, np.nan)
@@ -427,7 +427,7 @@ class SolveLogger:
             if table is None or table.num_rows == 0:
                 continue
             rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
-            change, ratio = _relative(rows)
+            change, ratio = relative_to_start(rows)
             columns = {name: rows[name].tolist() for name in ("query_id", "repeat", "iteration", "objective", "residual")}
             columns.update(objective_change=change.tolist(), residual_ratio=ratio.tolist())
             if "status" in rows:

@@ -32,7 +32,7 @@ def _overrides(workspace: Path, *extra: str) -> list[str]:
     settings = [
         *workspace_overrides(workspace),
         "model.dtype=float64",
-        "data.max_length=16",
+        "data.max_length=32",
         "factors.batch_size=16",
         "scoring.batch_size=16",
         f"scoring.top_k={TOP_K}",
@@ -140,7 +140,7 @@ def test_report_has_a_section_per_shown_query_with_k_rows_matching_topk(run_dir:
 def test_report_embeds_valid_pngs_of_every_plot(run_dir: Path):
     parser = _parse(run_dir / "report.html")
     sources = [img["src"] for img in parser.images]
-    assert len(sources) == 3  # score distribution, convergence (astra), eigen-spectra
+    assert len(sources) == 3  # convergence (astra), score distribution, eigen-spectra
     for src in sources:
         assert src.startswith("data:image/png;base64,")
         image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1], validate=True)))
@@ -149,7 +149,7 @@ def test_report_embeds_valid_pngs_of_every_plot(run_dir: Path):
         pixels = np.asarray(image.convert("L"))
         assert (pixels < 200).mean() > 0.01  # something is drawn
     alts = [img["alt"] for img in parser.images]
-    assert alts == ["Score distribution", "Solver convergence", "EK-FAC eigen-spectra"]
+    assert alts == ["Solver convergence", "Score distribution", "EK-FAC eigen-spectra"]
     page = "".join(parser.text)
     assert "solve: astra" in page and "solve: ekfac" in page
     assert "A positive score means the document helped" in page and "lowered the query's loss" in page
@@ -243,3 +243,84 @@ def test_best_window_is_the_brute_force_maximum():
         candidates = [values[i : i + width].sum() for i in range(max(1, n - width + 1))]
         assert stop - start == min(n, width)
         assert values[start:stop].sum() == pytest.approx(max(candidates))
+
+
+class SectionParser(HTMLParser):
+    """Top-level section ids in page order, the table of contents' links, and the text and rows of each section."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: list[str] = []
+        self.toc: list[str] = []
+        self.text: dict[str, list[str]] = {}
+        self.method_rows: list[dict] = []
+        self.verdicts: list[str] = []
+        self._in_toc = False
+        self._row: dict | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        classes = (attrs.get("class") or "").split()
+        if tag == "nav" and "toc" in classes:
+            self._in_toc = True
+        elif tag == "a" and self._in_toc:
+            self.toc.append(attrs["href"])
+        elif tag == "section":
+            self.sections.append(attrs.get("id", ""))
+        elif tag == "tr" and "method" in classes:
+            self._row = {"method": attrs["data-method"], "primary": "primary" in classes, "cells": []}
+            self.method_rows.append(self._row)
+        elif tag == "p" and "verdict" in classes:
+            self.verdicts.append(attrs["data-method"])
+
+    def handle_endtag(self, tag):
+        if tag == "nav":
+            self._in_toc = False
+        elif tag == "tr":
+            self._row = None
+
+    def handle_data(self, data):
+        if self.sections:
+            self.text.setdefault(self.sections[-1], []).append(data)
+        if self._row is not None and data.strip():
+            self._row["cells"].append(data.strip())
+
+
+def test_report_has_a_table_of_contents_methods_side_by_side_convergence_and_settings(run_dir: Path):
+    import json
+
+    parser = SectionParser()
+    parser.feed((run_dir / "report.html").read_text(encoding="utf-8"))
+    top = [s for s in parser.sections if not s.startswith("query-")]
+    assert top == ["summary", "fact-tracing", "convergence", "settings", "sign-convention", "plots", "queries"]
+    # Every section is linked from the contents, and so is every shown query.
+    shown = [s["query_id"] for s in _parse(run_dir / "report.html").sections]
+    assert parser.toc == [f"#{s}" for s in top] + [f"#query-{q}" for q in shown]
+    # Fact tracing of ASTRA and its EK-FAC baseline side by side, with summary.json's figures.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [(r["method"], r["primary"]) for r in parser.method_rows] == [("astra", True), ("ekfac", False)]
+    for row, facts in zip(parser.method_rows, (summary["fact_tracing"], summary["baselines"]["ekfac"]["fact_tracing"])):
+        assert row["cells"][1:4] == [f"{facts['recall@1']:.3f}", f"{facts['recall@10']:.3f}", f"{facts['mrr']:.3f}"]
+    # The held-out convergence verdict of the iterative solve, with its cost, and the figure.
+    assert parser.verdicts == ["astra"]
+    convergence = "".join(parser.text["convergence"])
+    assert "held-out h" in convergence and "held-out batch of 4 sequences every 10 iterations" in convergence
+    assert ("more iterations" in convergence) or ("did NOT decrease" in convergence)
+    assert summary["heldout_objective_first_mean"] is not None and isinstance(summary["heldout_decreased"], bool)
+    # The settings that decide the result.
+    settings = "".join(parser.text["settings"])
+    for fragment in ("5 iterations", "minibatch 4 sequences", "λ = ", "tracked modules", "transformer.h.0.mlp.c_fc"):
+        assert fragment in settings, fragment
+
+
+def test_convergence_verdicts_say_whether_more_iterations_would_help():
+    from distributed_astra.report.build import convergence_verdict
+
+    base = {"heldout_objective_first_mean": 10.0, "heldout_objective_last_mean": 4.0, "heldout_decreased": True,
+            "heldout_decreased_fraction": 0.9}
+    assert "still falling" in convergence_verdict({**base, "heldout_last_interval_change_median": -0.2})
+    assert "levelled off" in convergence_verdict({**base, "heldout_last_interval_change_median": -0.001})
+    worse = {**base, "heldout_objective_last_mean": 12.0, "heldout_decreased": False,
+             "heldout_last_interval_change_median": 0.1}
+    assert "did NOT decrease" in convergence_verdict(worse)
+    assert "no held-out evaluation" in convergence_verdict({})

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+import statistics
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -117,6 +118,43 @@ def heldout_table(trace: HeldoutTrace | dict[str, list]):
         ]
     )
     return pa.table({k: cols[k] for k in HELDOUT_COLUMNS}, schema=schema)
+
+
+def heldout_summary(table, info: Mapping[str, object] | None = None) -> dict[str, object]:
+    """summary.json's figures of a solve's held-out evaluation (`heldout.parquet` as a pyarrow.Table; `info`: its
+    meta.json record, copied with a heldout_ prefix): the mean h and residual of the
+    queries' first (the start) and last (the returned direction) evaluation on the fixed batch, whether the mean h
+    decreased, the fraction of queries whose h decreased, the median relative change (h_last − h_0)/|h_0| and that
+    of the last interval alone (h_last − h_prev)/|h_0|: still clearly negative means more iterations would help."""
+    rows = table.to_pydict()
+    per_query: dict[str, list[tuple[int, int, float, float]]] = {}
+    for q, rep, k, h, r in zip(rows["query_id"], rows["repeat"], rows["iteration"], rows["objective"], rows["residual"]):
+        per_query.setdefault(q, []).append((rep, k, h, r))
+    if not per_query:
+        return {}
+    firsts, lasts, changes, tail = [], [], [], []
+    for points in per_query.values():
+        points.sort()
+        (_, _, h0, r0), (_, _, h1, r1) = points[0], points[-1]
+        scale = abs(h0) or 1.0
+        firsts.append((h0, r0))
+        lasts.append((h1, r1))
+        changes.append((h1 - h0) / scale)
+        if len(points) > 1:
+            tail.append((h1 - points[-2][2]) / scale)
+    n = len(firsts)
+    first_mean, last_mean = sum(h for h, _ in firsts) / n, sum(h for h, _ in lasts) / n
+    return {
+        "heldout_objective_first_mean": first_mean,
+        "heldout_objective_last_mean": last_mean,
+        "heldout_residual_first_mean": sum(r for _, r in firsts) / n,
+        "heldout_residual_last_mean": sum(r for _, r in lasts) / n,
+        "heldout_decreased": bool(last_mean < first_mean),
+        "heldout_decreased_fraction": sum(c < 0 for c in changes) / n,
+        "heldout_change_median": float(statistics.median(changes)),
+        "heldout_last_interval_change_median": float(statistics.median(tail)) if tail else 0.0,
+        **{f"heldout_{k}": v for k, v in (info or {}).items()},
+    }
 
 
 def trace_table(trace: Trace | Sequence[dict] | dict[str, list]):

@@ -30,12 +30,14 @@ from distributed_astra.artifacts import atomic_path, check_meta, read_meta
 from distributed_astra.config import SOURCE_SOLVERS
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import FACTORS_FILE, load_factors_meta
+from distributed_astra.ihvp.monitor import heldout_summary
 from distributed_astra.data.sequences import iter_training_batches, load_queries
 from distributed_astra.errors import DastraError
 from distributed_astra.progress import progress_bar
 from distributed_astra.report import plots
 from distributed_astra.report.segments import Segment, best_window, token_segments
 from distributed_astra.scoring.tokens import document_token_scores
+from distributed_astra.tracking import relative_to_start
 from distributed_astra.source.stages import scoring_passes, weights
 from distributed_astra.source.trajectory import Trajectory
 
@@ -209,14 +211,20 @@ def _document_view(
 
 
 def _solver_runs(ctx: Context) -> list[dict[str, object]]:
-    """Every solve found under ihvp/: name, damping, status counts, iterations and its trace (None for ekfac)."""
+    """Every solve found under ihvp/: name, damping, status counts, iterations, its trace (None for ekfac), its
+    held-out evaluation (heldout.parquet, None without one) with its summary figures, and its solver settings."""
     runs = []
     for folder in sorted(p for p in (ctx.paths.root / "ihvp").glob("*") if (p / "meta.json").is_file()):
         meta = json.loads((folder / "meta.json").read_text())
         trace_path = folder / "trace.parquet"
-        trace = None
+        trace = heldout = None
         if trace_path.is_file():
             table = pq.read_table(trace_path, columns=["query_id", "repeat", "iteration", "objective", "residual", "status"])
+        held_summary: dict[str, object] = {}
+        if (folder / "heldout.parquet").is_file():
+            table = pq.read_table(folder / "heldout.parquet")
+            held_summary = heldout_summary(table, meta.get("heldout"))
+            heldout = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
             trace = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
         runs.append(
             {
@@ -224,10 +232,136 @@ def _solver_runs(ctx: Context) -> list[dict[str, object]]:
                 "damping": float(meta.get("damping", float("nan"))),
                 "status": meta.get("status", {}),
                 "iterations": int(trace["iteration"].max()) + 1 if trace is not None and len(trace["iteration"]) else 0,
+                "heldout": heldout,
+                "heldout_summary": held_summary,
+                "settings": meta.get("solver", {}),
                 "trace": trace,
             }
         )
     return runs
+
+# ------------------------------------------------------------------------------------- convergence, methods
+STILL_FALLING = 0.01  # |median (h_K − h_prev)/|h_0|| above this over the last held-out interval: not levelled off
+
+
+def convergence_verdict(held: dict[str, object]) -> str:
+    """One sentence a reader can act on, from a solve's held-out figures (ihvp.monitor.heldout_summary)."""
+    if not held:
+        return ("no held-out evaluation (solver.heldout_every: 0 or an older run): only the noisy minibatch h "
+                "is available, which cannot tell whether the solve converged.")
+    first, last = held["heldout_objective_first_mean"], held["heldout_objective_last_mean"]
+    share = held["heldout_decreased_fraction"]
+    tail = held["heldout_last_interval_change_median"]
+    measured = f"mean held-out h {first:.4g} → {last:.4g}, lower for {share:.0%} of the queries"
+    if not held["heldout_decreased"]:
+        return (f"did NOT decrease on the held-out batch ({measured}): the iterations did not improve on the "
+                "start; lower solver.lr or raise solver.damping.")
+    if tail < -STILL_FALLING:
+        return (f"decreased ({measured}) and was still falling over the last interval (median {tail:+.1%} of |h₀|): "
+                "more iterations would likely lower it further.")
+    return (f"decreased ({measured}) and levelled off over the last interval (median {tail:+.1%} of |h₀|): more "
+            "iterations would help little.")
+
+
+def _convergence_view(runs: list[dict]) -> tuple[dict | None, list[dict]]:
+    """The convergence figure (held-out median and band per iterative method) and one verdict per method."""
+    iterative = [run for run in runs if run["trace"] is not None]
+    if not iterative:
+        return None, []
+    methods, verdicts = {}, []
+    for run in iterative:
+        data: dict[str, object] = {"queries": len(set(run["trace"]["query_id"].tolist()))}
+        for key in ("trace", "heldout"):
+            rows = run[key]
+            if rows is None:
+                data[key] = None
+                continue
+            change, ratio = relative_to_start(rows)
+            data[key] = {"iteration": rows["iteration"], "change": change, "ratio": ratio}
+        methods[run["name"]] = data
+        info = run["heldout_summary"]
+        verdicts.append({
+            "name": run["name"], "text": convergence_verdict(info),
+            "every": info.get("heldout_every"), "batch_size": info.get("heldout_batch_size"),
+            "cost": info.get("heldout_cost_fraction"),
+        })
+    figure = {
+        "key": "convergence",
+        "title": "Solver convergence",
+        "caption": "Relative change of the objective h(x) = ½xᵀ(G̃ + λI)x − ∇fᵀx from its start (lower is better) "
+        "and the residual ratio ‖(G̃ + λI)x − ∇f‖ / ‖r₀‖, measured on ONE fixed held-out curvature batch at the "
+        "start, every solver.heldout_every iterations and at the end: median over queries (bold) and p10-p90 band. "
+        "Grey dashed: the median on each iteration's own minibatch, which zig-zags because G̃ changes every iteration.",
+        "png": plots.convergence_bands(methods),
+    }
+    return figure, verdicts
+
+
+def _method_rows(summary: dict) -> list[dict[str, object]]:
+    """summary.json's figures per method, solver.name first then solver.baselines: fact tracing, objective, held-out
+    objective, seconds; side by side in the report."""
+    if not summary.get("fact_tracing"):
+        return []
+    primary = {k: v for k, v in summary.items() if k not in ("baselines", "solver")}
+    methods = [(summary.get("solver", "?"), primary), *summary.get("baselines", {}).items()]
+    rows = []
+    for name, values in methods:
+        facts = values.get("fact_tracing", {})
+        seconds = values.get("seconds", {})
+        rows.append({
+            "name": name,
+            "primary": name == summary.get("solver"),
+            "recall1": facts.get("recall@1"),
+            "recall10": facts.get("recall@10"),
+            "mrr": facts.get("mrr"),
+            "num_fact_queries": facts.get("num_fact_queries"),
+            "solve_seconds": seconds.get("solve"),
+            "score_seconds": seconds.get("score"),
+            "objective_first": values.get("objective_first_mean"),
+            "objective_last": values.get("objective_last_mean"),
+            "heldout_first": values.get("heldout_objective_first_mean"),
+            "heldout_last": values.get("heldout_objective_last_mean"),
+            "heldout_decreased": values.get("heldout_decreased"),
+            "status": values.get("status", {}),
+        })
+    return rows
+
+
+def _settings_rows(ctx: Context, runs: list[dict]) -> list[tuple[str, str]]:
+    """The settings that decide the result, as (label, value) rows: per solve its damping and solver settings, then
+    the tracked modules, the factors and the sequences."""
+    rows: list[tuple[str, str]] = []
+    for run in runs:
+        cfg = run["settings"]
+        if run["trace"] is None:
+            rows.append((f"{run['name']}", f"direct solve (P + λI)⁻¹∇f, λ = {run['damping']:.4g}"))
+            continue
+        lr = {"auto": "α = lr / μ̂", "relative": "α = lr × λ", "absolute": "α = lr"}.get(cfg.get("lr_mode"), "")
+        parts = [
+            f"λ = {run['damping']:.4g} (solver.damping: {cfg.get('damping')})",
+            f"{cfg.get('iterations')} iterations",
+            f"minibatch {cfg.get('minibatch_size')} sequences ({cfg.get('product')} product)",
+            f"lr {cfg.get('lr')} ({cfg.get('lr_mode')}: {lr}), momentum {cfg.get('momentum')}, "
+            f"decay ×{cfg.get('lr_decay')} every {cfg.get('lr_decay_every')}",
+            f"{cfg.get('query_batch_size')} queries per chunk",
+        ]
+        if cfg.get("preconditioner_damping") is not None:
+            parts.append(f"λ̃ = {cfg['preconditioner_damping']}")
+        if cfg.get("heldout_every"):
+            info = run["heldout_summary"]
+            cost = info.get("heldout_cost_fraction")
+            parts.append(
+                f"held-out batch {info.get('heldout_batch_size', cfg.get('heldout_batch_size'))} sequences every "
+                f"{cfg.get('heldout_every')} iterations" + (f" ({cost:.1%} of the solve)" if cost is not None else "")
+            )
+        rows.append((run["name"], "; ".join(parts)))
+    factors = ctx.cfg.factors
+    rows.append(("tracked modules", f"{len(ctx.tracked)}: " + ", ".join(ctx.tracked)))
+    rows.append(("factors", f"{factors.strategy}, {factors.dtype} statistics, "
+                 f"{factors.max_sequences or 'all'} sequences per pass"))
+    rows.append(("sequences", f"data.max_length {ctx.cfg.data.max_length} tokens"))
+    return rows
+
 
 
 def _spectra(ctx: Context) -> dict[str, dict[str, np.ndarray]]:
@@ -268,17 +402,6 @@ def _plots(ctx: Context, topk: pa.Table, shown: list[int], runs: list[dict]) -> 
             "png": plots.score_distribution(values, source, by_rank),
         }
     )
-    traced = {run["name"]: run["trace"] for run in runs if run["trace"] is not None}
-    if traced:
-        figures.append(
-            {
-                "key": "convergence",
-                "title": "Solver convergence",
-                "caption": "Objective h(x) = ½xᵀ(G̃ + λI)x − ∇fᵀx relative to its start (lower is better) and the "
-                "residual ‖(G̃ + λI)x − ∇f‖, per query on each iteration's minibatch; red: diverged (falls back to EK-FAC).",
-                "png": plots.convergence(traced),
-            }
-        )
     exact = [run["name"] for run in runs if run["trace"] is None]
     if exact:
         notes.append(f"Solver(s) {', '.join(exact)}: direct EK-FAC solve, no iterations to plot.")
@@ -337,6 +460,7 @@ def build_report(ctx: Context) -> Path:
         )
 
     runs = _solver_runs(ctx)
+    convergence_plot, verdicts = _convergence_view(runs)
     figures, notes = _plots(ctx, topk, shown, runs)
     summary = json.loads(ctx.paths.summary.read_text()) if ctx.paths.summary.is_file() else {}
     scoring_run = next((r for r in runs if r["name"] == ctx.cfg.solver.name), None)
@@ -356,7 +480,11 @@ def build_report(ctx: Context) -> Path:
         top_k=pc.max(topk.column("rank")).as_py() or 0,
         fingerprint=ctx.fingerprint,
         tracked_modules=list(ctx.tracked),
-        solvers=[{k: v for k, v in r.items() if k != "trace"} for r in runs],
+        solvers=[{k: v for k, v in r.items() if k not in ("trace", "heldout")} for r in runs],
+        methods=_method_rows(summary),
+        convergence_plot=convergence_plot,
+        verdicts=verdicts,
+        settings=_settings_rows(ctx, runs),
         fact_tracing={k: v for k, v in summary.get("fact_tracing", {}).items() if k != "num_fact_queries"},
         summary_solver=summary.get("solver", "?"),
         seconds=summary.get("seconds", {}),

@@ -1,7 +1,7 @@
 """The report's figures (matplotlib, Agg canvas, no pyplot state), returned as base64 PNG for embedding.
 
 Each function draws from plain arrays so that it can run on a laptop over the artifacts of a cluster run:
-large spectra are subsampled on log-spaced ranks, and per-query convergence lines are thin with a bold median.
+large spectra are subsampled on log-spaced ranks, and convergence is drawn as a median and band over queries.
 """
 
 from __future__ import annotations
@@ -64,51 +64,6 @@ def score_distribution(scores: np.ndarray, source: str, by_rank: np.ndarray) -> 
     return figure_png(figure)
 
 
-def convergence(traces: Mapping[str, Mapping[str, np.ndarray]]) -> str:
-    """One column per iterative solver: objective h(x_k)/|h(x_0)| (top) and residual ‖r_k‖/‖r_0‖ (bottom, log) per
-    query and repeat, the median in bold, diverged queries in red.
-
-    traces[solver] holds equal-length arrays: query_id, repeat, iteration, objective, residual, status.
-    """
-    figure = Figure(figsize=(max(5.5, 4.5 * len(traces)), 6))
-    axes = figure.subplots(2, len(traces), squeeze=False)
-    for column, (solver, trace) in enumerate(traces.items()):
-        objective_axis, residual_axis = axes[0, column], axes[1, column]
-        keys = np.char.add(np.char.add(trace["query_id"].astype(str), "/"), trace["repeat"].astype(str))
-        order = np.lexsort((trace["iteration"], keys))
-        _, starts = np.unique(keys[order], return_index=True)
-        curves_h, curves_r = [], []
-        for number, rows in enumerate(np.split(order, starts[1:])):
-            h, r = trace["objective"][rows], trace["residual"][rows]
-            h0, r0 = abs(h[0]) or 1.0, r[0] or 1.0
-            curves_h.append(h / h0)
-            curves_r.append(r / r0)
-            if number >= MAX_LINES:
-                continue  # the median still covers every query
-            diverged = trace["status"][rows[-1]] == "diverged"
-            style = {"color": NEGATIVE_COLOUR, "alpha": 0.9} if diverged else {"color": "0.6", "alpha": 0.45}
-            iterations = trace["iteration"][rows]
-            objective_axis.plot(iterations, h / h0, linewidth=0.6, **style)
-            residual_axis.plot(iterations, r / r0, linewidth=0.6, **style)
-        longest = max(len(c) for c in curves_h)
-        padded_h = np.full((len(curves_h), longest), np.nan)
-        padded_r = np.full((len(curves_r), longest), np.nan)
-        for i, (ch, cr) in enumerate(zip(curves_h, curves_r)):
-            padded_h[i, : len(ch)], padded_r[i, : len(cr)] = ch, cr
-        objective_axis.plot(np.nanmedian(padded_h, axis=0), color=POSITIVE_COLOUR, linewidth=2.2, label="median")
-        residual_axis.plot(np.nanmedian(padded_r, axis=0), color=POSITIVE_COLOUR, linewidth=2.2, label="median")
-        objective_axis.set_yscale("symlog", linthresh=1.0)  # a diverged query must not flatten the others
-        residual_axis.set_yscale("log")
-        objective_axis.set_title(f"{solver}: {len(curves_h)} query runs", fontsize=10)
-        objective_axis.set_ylabel("h(x_k) / |h(x_0)|")
-        residual_axis.set_ylabel("‖r_k‖ / ‖r_0‖")
-        residual_axis.set_xlabel("iteration k")
-        residual_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        objective_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        objective_axis.legend(fontsize=8)
-    return figure_png(figure)
-
-
 def _log_ranks(n: int) -> np.ndarray:
     """Indices 0..n-1 subsampled on a log scale (all of them when n is small)."""
     if n <= MAX_SPECTRUM_POINTS:
@@ -161,3 +116,55 @@ def stack_by_rank(query_ids: Sequence[int], ranks: Sequence[int], scores: Sequen
     for q, r, s in zip(query_ids, ranks, scores):
         table[order[q], r - 1] = s
     return table
+
+
+def _bands(iterations: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(iterations present, p10, median, p90 of `values` over the rows at each)."""
+    steps = np.unique(iterations)
+    out = np.full((3, len(steps)), np.nan)
+    for i, k in enumerate(steps):
+        at = values[(iterations == k) & np.isfinite(values)]
+        if at.size:
+            out[:, i] = np.quantile(at, [0.1, 0.5, 0.9])
+    return steps, out[0], out[1], out[2]
+
+
+def convergence_bands(methods: Mapping[str, Mapping[str, object]]) -> str:
+    """One column per iterative method: the relative change of the objective (h_k − h_0)/|h_0| (top) and the
+    residual ratio r_k/r_0 (bottom, log) on the FIXED held-out batch, median over queries (bold, dots at the
+    evaluated iterations) inside its p10-p90 band; the median on each iteration's own minibatch (grey, dashed)
+    for comparison: it zig-zags because every iteration measures h on another G̃.
+
+    methods[name] = {"trace": minibatch rows, "heldout": held-out rows or None, each with "iteration" and the
+    relative "change" and "ratio" arrays (tracking.relative_to_start), "queries": the number of queries}.
+    """
+    figure = Figure(figsize=(max(6.0, 5.2 * len(methods)), 6.2))
+    axes = figure.subplots(2, len(methods), squeeze=False, sharex="col")
+    for column, (name, data) in enumerate(methods.items()):
+        top, bottom = axes[0, column], axes[1, column]
+        trace, heldout = data["trace"], data.get("heldout")
+        for axis, field in ((top, "change"), (bottom, "ratio")):
+            steps, _, median, _ = _bands(trace["iteration"], trace[field])
+            axis.plot(steps, median, color="0.55", linestyle="--", linewidth=1.1,
+                      label="median on each iteration's minibatch")
+            if heldout is not None and len(heldout["iteration"]):
+                steps, low, median, high = _bands(heldout["iteration"], heldout[field])
+                axis.fill_between(steps, low, high, color=POSITIVE_COLOUR, alpha=0.18, linewidth=0,
+                                  label="held-out p10-p90 over queries")
+                axis.plot(steps, median, color=POSITIVE_COLOUR, linewidth=2.4, marker="o", markersize=4,
+                          label="held-out median")
+            else:
+                steps, low, _, high = _bands(trace["iteration"], trace[field])
+                axis.fill_between(steps, low, high, color="0.6", alpha=0.15, linewidth=0,
+                                  label="minibatch p10-p90 (no held-out batch)")
+        top.axhline(0.0, color="0.3", linewidth=0.7)
+        bottom.axhline(1.0, color="0.3", linewidth=0.7)
+        bottom.set_yscale("log")
+        where = "held-out batch" if heldout is not None else "minibatches (no held-out evaluation)"
+        top.set_title(f"{name}: {data['queries']} queries, {where}", fontsize=10)
+        top.set_ylabel("(h_k − h_0) / |h_0|   (lower is better)")
+        bottom.set_ylabel("‖r_k‖ / ‖r_0‖")
+        bottom.set_xlabel("iteration k")
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+        top.legend(fontsize=7, loc="best")
+    return figure_png(figure)
