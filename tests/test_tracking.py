@@ -216,7 +216,7 @@ def test_a_run_logs_one_chart_per_stage_metric_on_continuous_axes(small_run: Pat
     # Throughput and memory of every stage, ASTRA and its baseline apart.
     for scope in ("train", "fit", "query", "solve/astra", "score/astra", "solve/ekfac", "score/ekfac", "report"):
         assert f"{scope}/seconds" in keys and f"{scope}/peak_rss_mb" in keys, scope
-    for scope in ("fit", "solve/astra", "score/astra", "score/ekfac"):
+    for scope in ("fit", "query", "solve/astra", "score/astra", "score/ekfac"):
         assert f"{scope}/tokens_per_s" in keys and f"{scope}/sequences_per_s" in keys, scope
     assert "train/tokens_per_s" in keys and "prepare/seconds" in keys
     # The summary: summary.json's figures, each method under its own keys.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,11 +76,28 @@ class OfflineRun:
         return self.config.get("_wandb", {}).get("visualize", {})
 
 
-def read_offline_run(run_dir: Path) -> OfflineRun:
-    """Parse the single `run-*.wandb` file of an `offline-run-*` folder."""
+def _complete_bytes(path: Path, timeout: float) -> bytes:
+    """The file once W&B has written its `exit` record: `wandb.finish()` can return before the service process has
+    flushed an offline run (seen under load: the file still holds only its 7-byte header)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        data = path.read_bytes()
+        for raw in reversed(_records(data)):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "exit":
+                return data
+        if time.monotonic() > deadline:
+            return data
+        time.sleep(0.1)
+
+
+def read_offline_run(run_dir: Path, timeout: float = 60.0) -> OfflineRun:
+    """Parse the single `run-*.wandb` file of an `offline-run-*` folder (waiting up to `timeout` s for W&B to
+    finish writing it)."""
     (path,) = Path(run_dir).glob("run-*.wandb")
     run = OfflineRun()
-    for raw in _records(path.read_bytes()):
+    for raw in _records(_complete_bytes(path, timeout)):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
