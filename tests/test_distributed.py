@@ -224,27 +224,34 @@ def test_astra_on_two_ranks_equals_single_process(
     assert sorted(trace.select(["query_id", "query", "iteration"]).to_pylist(), key=str) == sorted(
         expected_trace.select(["query_id", "query", "iteration"]).to_pylist(), key=str
     )
-    # the tracker gets every query's h series, as the single-process solve logs it while it runs
-    got_series, expected_series = _objective_series(tmp_path), _objective_series(reference)
-    assert set(got_series) == {f"solve/astra/objective/q{q}" for q in expected_trace.column("query_id").to_pylist()}
-    assert set(got_series) == set(expected_series)
-    for key, series in expected_series.items():
-        assert [step for step, _ in got_series[key]] == [step for step, _ in series]
-        assert torch.allclose(torch.tensor([h for _, h in got_series[key]]), torch.tensor([h for _, h in series]),
+    # the held-out evaluation on the same fixed batch gives the same h at the same iterations
+    held = pq.read_table(tmp_path / "ihvp" / "astra" / "heldout.parquet").to_pylist()
+    expected_held = pq.read_table(reference / "ihvp" / "astra" / "heldout.parquet").to_pylist()
+    key = lambda r: (r["query_id"], r["repeat"], r["iteration"])  # noqa: E731
+    assert sorted(map(key, held)) == sorted(map(key, expected_held))
+    by_key = {key(r): r["objective"] for r in expected_held}
+    for r in held:
+        assert r["objective"] == pytest.approx(by_key[key(r)], rel=RTOL, abs=1e-10)
+    # the tracker gets the aggregate series on one continuous iteration axis, as the single-process solve logs them
+    for name in ("solve/astra/objective_mean", "solve/astra/heldout/objective_mean"):
+        got_series, expected_series = _aggregate_series(tmp_path, name), _aggregate_series(reference, name)
+        assert [step for step, _ in got_series] == [step for step, _ in expected_series] != []
+        assert torch.allclose(torch.tensor([v for _, v in got_series]), torch.tensor([v for _, v in expected_series]),
                               rtol=RTOL, atol=1e-10)
 
 
-def _objective_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """(step, h) per `solve/astra/objective/q<id>` key of the run's metrics.jsonl, from the last solve logged."""
-    series: dict[str, list[tuple[int, float]]] = {}
+def _aggregate_series(run_dir: Path, name: str) -> list[tuple[int, float]]:
+    """(solve/astra/iteration, value) of `name` in the run's metrics.jsonl, from the last solve logged; no key per
+    query anywhere."""
+    series: list[tuple[int, float]] = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        for key, value in record.items():
-            if key.startswith("solve/astra/objective/q"):
-                previous = series.setdefault(key, [])
-                if previous and record["step"] <= previous[-1][0]:  # a later solve starts the series again
-                    previous.clear()
-                previous.append((record["step"], value))
+        assert not any(key.startswith("solve/astra/objective/q") for key in record)
+        if name in record:
+            step = record["solve/astra/iteration"]
+            if series and step < series[-1][0]:  # a later solve starts the series again
+                series.clear()
+            series.append((step, record[name]))
     return series
 
 
