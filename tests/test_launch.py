@@ -154,18 +154,24 @@ def test_run_gpt2xl_sh_submits_a_ray_job_that_writes_topk_report_and_wandb(ray_h
     assert f"W&B run:       {wandb_dir}" in output
     run = read_offline_run(wandb_dir)
     assert run.config["solver"]["name"] == "astra" and run.config["model"]["path"] == str(tiny_assets["model"])
+    # every query's h per iteration, in ONE table (and one chart), not one series per query
+    assert not [key for key in run.keys() if key.startswith("solve/astra/objective/q")]
+    (trace_row,) = logged_media(run.history, "solve/astra/trace")
+    trace = json.loads((wandb_dir / "files" / trace_row["path"]).read_text())
+    column = trace["columns"].index("query_id")
     for query_id in topk.column("query_id").unique().to_pylist():
-        objective = run.series(f"solve/astra/objective/q{query_id}")
-        assert len(objective) == ITERATIONS and all(isinstance(h, float) for h in objective)
+        assert sum(row[column] == str(query_id) for row in trace["data"]) == ITERATIONS
+    assert "solve/astra/per_query" in run.charts
     chunks = math.ceil(NUM_QUERIES / load_config(ROOT / "configs" / "gpt2xl.yaml").solver.query_batch_size)
-    assert len(run.series("solve/astra/objective_mean")) == ITERATIONS * chunks
+    steps = [row["solve/astra/iteration"] for row in run.history if "solve/astra/objective_mean" in row]
+    assert steps == list(range(ITERATIONS * chunks))  # one continuous axis over the chunks
 
     # W&B views: the eigen-spectrum histogram of every tracked module, the top-k as a table, the results artifact
     tracked = json.loads((run_dir / "factors" / "meta.json").read_text())["tracked_modules"]
     for module in tracked:
         (histogram,) = logged_media(run.history, f"fit/spectrum/{module}")
         assert histogram["_type"] == "histogram" and sum(histogram["values"]) > 0
-    (table_row,) = logged_media(run.history, "score/topk")
+    (table_row,) = logged_media(run.history, "score/astra/topk")
     table = json.loads((wandb_dir / "files" / table_row["path"]).read_text())
     assert table["columns"] == topk.column_names
     assert [row[2] for row in table["data"]] == topk.column("doc_id").to_pylist()
