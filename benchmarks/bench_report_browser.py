@@ -73,6 +73,14 @@ def main() -> int:
         f"The run: scores from solver {summary.get('solver', '?')} over {summary.get('num_queries', '?')} queries, "
         f"solves found under ihvp/: {', '.join(solves) or 'none'}."
     )
+    if "heldout_decreased" in summary:
+        described += (
+            f" Its held-out objective (one fixed batch of {summary.get('heldout_batch_size')} sequences, every "
+            f"{summary.get('heldout_every')} iterations, {summary.get('heldout_cost_fraction', 0):.1%} of the solve) "
+            f"went from {summary['heldout_objective_first_mean']:.4g} to {summary['heldout_objective_last_mean']:.4g} "
+            f"({'decreased' if summary['heldout_decreased'] else 'did not decrease'}, lower for "
+            f"{summary.get('heldout_decreased_fraction', 0):.0%} of the queries)."
+        )
     result = {
         "benchmark": "report_browser",
         "run_dir": str(run_dir),
@@ -93,6 +101,9 @@ def main() -> int:
         f"and captured at {WIDTH}x{HEIGHT} px in {render_seconds:.1f} s. {non_white:.1%} of the pixels are not white "
         f"(threshold for 'not blank': {MIN_NON_WHITE:.0%}); {blue:.2%} carry the blue of positively-contributing "
         "tokens, so the per-token shading rendered.\n\n"
+        "The top of the page (below) holds the table of contents, the run, each method's fact tracing side by side, "
+        "and the convergence panel: the median and p10-p90 band over queries of the objective's relative change on "
+        "the fixed held-out batch (bold), against the zig-zagging minibatch median (grey), with the verdict above it.\n\n"
         "![top of the screenshot](report_browser.png)\n\n"
         f"```json\n{json.dumps(result, indent=2)}\n```\n"
     )

@@ -133,6 +133,8 @@ class Tracker:
         """Where the W&B run is: its URL online, its folder offline (None when W&B is disabled)."""
         if self._wandb is None:
             return None
+        if self._wandb.offline:  # .url warns offline
+            return str(Path(self._wandb.dir).parent)
         return self._wandb.url or str(Path(self._wandb.dir).parent)
 
     def histogram(self, key: str, values: Any) -> None:
