@@ -25,6 +25,12 @@ from distributed_astra.models.lm import IGNORE_INDEX
 
 VOCAB = 64
 
+# Opt-in torch thread count, to check that tolerances hold under another BLAS blocking: DASTRA_TEST_THREADS=N sets it
+# at import, and `one_thread` (and the modules that pin one thread themselves) use N instead of 1.
+TEST_THREADS = int(os.environ["DASTRA_TEST_THREADS"]) if os.environ.get("DASTRA_TEST_THREADS") else None
+if TEST_THREADS:
+    torch.set_num_threads(TEST_THREADS)
+
 
 def build_tiny_gpt2(
     n_embd: int = 16,
@@ -168,9 +174,55 @@ def classifier_batch_factory():
 def one_thread():
     """Tiny models: one thread is 10-50x faster than two on this shared machine (`pytestmark = usefixtures`)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS or 1)
     yield
     torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------- scale-aware checks
+def assert_close_rel(actual, expected, rtol: float, what: str = "") -> None:
+    """Every element within rtol · max|expected| of `expected` (same shape; dtypes may differ); `what` heads the error.
+
+    The round-off of a sum or a dot product scales with the magnitude of its terms, which max|expected| stands for,
+    not with the element itself: an element near zero by cancellation carries the same absolute error as the
+    largest one, so an element-wise relative tolerance (or a fixed atol) holds on one CPU/BLAS and not another.
+    """
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(
+        actual, expected, rtol=0.0, atol=rtol * scale, check_dtype=False,
+        msg=lambda m: f"{what}: {m} (atol = {rtol:g} x max|expected| = {rtol * scale:.3g})",
+    )
+
+
+def assert_same_eigendecomposition(eigval, q, eigval_ref, q_ref, rtol: float) -> None:
+    """(ascending eigenvalues, eigenvector columns) of a symmetric matrix against those of a reference that differs
+    by E with ‖E‖₂ ≤ rtol · max|λ_ref|, checked only through what such an E determines (never a single
+    eigenvector of a (near-)degenerate eigenvalue, whose direction within its eigenspace is round-off):
+
+    - eigenvalues (Weyl): |λ_i − λ_ref,i| ≤ rtol · max|λ_ref|;
+    - the matrices Q diag(λ) Qᵀ, invariant to any rotation within an eigenspace: ‖·‖₂ difference ≤ rtol · max|λ_ref|;
+    - each eigenvector up to sign (Davis-Kahan): sin∠(q_i, q_ref,i) ≤ rtol · max|λ_ref| / (gap_i − rtol · max|λ_ref|),
+      gap_i = min_{j≠i} |λ_ref,i − λ_ref,j|; a column whose gap is within the perturbation is not determined on its
+      own (no bound), only through the reconstruction.
+    """
+    eigval, q, eigval_ref, q_ref = (t.double() for t in (eigval, q, eigval_ref, q_ref))
+    bound = rtol * float(eigval_ref.abs().max())
+    assert_close_rel(eigval, eigval_ref, rtol, "eigenvalues (Weyl bound)")
+    dense = (q * eigval) @ q.T
+    dense_ref = (q_ref * eigval_ref) @ q_ref.T
+    diff = float(torch.linalg.matrix_norm(dense - dense_ref, ord=2))
+    assert diff <= bound, f"‖Q diag(λ) Qᵀ − reference‖₂ = {diff:.3g} > {bound:.3g}"
+    gaps = (eigval_ref[:, None] - eigval_ref[None, :]).abs()
+    gaps.fill_diagonal_(float("inf"))
+    separation = (gaps.min(dim=1).values - bound).clamp_min(0.0)
+    cos = (q * q_ref).sum(dim=0)
+    sin = (q - cos * q_ref).norm(dim=0)  # ‖q_i − (q_i·r_i) r_i‖, accurate where 1 − cos² is not
+    allowed = torch.where(separation > 0, bound / separation, torch.full_like(separation, float("inf")))
+    worst = int((sin - allowed).argmax())
+    assert bool((sin <= allowed).all()), (
+        f"eigenvector {worst}: sin angle {float(sin[worst]):.3g} > Davis-Kahan bound {float(allowed[worst]):.3g}"
+    )
 
 
 # ------------------------------------------------------------------------------------------- run workspaces

@@ -27,6 +27,7 @@ from distributed_astra.ihvp import ekfac_inverse, ekfac_matrix_function
 from distributed_astra.models.lm import forward_logits, sample_labels, summed_token_loss
 from distributed_astra.models.load import prepare_for_attribution
 from distributed_astra.models.modules import select_tracked_modules
+from tests.conftest import assert_same_eigendecomposition
 
 ALL = [f"transformer.h.*.{m}" for m in ("mlp.c_fc", "mlp.c_proj", "attn.c_attn", "attn.c_proj")]
 
@@ -227,9 +228,12 @@ def test_conv1d_and_linear_give_identical_factors(tiny_gpt2_factory, batch_facto
     for name in conv_tracked:
         c, l = f_conv[name], f_lin[name]
         assert c.shape == l.shape == conv_tracked[name].shape
-        assert rel(c.eigval_a, l.eigval_a) < 1e-9 and rel(c.eigval_s, l.eigval_s) < 1e-9
-        # eigenvectors agree up to sign; Λ is sign-invariant
-        assert rel(c.q_a.abs(), l.q_a.abs()) < 1e-6 and rel(c.q_s.abs(), l.q_s.abs()) < 1e-6
+        # The same float64 statistics up to summation order (A and S differ by ~1e-15 relative): eigenvalues,
+        # Q diag(λ) Qᵀ, and each eigenvector up to sign within its Davis-Kahan bound, which is loose only for the
+        # near-degenerate pairs (smallest relative gap 2e-7 at these seeds) whose columns round-off may rotate.
+        assert_same_eigendecomposition(c.eigval_a, c.q_a, l.eigval_a, l.q_a, 1e-9)
+        assert_same_eigendecomposition(c.eigval_s, c.q_s, l.eigval_s, l.q_s, 1e-9)
+        # Λ and the products depend on the bases, which round-off moves by ~1e-15 / gap ≤ 1e-8: Λ is sign-invariant
         assert rel(c.lambda_, l.lambda_) < 1e-8
         v = {name: torch.randn(3, *c.shape, generator=g, dtype=torch.float64)}
         assert rel(ekfac_inverse(f_conv, v, 1e-3)[name], ekfac_inverse(f_lin, v, 1e-3)[name]) < 1e-8
@@ -245,15 +249,17 @@ def test_bf16_model_gives_full_precision_orthonormal_factors(tiny_gpt2_factory, 
     tracked = select_tracked_modules(model, ALL)
     batches = batch_factory(num_batches=3, batch_size=6, seq_len=16, seed=2)
     factors = fit_ekfac(model, tracked, lambda: batches, stat_dtype, seed=0)
-    tol = 1e-5 if stat_dtype == torch.float32 else 1e-12
+    eps = torch.finfo(stat_dtype).eps
     for name, f in factors.modules.items():
         for field in ("q_a", "q_s", "eigval_a", "eigval_s", "lambda_"):
             t = getattr(f, field)
             assert t.dtype == stat_dtype and bool(torch.isfinite(t).all()), (name, field)
-        eye_a = torch.eye(f.q_a.shape[0], dtype=stat_dtype)
-        eye_s = torch.eye(f.q_s.shape[0], dtype=stat_dtype)
-        assert (f.q_a.T @ f.q_a - eye_a).abs().max() < tol
-        assert (f.q_s.T @ f.q_s - eye_s).abs().max() < tol
+        # eigh's eigenvectors are orthonormal to O(n ε) in the statistics' dtype (measured ≤ 0.8 n ε on AVX2 and
+        # AVX-512 kernels, float32 and float64): 10 n ε, n the factor's side (a fixed 1e-5 was 1.3 n ε at n = 65)
+        for q in (f.q_a, f.q_s):
+            n = q.shape[0]
+            err = float((q.T @ q - torch.eye(n, dtype=stat_dtype)).abs().max())
+            assert err < 10 * n * eps, (name, n, err / (n * eps))
         assert bool((f.lambda_ >= 0).all()) and float(f.lambda_.sum()) > 0
 
 

@@ -34,7 +34,7 @@ from distributed_astra.distributed.collectives import balance_by_cost, slice_bou
 from distributed_astra.distributed.deepspeed_config import load_ds_config
 from distributed_astra.distributed.solve import solve_mode
 from distributed_astra.errors import DastraError
-from tests.conftest import QUERIES, corpus_rows, workspace_overrides, write_workspace
+from tests.conftest import QUERIES, assert_same_eigendecomposition, corpus_rows, workspace_overrides, write_workspace
 
 RTOL = 1e-5
 
@@ -189,10 +189,10 @@ def test_fit_on_two_ranks_equals_single_process(
     for name in expected.names:
         e, g = expected[name], got[name]
         assert _rel(g.lambda_, e.lambda_) <= RTOL
-        assert _rel(g.eigval_a, e.eigval_a) <= RTOL and _rel(g.eigval_s, e.eigval_s) <= RTOL
-        for q_got, q_exp in ((g.q_a, e.q_a), (g.q_s, e.q_s)):  # eigenvectors up to sign
-            signs = torch.sign((q_got * q_exp).sum(dim=0))
-            assert _rel(q_got * signs, q_exp) <= RTOL
+        # eigenvalues, Q diag(λ) Qᵀ, and eigenvectors up to sign within their Davis-Kahan bounds (a sign-aligned
+        # column comparison fails wherever round-off rotates a near-degenerate pair)
+        assert_same_eigendecomposition(g.eigval_a, g.q_a, e.eigval_a, e.q_a, RTOL)
+        assert_same_eigendecomposition(g.eigval_s, g.q_s, e.eigval_s, e.q_s, RTOL)
 
 
 def _copy_inputs(source: Path, run_dir: Path) -> None:

@@ -19,6 +19,7 @@ from distributed_astra.eval.lds import _cached_scores, ground_truth, lds_per_que
 from distributed_astra.eval.methods import METHODS, MethodSettings, ModelAttribution
 from distributed_astra.eval.retrain import RetrainCache
 from distributed_astra.eval.tasks import build_task
+from tests.conftest import TEST_THREADS
 from tests.wandb_offline import read_offline_run
 
 
@@ -26,7 +27,7 @@ from tests.wandb_offline import read_offline_run
 def ray_session():
     import ray
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS or 1)
     ray.init(num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
