@@ -325,7 +325,7 @@ def test_astra_source_with_zero_iterations_is_damped_ekfac_source_and_converges_
             assert rel(flatten(out[0].x, names), flatten(results[0].x, names)) > 1e-3  # ASTRA moved
 
     with pytest.raises(DastraError, match="runs the astra solver"):
-        astra_source_directions(q, factors, segments, products, [full_batches(batch)] * 3, SolverConfig())
+        astra_source_directions(q, factors, segments, products, [full_batches(batch)] * 3, SolverConfig(name="ekfac"))
     with pytest.raises(DastraError, match="one EK-FAC per segment"):
         source_directions(q, factors[:2], segments)
 
