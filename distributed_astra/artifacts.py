@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from distributed_astra.errors import DastraError
 
@@ -70,6 +71,65 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
 
 
+def load_tensors(
+    path: Path, what: str, stage: str, device: str = "cpu", fix: str | None = None
+) -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file`, the one way this package reads tensors back: a missing, truncated or otherwise
+    damaged file is a one-line DastraError naming it and the stage that rewrites it (`fix` replaces "re-run
+    `dastra <stage>`" where no stage does); safetensors' own error names neither."""
+    path = Path(path)
+    fix = fix or f"re-run `dastra {stage}`"
+    if not path.is_file():
+        raise DastraError(f"{what} file '{path}' not found: {fix}")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as exc:
+        raise DastraError(f"{what} file '{path}' is damaged ({_reason(exc)}); {fix}") from None
+
+
+@contextmanager
+def open_tensors(path: Path, what: str, stage: str) -> Iterator[Any]:
+    """`safetensors.safe_open` (one tensor at a time) with the errors of `load_tensors`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DastraError(f"{what} file '{path}' not found: run `dastra {stage}`")
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise DastraError(f"{what} file '{path}' is damaged ({_reason(exc)}); re-run `dastra {stage}`") from None
+    with handle:
+        try:
+            yield handle
+        except SafetensorError as exc:
+            raise DastraError(f"{what} file '{path}' is damaged ({_reason(exc)}); re-run `dastra {stage}`") from None
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split()).removeprefix("Error while deserializing header: ") or type(exc).__name__
+
+
+def ensure_writable_dir(folder: Path, key: str = "output.run_dir") -> None:
+    """Create `folder` and check that a file can be written in it, before any work: a read-only disk, a folder
+    without write permission or a path through a regular file is a one-line DastraError naming it."""
+    folder = Path(folder)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise DastraError(f"{key} '{folder}' is a file, not a folder: set {key} to a folder path")
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        where = Path(os.fsdecode(exc.filename)) if exc.filename else folder
+        if where not in (folder, folder / f".write-test-{os.getpid()}"):
+            reason += f" at '{where}'"  # an ancestor could not be created
+        raise DastraError(
+            f"{key} '{folder}' is not writable ({reason}): set {key} to a writable folder or fix its permissions, "
+            "then re-run"
+        ) from None
+
+
 def write_json(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -89,9 +149,27 @@ def _short(value: Any) -> str:
 
 def check_meta(found: dict[str, Any], expected: dict[str, Any], artifact: str, producer: str) -> None:
     """Raise naming the first expected field whose value differs from the artifact's (JSON-normalised)."""
+    differing = differing_field(found, expected)
+    if differing is not None:
+        key, was, want = differing
+        raise DastraError(
+            f"{artifact}: field '{key}' is {_short(was)} but this run expects {_short(want)}; re-run `dastra {producer}`"
+        )
+
+
+def differing_field(found: dict[str, Any], expected: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """(key, the artifact's value, the expected value) of the first expected field that differs, or None."""
     for key, want in json.loads(json.dumps(expected)).items():
         if found.get(key) != want:
-            raise DastraError(
-                f"{artifact}: field '{key}' is {_short(found.get(key))} but this run expects {_short(want)}; "
-                f"re-run `dastra {producer}`"
-            )
+            return key, found.get(key), want
+    return None
+
+
+def meta_matches(folder: Path, expected: dict[str, Any]) -> bool:
+    """Whether `folder/meta.json` exists, is readable and agrees with every field of `expected`."""
+    try:
+        found = json.loads((Path(folder) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(found, dict) and differing_field(found, expected) is None
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,14 @@ from distributed_astra.config import Config, load_config
 from distributed_astra.errors import DastraError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file-size limit
+NOT_WRITABLE = {  # errno -> what to say: a read-only disk, no permission, a path through a regular file
+    errno.EROFS: "is on a read-only file system: set output.run_dir to a folder on a writable disk",
+    errno.EACCES: "is not accessible (permission denied): fix its permissions or set output.run_dir to a writable folder",
+    errno.EPERM: "is not accessible (operation not permitted): fix its permissions or set output.run_dir to a writable "
+    "folder",
+    errno.ENOTDIR: "goes through a regular file (not a directory): set output.run_dir to a folder path",
+}
+PLANNED_STAGES = ("fit", "solve", "score", "index")  # the planner refuses what it says cannot fit (plan.check)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-data attribution with EK-FAC and ASTRA.")
 
@@ -57,14 +66,25 @@ def _guarded(action: Callable[[], None]) -> None:
         console.print("[bold red]interrupted[/]: finished artifacts are kept; re-run the same command to continue")
         raise typer.Exit(130) from None
     except OSError as exc:
-        if exc.errno not in DISK_FULL:
+        if exc.errno not in DISK_FULL and exc.errno not in NOT_WRITABLE:
             raise
-        console.print(
-            f"[bold red]error:[/] no room to write {exc.filename or 'an artifact'} ({os.strerror(exc.errno)}): free "
-            "disk space or set output.run_dir on another disk, then re-run; finished artifacts are kept",
-            highlight=False, soft_wrap=True,
-        )
+        name = _final_name(exc.filename)
+        if exc.errno in DISK_FULL:
+            line = (
+                f"no room to write {name or 'an artifact'} ({os.strerror(exc.errno)}): free disk space or set "
+                "output.run_dir on another disk, then re-run; finished artifacts are kept"
+            )
+        else:
+            line = f"'{name or 'a file'}' {NOT_WRITABLE[exc.errno]}, then re-run; finished artifacts are kept"
+        console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+def _final_name(filename: object) -> str | None:
+    """The artifact a failed write was for: atomic writes go to `.<name>.tmp-<pid>` (artifacts.atomic_path)."""
+    if filename is None:
+        return None
+    return re.sub(r"(^|/)\.([^/]+)\.tmp-\d+(?=/|$)", r"\1\2", os.fsdecode(filename))
 
 
 def _stage(
@@ -73,7 +93,12 @@ def _stage(
     from distributed_astra import pipeline
 
     def action() -> None:
-        ctx = pipeline.open_context(_config(config, overrides, run_dir, solver), name)
+        cfg = _config(config, overrides, run_dir, solver)
+        if name in PLANNED_STAGES:
+            from distributed_astra.plan import check_fits
+
+            check_fits(cfg)  # a config the planner says cannot fit is refused before any work (plan.check)
+        ctx = pipeline.open_context(cfg, name)
         try:
             result = getattr(pipeline, name)(ctx)
             if name in ("score", "search"):
@@ -196,7 +221,7 @@ def plan(
         from rich.console import Console
 
         from distributed_astra.artifacts import atomic_path
-        from distributed_astra.plan import make_plan
+        from distributed_astra.plan import does_not_fit, make_plan
         from distributed_astra.plan.render import plan_markdown, print_plan
 
         result = make_plan(_config(config, set_, None), gpus, gpu_mem)
@@ -204,6 +229,8 @@ def plan(
         if markdown is not None:
             with atomic_path(markdown) as tmp:
                 tmp.write_text(plan_markdown(result))
+        if not result.fits:  # the table above says which stages; the exit code says it to scripts
+            raise does_not_fit(result, "or plan with more memory (--gpu-mem, plan.gpu_memory)")
 
     _guarded(action)
 

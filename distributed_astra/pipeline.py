@@ -20,28 +20,47 @@ Run directory layout (docs/design.md, "Artifacts"):
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import platform
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import transformers
-from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 import distributed_astra
-from distributed_astra.artifacts import atomic_path, check_meta, read_meta, save_tensors, write_json
+from distributed_astra.artifacts import (
+    atomic_path,
+    check_meta,
+    differing_field,
+    ensure_writable_dir,
+    load_tensors,
+    meta_matches,
+    open_tensors,
+    read_meta,
+    save_tensors,
+    write_json,
+)
 from distributed_astra.config import SOURCE_SOLVERS, Config
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import EkfacFactors, fit_ekfac, load_factors, model_fingerprint, save_factors
-from distributed_astra.data.corpus import corpus_files, open_corpus
+from distributed_astra.data.corpus import CorpusStats, corpus_files, open_corpus
 from distributed_astra.data.demo_corpus import build_demo_corpus
-from distributed_astra.data.sequences import iter_query_batches, iter_training_batches, load_queries, shuffled_epochs
+from distributed_astra.data.sequences import (
+    encode_query,
+    iter_query_batches,
+    iter_training_batches,
+    load_queries,
+    shuffled_epochs,
+)
 from distributed_astra.data.tokenizer import train_bpe_tokenizer
 from distributed_astra.distributed import is_distributed
 from distributed_astra.errors import DastraError
@@ -50,7 +69,7 @@ from distributed_astra.ihvp.ekfac import default_damping
 from distributed_astra.ihvp.products import FisherProduct, GGNProduct, label_generator
 from distributed_astra.ihvp.solvers import MinibatchSampler, SolveResult, ekfac_preconditioner
 from distributed_astra.ihvp.solvers import solve as solve_ihvp
-from distributed_astra.models.load import check_context_length, load_causal_lm, load_tokenizer
+from distributed_astra.models.load import check_context_length, context_length, load_causal_lm, load_tokenizer
 from distributed_astra.models.modules import TrackedModule, select_tracked_modules
 from distributed_astra.models.tiny import build_tiny_gpt2, tiny_optimizer_settings, train_tiny_gpt2
 from distributed_astra.progress import console, progress_bar
@@ -131,13 +150,17 @@ class Context:
     tracked: dict[str, TrackedModule]
     fingerprint: str
     tracker: Tracker
+    memo: dict[str, object] = field(default_factory=dict)  # per command: the corpus fingerprint, notes printed
 
     @property
     def stat_dtype(self) -> torch.dtype:
         return STAT_DTYPES[self.cfg.factors.dtype]
 
     def training_batches(self, batch_size: int, max_sequences: int | None = None):
-        return iter_training_batches(
+        """One pass over the corpus's sequences; the first pass of a command that skips rows (empty, not UTF-8) says
+        how many, once."""
+        stats = CorpusStats()
+        batches = iter_training_batches(
             open_corpus(self.corpus, self.cfg.data.text_column, self.cfg.data.id_column, self.cfg.data.split),
             self.tokenizer,
             self.cfg.data.max_length,
@@ -145,7 +168,12 @@ class Context:
             max_sequences=max_sequences,
             text_column=self.cfg.data.text_column,
             id_column=self.cfg.data.id_column,
+            stats=stats,
         )
+        yield from batches
+        if stats.skipped and not self.memo.get("skipped_reported"):
+            self.memo["skipped_reported"] = True
+            warn_skipped_rows(self.corpus, stats.skipped_empty, stats.skipped_non_utf8)
 
     def versions(self) -> dict[str, str]:
         return {
@@ -222,6 +250,7 @@ def _train_tiny_model(cfg: Config, paths: RunPaths, corpus: Path) -> None:
 def open_context(cfg: Config, job: str) -> Context:
     """Resolve data and model (building the demo's corpus and tiny GPT-2 when absent), choose tracked modules."""
     paths = RunPaths(Path(cfg.output.run_dir))
+    ensure_writable_dir(paths.root)  # a read-only or unwritable run directory is refused before any work
     if is_distributed(cfg):
         distributed_stages().validate(cfg)
     corpus, queries = _prepare_demo_data(cfg, paths)
@@ -236,15 +265,125 @@ def open_context(cfg: Config, job: str) -> Context:
     model = load_causal_lm(model_path, hub_id, cfg.model.dtype)
     check_context_length(model, cfg.data.max_length)
     tokenizer = load_tokenizer(model_path, hub_id)
+    if job != "index":  # every stage but index reads the queries: a bad one is refused before any work
+        check_queries(cfg, queries, model, tokenizer)
     tracked = select_tracked_modules(model, cfg.model.tracked_modules)
     tracker = Tracker(paths.root, cfg.tracking, cfg.model_dump(mode="json"), job)
     return Context(cfg, paths, corpus, queries, model, tokenizer, tracked, model_fingerprint(model, tracked), tracker)
 
 
+def warn_skipped_rows(corpus: Path | str, empty: int, non_utf8: int) -> None:
+    """The one line every corpus pass prints when it skipped rows (data/corpus.py, `CorpusStats`)."""
+    console.print(
+        f"[yellow]warning:[/] skipped {empty + non_utf8} rows of data.corpus '{corpus}': {empty} empty, "
+        f"{non_utf8} not UTF-8",
+        highlight=False, soft_wrap=True,
+    )
+
+
+def check_queries(cfg: Config, queries_path: Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Every query has a prompt and a completion with tokens, and prompt + completion fits in the model's positions
+    and in data.max_length: checked when a command opens, so that a bad query stops it before the fit."""
+    limit, max_length = context_length(model), cfg.data.max_length
+    where = f"data.queries '{queries_path}'"
+    for q in load_queries(queries_path):
+        try:
+            prompt, completion = encode_query(q, tokenizer)
+        except DastraError as exc:
+            raise DastraError(f"{where}: {exc}") from None
+        tokens = len(prompt) + len(completion)
+        size = f"query {q.query_id} is {tokens} tokens (prompt {len(prompt)} + completion {len(completion)})"
+        if limit is not None and tokens > limit:
+            raise DastraError(
+                f"{where}: {size}, more than the model's context of {limit} positions: shorten its prompt or "
+                f"completion to {limit} tokens in all"
+            )
+        if tokens > max_length:
+            raise DastraError(
+                f"{where}: {size}, more than data.max_length={max_length}: shorten the query or raise "
+                f"data.max_length to at least {tokens}" + (f" (the model has {limit} positions)" if limit else "")
+            )
+
+
+CORPUS_SETTINGS = ("corpus", "text_column", "id_column", "split", "max_length", "long_documents", "add_eos")
+
+
+def corpus_meta(ctx: Context) -> dict[str, object]:
+    """What every artifact computed from the corpus depends on: the data settings that make its sequences (one field
+    each, so that a mismatch is named) and a fingerprint of the corpus files (names, row counts, sizes)."""
+    if "corpus_fingerprint" not in ctx.memo:
+        data = ctx.cfg.data
+        corpus = open_corpus(ctx.corpus, data.text_column, data.id_column, data.split)
+        files = [(Path(f.path).name, f.num_rows, os.path.getsize(f.path)) for f in corpus.files]
+        ctx.memo["corpus_fingerprint"] = hashlib.sha256(repr(files).encode()).hexdigest()[:16]
+    data = ctx.cfg.data
+    settings = {f"data.{name}": getattr(data, name) for name in CORPUS_SETTINGS if hasattr(data, name)}
+    return {**settings, "corpus_fingerprint": ctx.memo["corpus_fingerprint"]}
+
+
 def factor_meta(ctx: Context) -> dict[str, object]:
     # data.queries does not enter the factors: solving new queries (`dastra search --queries`) reuses them.
     corpus_only = ctx.cfg.model_copy(update={"data": ctx.cfg.data.model_copy(update={"queries": ""})})
-    return {**ctx.model_meta(), "config_hash": corpus_only.section_hash("data", "factors")}
+    return {**ctx.model_meta(), **corpus_meta(ctx), "config_hash": corpus_only.section_hash("data", "factors")}
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def query_meta(ctx: Context) -> dict[str, object]:
+    """What the query gradients depend on: the model, the queries file (path and content) and the statistics dtype."""
+    if "queries_digest" not in ctx.memo:
+        ctx.memo["queries_digest"] = _file_digest(ctx.queries)
+    return {
+        **ctx.model_meta(), "queries": str(ctx.queries), "queries_digest": ctx.memo["queries_digest"],
+        "factors.dtype": ctx.cfg.factors.dtype,
+    }
+
+
+def directions_meta(ctx: Context) -> dict[str, object]:
+    """What solved directions depend on: everything the factors do (model, corpus, data and factors settings) and the
+    queries. `score` refuses directions whose record differs from the current config, naming the field."""
+    return {**factor_meta(ctx), **{k: v for k, v in query_meta(ctx).items() if k not in ctx.model_meta()}}
+
+
+def check_directions(ctx: Context) -> None:
+    """Before scoring: the directions of `solver.name` were solved for this model, corpus, data settings and queries
+    (else topk.parquet would silently describe another run than summary.json and report.html)."""
+    solver_dir = ctx.paths.ihvp(ctx.cfg.solver.name)
+    found = read_meta(solver_dir, "solved directions", "solve")
+    differing = differing_field(found, directions_meta(ctx))
+    if differing is not None:
+        key, was, want = differing
+        raise DastraError(
+            f"solved directions '{solver_dir}': field '{key}' is {json.dumps(was)} but this run has "
+            f"{json.dumps(want)}: score with the settings of the solve, or re-run `dastra fit`, `dastra query` and "
+            f"`dastra solve --solver {ctx.cfg.solver.name}` with these"
+        )
+
+
+def _reused(ctx: Context, name: str) -> tuple[bool, object]:
+    """`dastra run` reuses fit's and query's artifacts when they were made for the same model, corpus and settings
+    (their meta.json agrees with what the stage would write), as the single stages check before reading them."""
+    if name == "fit":
+        expected = {**factor_meta(ctx), "dtype": ctx.cfg.factors.dtype}
+        if meta_matches(ctx.paths.factors, expected):
+            try:
+                factors = load_factors(ctx.paths.factors, expected)
+            except DastraError as exc:
+                console.print(f"[yellow]warning:[/] {exc}: fitting again", highlight=False, soft_wrap=True)
+                return False, None
+            console.print("reusing factors/ (same model, corpus and factors settings)", highlight=False)
+            return True, factors
+    if name == "query" and meta_matches(ctx.paths.queries, query_meta(ctx)):
+        if (ctx.paths.queries / "gradients.safetensors").is_file():
+            console.print("reusing queries/ (same model and queries)", highlight=False)
+            return True, None
+    return False, None
 
 
 def fit(ctx: Context) -> EkfacFactors:
@@ -278,12 +417,12 @@ def query(ctx: Context) -> None:
     with atomic_path(ctx.paths.queries) as tmp:
         tmp.mkdir()
         save_tensors({"query_ids": ids, **grads}, tmp / "gradients.safetensors")
-        write_json(tmp / "meta.json", {**ctx.model_meta(), "queries": str(ctx.queries), "num_queries": len(ids)})
+        write_json(tmp / "meta.json", {**query_meta(ctx), "num_queries": len(ids)})
 
 
 def load_query_gradients(ctx: Context) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    check_meta(read_meta(ctx.paths.queries, "query gradients", "query"), ctx.model_meta(), "query gradients", "query")
-    tensors = load_file(str(ctx.paths.queries / "gradients.safetensors"))
+    check_meta(read_meta(ctx.paths.queries, "query gradients", "query"), query_meta(ctx), "query gradients", "query")
+    tensors = load_tensors(ctx.paths.queries / "gradients.safetensors", "query gradients", "query")
     return tensors.pop("query_ids"), tensors
 
 
@@ -384,7 +523,7 @@ def solve(ctx: Context) -> float:
         write_json(
             tmp / "meta.json",
             {
-                **ctx.model_meta(),
+                **directions_meta(ctx),
                 "solver": cfg.model_dump(mode="json"),
                 "damping": damping,
                 "status": {s: statuses.count(s) for s in sorted(set(statuses))},
@@ -423,7 +562,7 @@ def _direction_scores(
     at the loaded model: one streamed pass."""
     solver_dir = ctx.paths.ihvp(ctx.cfg.solver.name)
     check_meta(read_meta(solver_dir, "solved directions", "solve"), ctx.model_meta(), "solved directions", "solve")
-    tensors = load_file(str(solver_dir / "directions.safetensors"))
+    tensors = load_tensors(solver_dir / "directions.safetensors", "solved directions", "solve")
     query_ids = tensors.pop("query_ids")
     directions = {name: x.to(compute) for name, x in tensors.items()}
 
@@ -441,6 +580,7 @@ def _direction_scores(
 def score(ctx: Context) -> pa.Table:
     """Stream the corpus: τ(z_q, z_m) = X_qᵀ ∇L(z_m) per document, keeping the top-k per query (seeds §1, Eq 2).
     `source` / `astra-source`: τ = Σ_ℓ mean_c w_ℓᵀ ∇L(θ_c, z_m), one pass per checkpoint (source/stages.py)."""
+    check_directions(ctx)  # before any work: directions of another corpus, data setting or queries are refused
     if ctx.distributed:
         return distributed_stages().score(ctx)
     compute = product_dtype(ctx.model, ctx.stat_dtype)
@@ -501,8 +641,11 @@ def search(ctx: Context) -> pa.Table:
 
 def report(ctx: Context) -> Path:
     """Per-token attribution of the shown queries' top-k documents, then the self-contained `report.html`."""
+    from distributed_astra.curvature.factors import FACTORS_FILE
     from distributed_astra.report.build import build_report  # matplotlib and jinja2 load only for this stage
 
+    with open_tensors(ctx.paths.factors / FACTORS_FILE, "EK-FAC factors", "fit"):
+        pass  # the spectra come last: a missing or damaged factors file is refused before the attribution pass
     return build_report(ctx)
 
 
@@ -555,7 +698,9 @@ def run(cfg: Config, job: str = "run") -> RunResult:
     try:
         for name, stage in (("fit", fit), ("query", query), ("solve", solve), ("score", score)):
             t0 = time.perf_counter()
-            result = stage(ctx)
+            reused, result = _reused(ctx, name)
+            if not reused:
+                result = stage(ctx)
             timings[name] = time.perf_counter() - t0
             ctx.tracker.log({f"time/{name}": timings[name]})
             _log_stage_result(ctx, name, result, timings[name])

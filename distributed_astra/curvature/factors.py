@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from distributed_astra.artifacts import atomic_path, check_meta, read_meta, save_tensors, write_json
+from distributed_astra.artifacts import atomic_path, check_meta, load_tensors, read_meta, save_tensors, write_json
 from distributed_astra.curvature.covariance import CovarianceStats, collect_covariances, model_device
 from distributed_astra.curvature.eigen import KroneckerEigen, LambdaStats, collect_eigenvalue_correction, eigendecompose
 from distributed_astra.errors import DastraError
@@ -234,7 +233,7 @@ def load_factors(
     info = meta.get(_RESERVED_META_KEY)
     if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
         raise DastraError(f"factors at '{out_dir}' have an unknown format: re-run `dastra fit`")
-    tensors = load_file(str(out_dir / FACTORS_FILE), device=str(device))
+    tensors = load_tensors(out_dir / FACTORS_FILE, "EK-FAC factors", "fit", device=str(device))
     modules = {}
     for name, shape in info["modules"].items():
         try:

@@ -29,16 +29,23 @@ from distributed_astra.progress import console
 _PASSED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR", "WANDB_MODE")
 
 
-def _reachable(address: str, timeout: float) -> bool:
-    """Whether a TCP connection to `host:port` (a GCS address) opens within `timeout` seconds."""
-    host, _, port = address.rpartition(":")
+def _unreachable(address: str, timeout: float) -> str | None:
+    """Why a TCP connection to `host:port` (a GCS address) does not open within `timeout` seconds, or None when it
+    does: a refused connection (nothing listens there) is told apart from no answer and from an unknown host."""
+    host, _, port = address.partition("://")[2 if "://" in address else 0].rpartition(":")
     if not host or not port.isdigit():
-        return True  # "auto", "ray://..." and the like: let ray.init resolve them
+        return None  # "auto" and the like: let ray.init resolve them
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
-            return True
-    except OSError:
-        return False
+            return None
+    except ConnectionRefusedError:
+        return f"connection refused at {host}:{port}, nothing listens there"
+    except socket.timeout:
+        return f"no answer from {host}:{port} within {timeout:g} s (ray.connect_timeout_s)"
+    except socket.gaierror as exc:
+        return f"host '{host}' is unknown ({exc.strerror or exc})"
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc}"
 
 
 def connect(cfg: RayConfig) -> bool:
@@ -50,10 +57,12 @@ def connect(cfg: RayConfig) -> bool:
         return False
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep an embedded Ray on 127.0.0.1
     if cfg.address:
-        if not _reachable(cfg.address, cfg.connect_timeout_s):
+        reason = _unreachable(cfg.address, cfg.connect_timeout_s)
+        if reason is not None:
+            port = cfg.address.rpartition(":")[2]
             raise DastraError(
-                f"ray.address '{cfg.address}' is not reachable (no answer within {cfg.connect_timeout_s:g} s): "
-                "start the cluster (`ray start --head`) or set ray.address to null for an embedded local Ray"
+                f"ray.address '{cfg.address}' is not reachable ({reason}): start Ray there with "
+                f"`ray start --head --port {port}`, or set ray.address: null for an embedded local Ray"
             )
         try:
             ray.init(address=cfg.address, logging_level="WARNING", log_to_driver=False)

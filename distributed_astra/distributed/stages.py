@@ -32,7 +32,14 @@ from distributed_astra.distributed.worker_group import WorkerGroup
 from distributed_astra.errors import DastraError
 from distributed_astra.ihvp.ekfac import default_damping
 from distributed_astra.ihvp.monitor import trace_table
-from distributed_astra.pipeline import Context, factor_meta, load_query_gradients, solver_logger, topk_table
+from distributed_astra.pipeline import (
+    Context,
+    directions_meta,
+    factor_meta,
+    load_query_gradients,
+    solver_logger,
+    topk_table,
+)
 from distributed_astra.progress import console
 
 _session: dict[str, object] = {"owns_ray": False, "group": None, "key": None}
@@ -155,7 +162,7 @@ def solve(ctx: Context) -> float:
         write_json(
             tmp / "meta.json",
             {
-                **ctx.model_meta(),
+                **directions_meta(ctx),
                 "solver": cfg.model_dump(mode="json"),
                 "damping": damping,
                 "status": {s: statuses.count(s) for s in sorted(set(statuses))},

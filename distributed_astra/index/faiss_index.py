@@ -20,7 +20,9 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -262,7 +264,22 @@ def build_index(store: GradientStore, cfg: IndexConfig) -> tuple[faiss.Index, di
 
 
 def save_index(index: faiss.Index, folder: Path) -> None:
-    faiss.write_index(index, str(Path(folder) / INDEX_FILE))
+    """`faiss.write_index` into folder/index.faiss. faiss reports a failed write (a full disk, a file-size limit, a
+    read-only folder) as a RuntimeError "write error in FILE: ... (No space left on device)": it is raised as the
+    OSError it is, naming the file, so the CLI says what to do instead of printing a traceback."""
+    path = Path(folder) / INDEX_FILE
+    try:
+        faiss.write_index(index, str(path))
+    except RuntimeError as exc:
+        message = " ".join(str(exc).split())
+        code = next((c for c in sorted(errno.errorcode) if f"({os.strerror(c)})" in message or
+                     message.endswith(f": {os.strerror(c)}")), None)
+        if code is not None:
+            raise OSError(code, os.strerror(code), str(path)) from exc
+        raise DastraError(
+            f"faiss could not write the index '{path}' ({message.rpartition('Error: ')[2]}): check the free space "
+            "and permissions of output.run_dir, then re-run `dastra index`"
+        ) from exc
 
 
 def load_index(folder: Path, cfg: IndexConfig) -> faiss.Index:

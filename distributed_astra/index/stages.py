@@ -86,10 +86,9 @@ def index(ctx: Context) -> dict[str, Any]:
     store_seconds = time.perf_counter() - start
     skipped = meta["skipped_rows"]
     if skipped["empty"] or skipped["non_utf8"]:
-        console.print(
-            f"[yellow]warning:[/] skipped {skipped['empty']} empty and {skipped['non_utf8']} non-UTF-8 rows of "
-            f"{ctx.corpus}", highlight=False
-        )
+        from distributed_astra.pipeline import warn_skipped_rows
+
+        warn_skipped_rows(ctx.corpus, skipped["empty"], skipped["non_utf8"])  # the line of every corpus pass
     store = open_store(store_dir(ctx), expected_meta(ctx, projection))
     start = time.perf_counter()
     faiss_index, info = build_index(store, ctx.cfg.index)

@@ -14,6 +14,12 @@ from distributed_astra.errors import DastraError
 
 hf_logging.disable_progress_bar()  # stages draw their own progress bars; HF's would interleave with error lines
 
+# what `from_pretrained` reads from a local folder: weights (one of these, or its sharded index) and a tokenizer
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -41,9 +47,19 @@ def _resolve(path: str | None, hub_id: str | None) -> str:
 def load_causal_lm(path: str | None, hub_id: str | None, dtype: str) -> nn.Module:
     """An `AutoModelForCausalLM` with eager attention (the CPU sdpa kernel lacks double backward and forward-mode AD)."""
     source = _resolve(path, hub_id)
+    if path and not any(Path(path, name).is_file() for name in WEIGHT_FILES):
+        raise DastraError(
+            f"model.path '{path}' holds no weights (model.safetensors or pytorch_model.bin, e.g. from "
+            "save_pretrained): point model.path at a folder that has them"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation="eager")
     except OSError as exc:
+        if path:
+            raise DastraError(
+                f"model.path '{path}' could not be loaded ({' '.join(str(exc).split())}): point model.path at a "
+                "folder written by save_pretrained"
+            ) from None
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
         hint = "the hub is offline (HF_HUB_OFFLINE=1) and" if offline else ""
         raise DastraError(
@@ -56,8 +72,7 @@ def load_causal_lm(path: str | None, hub_id: str | None, dtype: str) -> nn.Modul
 def check_context_length(model: nn.Module, max_length: int) -> None:
     """Refuse `data.max_length` beyond the model's positions (HF configs name them n_positions or
     max_position_embeddings): longer sequences would index past the position embeddings."""
-    config = model.config
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    limit = context_length(model)
     if limit is not None and max_length > limit:
         raise DastraError(
             f"data.max_length {max_length} exceeds the model's context of {limit} positions: set data.max_length "
@@ -65,9 +80,25 @@ def check_context_length(model: nn.Module, max_length: int) -> None:
         )
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The model's positions (HF configs name them n_positions or max_position_embeddings), None when unstated."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
 def load_tokenizer(path: str | None, hub_id: str | None) -> PreTrainedTokenizerBase:
+    """The tokenizer next to the model. A local folder without tokenizer files is refused here: transformers would
+    build an empty tokenizer from config.json alone, which turns every document into zero tokens."""
     source = _resolve(path, hub_id)
+    fix = f"save the model's tokenizer into '{source}' (tokenizer.save_pretrained) or point model.path at a folder with one"
+    if path and not any(Path(path, name).is_file() for name in TOKENIZER_FILES):
+        raise DastraError(
+            f"model.path '{path}' holds no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): {fix}"
+        )
     try:
-        return AutoTokenizer.from_pretrained(source)
-    except OSError as exc:
-        raise DastraError(f"no tokenizer for '{source}': save one next to the model (tokenizer.json)") from exc
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise DastraError(f"no tokenizer for '{source}' ({' '.join(str(exc).split())[:200]}): {fix}") from None
+    if len(tokenizer) < 2 or not tokenizer("a b", add_special_tokens=False)["input_ids"]:
+        raise DastraError(f"the tokenizer of '{source}' is empty (it turns text into no tokens): {fix}")
+    return tokenizer

@@ -2,6 +2,6 @@
 largest micro-batch and query chunk that fit, from a model config alone (no weights, no GPU)."""
 
 from distributed_astra.plan import shapes, simulate
-from distributed_astra.plan.estimate import Plan, StageEstimate, check_fits, make_plan, parse_memory
+from distributed_astra.plan.estimate import Plan, StageEstimate, check_fits, does_not_fit, make_plan, parse_memory
 
-__all__ = ["Plan", "StageEstimate", "check_fits", "make_plan", "parse_memory", "shapes", "simulate"]
+__all__ = ["Plan", "StageEstimate", "check_fits", "does_not_fit", "make_plan", "parse_memory", "shapes", "simulate"]

@@ -356,9 +356,14 @@ def check_fits(cfg: Config) -> Plan | None:
     from distributed_astra.plan.render import print_plan
 
     print_plan(plan)
+    raise does_not_fit(plan, "or set plan.check: false")
+
+
+def does_not_fit(plan: Plan, also: str = "") -> DastraError:
+    """The one-line error of a plan whose stages do not fit: the worst stage, its memory, the budget and the fix."""
     worst = max(plan.failing(), key=lambda s: s.per_gpu)
-    raise DastraError(
+    return DastraError(
         f"the planner says stage '{worst.stage}' needs {worst.per_gpu / GIB:.2f} GiB per GPU, more than the "
         f"{plan.budget / GIB:.2f} GiB usable on {plan.device}: lower the batch sizes / solver.query_batch_size "
-        "to what the table says fits, add GPUs (plan.gpus, ray.num_workers), or set plan.check: false"
+        f"to what the table says fits, add GPUs (plan.gpus, ray.num_workers){', ' + also if also else ''}"
     )

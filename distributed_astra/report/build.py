@@ -22,11 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 import distributed_astra
-from distributed_astra.artifacts import atomic_path, check_meta, read_meta
+from distributed_astra.artifacts import atomic_path, check_meta, open_tensors, read_meta
 from distributed_astra.config import SOURCE_SOLVERS
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import FACTORS_FILE, load_factors_meta
@@ -369,7 +368,7 @@ def _spectra(ctx: Context) -> dict[str, dict[str, np.ndarray]]:
     meta = load_factors_meta(ctx.paths.factors)
     check_meta(meta, ctx.model_meta(), f"factors at '{ctx.paths.factors}'", "fit")
     spectra = {}
-    with safe_open(str(ctx.paths.factors / FACTORS_FILE), framework="pt") as handle:
+    with open_tensors(ctx.paths.factors / FACTORS_FILE, "EK-FAC factors", "fit") as handle:
         for name in meta["ekfac"]["modules"]:
             spectra[name] = {
                 field: handle.get_tensor(f"{name}/{key}").double().flatten().numpy()

@@ -157,7 +157,7 @@ def _astra_directions(
 def solve(ctx: Context) -> float:
     """SOURCE or ASTRA-SOURCE directions per segment (module docstring); returns the IF-comparable damping
     Σ_ℓ K_ℓλ_ℓ / Σ_ℓ K_ℓ (seeds §10.2)."""
-    from distributed_astra.pipeline import load_query_gradients
+    from distributed_astra.pipeline import directions_meta, load_query_gradients
 
     name, src = ctx.cfg.solver.name, ctx.cfg.source
     folder = trajectory_folder(ctx)
@@ -184,7 +184,7 @@ def solve(ctx: Context) -> float:
         write_json(
             tmp / "meta.json",
             {
-                **ctx.model_meta(),
+                **directions_meta(ctx),
                 "solver": ctx.cfg.solver.model_dump(mode="json"),
                 "source": src.model_dump(mode="json"),
                 "damping": damping,  # IF-comparable; each segment's own λ_ℓ is in "segments"

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from distributed_astra.artifacts import atomic_path, save_tensors, write_json
+from distributed_astra.artifacts import atomic_path, load_tensors, save_tensors, write_json
 from distributed_astra.errors import DastraError
 
 TRAJECTORY_FILE = "trajectory.json"
@@ -108,7 +107,7 @@ class Trajectory:
         path = self.root / self.checkpoints[index].file
         if not path.is_file():
             raise DastraError(f"trajectory checkpoint '{path}' is missing: re-run the training recipe")
-        return load_file(str(path))
+        return load_tensors(path, "trajectory checkpoint", "", fix="re-run the training recipe")
 
     def validate(self) -> None:
         """Raise `DastraError` naming the field when the trajectory is inconsistent."""
