@@ -173,3 +173,13 @@ def meta_matches(folder: Path, expected: dict[str, Any]) -> bool:
         return False
     return isinstance(found, dict) and differing_field(found, expected) is None
 
+
+DIRECTIONS_FILE = "directions.safetensors"
+
+
+def read_directions(folder: Path, expected: dict[str, Any]) -> tuple[list[Any], dict[str, torch.Tensor]]:
+    """(query ids, {module: [Q, out, in+1]}) of a solved-directions folder (`ihvp/<solver>/`), checked against
+    `expected` (model fingerprint, tracked modules); the ids are as the queries file gives them (meta.json)."""
+    meta = read_meta(folder, "solved directions", "solve")
+    check_meta(meta, expected, "solved directions", "solve")
+    return meta["query_ids"], load_tensors(Path(folder) / DIRECTIONS_FILE, "solved directions", "solve")

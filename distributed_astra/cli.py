@@ -235,6 +235,14 @@ def plan(
     _guarded(action)
 
 
+@app.command("config")
+def show_config(config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None) -> None:
+    """Print the resolved config: every key with its value, its description, and its default where it differs."""
+    from distributed_astra.config import config_yaml
+
+    _guarded(lambda: print(config_yaml(_config(config, set_, run_dir))))
+
+
 @app.command()
 def demo(run_dir: Annotated[str, typer.Option("--run-dir")] = "runs/demo", set_: SetOption = None) -> None:
     """The whole pipeline on the embedded default (configs/tiny.yaml): demo corpus, tiny GPT-2, EK-FAC-IF, top-10."""

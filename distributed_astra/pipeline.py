@@ -24,8 +24,10 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from transformers import PreTrainedTokenizerBase
 
 import distributed_astra
 from distributed_astra.artifacts import (
+    DIRECTIONS_FILE,
     atomic_path,
     check_meta,
     differing_field,
@@ -45,16 +48,19 @@ from distributed_astra.artifacts import (
     load_tensors,
     meta_matches,
     open_tensors,
+    read_directions,
     read_meta,
     save_tensors,
     write_json,
 )
-from distributed_astra.config import SOURCE_SOLVERS, Config
+from distributed_astra.config import SOURCE_SOLVERS, Config, config_yaml
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import EkfacFactors, fit_ekfac, load_factors, model_fingerprint, save_factors
-from distributed_astra.data.corpus import CorpusStats, corpus_files, open_corpus
+from distributed_astra.data.corpus import Corpus, CorpusStats, corpus_files, open_corpus
 from distributed_astra.data.demo_corpus import build_demo_corpus
 from distributed_astra.data.sequences import (
+    QueryId,
+    SequenceFormat,
     encode_query,
     iter_query_batches,
     iter_training_batches,
@@ -67,6 +73,7 @@ from distributed_astra.errors import DastraError
 from distributed_astra.eval.facts import fact_recall
 from distributed_astra.ihvp.ekfac import default_damping
 from distributed_astra.ihvp.products import FisherProduct, GGNProduct, label_generator
+from distributed_astra.ihvp.monitor import heldout_summary
 from distributed_astra.ihvp.solvers import MinibatchSampler, SolveResult, ekfac_preconditioner
 from distributed_astra.ihvp.solvers import solve as solve_ihvp
 from distributed_astra.models.load import check_context_length, context_length, load_causal_lm, load_tokenizer
@@ -77,7 +84,7 @@ from distributed_astra.scoring.gradients import captured_batches, query_gradient
 from distributed_astra.scoring.inner_products import sequence_scores
 from distributed_astra.scoring.topk import StreamingTopK
 from distributed_astra.source.trajectory import TrajectoryRecorder, save_trajectory
-from distributed_astra.tracking import Tracker
+from distributed_astra.tracking import SolveLogger, Tracker, metered, train_logger
 
 STAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -156,14 +163,22 @@ class Context:
     def stat_dtype(self) -> torch.dtype:
         return STAT_DTYPES[self.cfg.factors.dtype]
 
+    @property
+    def sequence_format(self) -> SequenceFormat:
+        return SequenceFormat.from_data(self.cfg.data)
+
+    def open_corpus(self) -> Corpus:
+        """`data.corpus` with its columns and split (data/corpus.py)."""
+        return open_corpus(self.corpus, self.cfg.data.text_column, self.cfg.data.id_column, self.cfg.data.split)
+
     def training_batches(self, batch_size: int, max_sequences: int | None = None):
         """One pass over the corpus's sequences; the first pass of a command that skips rows (empty, not UTF-8) says
         how many, once."""
         stats = CorpusStats()
         batches = iter_training_batches(
-            open_corpus(self.corpus, self.cfg.data.text_column, self.cfg.data.id_column, self.cfg.data.split),
+            self.open_corpus(),
             self.tokenizer,
-            self.cfg.data.max_length,
+            self.sequence_format,
             batch_size,
             max_sequences=max_sequences,
             text_column=self.cfg.data.text_column,
@@ -214,9 +229,10 @@ def _prepare_demo_data(cfg: Config, paths: RunPaths) -> tuple[Path, Path]:
     return corpus, queries
 
 
-def _train_tiny_model(cfg: Config, paths: RunPaths, corpus: Path) -> None:
+def _train_tiny_model(cfg: Config, paths: RunPaths, corpus: Path, tracker: Tracker | None = None) -> None:
     """Tokenizer and tiny GPT-2 into `model/`, and the training trajectory (`source.checkpoints` checkpoints evenly
-    spaced over the steps, the last one the final model) into `trajectory/` for SOURCE (seeds §6.3)."""
+    spaced over the steps, the last one the final model) into `trajectory/` for SOURCE (seeds §6.3). `tracker` gets
+    the training under train/* against train/step (loss, lr, grad norm, tokens/s; tracking.train_logger)."""
     tiny = cfg.model.tiny
     documents = open_corpus(corpus, cfg.data.text_column, cfg.data.id_column, cfg.data.split)
     with atomic_path(paths.model) as tmp:
@@ -225,7 +241,7 @@ def _train_tiny_model(cfg: Config, paths: RunPaths, corpus: Path) -> None:
         batches = shuffled_epochs(
             documents,
             tokenizer,
-            cfg.data.max_length,
+            SequenceFormat.from_data(cfg.data),
             tiny.train_batch_size,
             tiny.seed,
             text_column=cfg.data.text_column,
@@ -237,10 +253,13 @@ def _train_tiny_model(cfg: Config, paths: RunPaths, corpus: Path) -> None:
         )
         count = min(cfg.source.checkpoints, tiny.train_steps)
         checkpoint_steps = {round(i * tiny.train_steps / count) for i in range(1, count + 1)}
-        with progress_bar("train tiny GPT-2", tiny.train_steps, "steps") as advance:
+        with progress_bar("train tiny GPT-2", tiny.train_steps, "steps") as advance, (
+            tracker.stage("train") if tracker is not None else nullcontext()
+        ):
             losses = train_tiny_gpt2(
                 model, batches, tiny.train_steps, tiny.learning_rate, tiny.seed, on_step=lambda step, loss: advance(1),
                 trajectory=recorder, checkpoint_steps=checkpoint_steps,
+                on_metrics=train_logger(tracker) if tracker is not None else None,
             )
         save_trajectory(recorder.trajectory, paths.trajectory)  # before the model folder appears: both or neither
         model.save_pretrained(tmp)
@@ -254,9 +273,11 @@ def open_context(cfg: Config, job: str) -> Context:
     if is_distributed(cfg):
         distributed_stages().validate(cfg)
     corpus, queries = _prepare_demo_data(cfg, paths)
+    tracker = None
     if cfg.model.source == "tiny":
         if not (paths.model / "config.json").is_file():
-            _train_tiny_model(cfg, paths, corpus)
+            tracker = Tracker(paths.root, cfg.tracking, cfg.model_dump(mode="json"), job)  # logs the training
+            _train_tiny_model(cfg, paths, corpus, tracker)
         model_path, hub_id = str(paths.model), None
     else:
         model_path, hub_id = (cfg.model.path, None) if cfg.model.source == "path" else (None, cfg.model.hub_id)
@@ -268,7 +289,9 @@ def open_context(cfg: Config, job: str) -> Context:
     if job != "index":  # every stage but index reads the queries: a bad one is refused before any work
         check_queries(cfg, queries, model, tokenizer)
     tracked = select_tracked_modules(model, cfg.model.tracked_modules)
-    tracker = Tracker(paths.root, cfg.tracking, cfg.model_dump(mode="json"), job)
+    with atomic_path(paths.root / "config.yaml") as tmp:  # what this command ran with, readable by --config
+        tmp.write_text(config_yaml(cfg) + "\n")
+    tracker = tracker or Tracker(paths.root, cfg.tracking, cfg.model_dump(mode="json"), job)
     return Context(cfg, paths, corpus, queries, model, tokenizer, tracked, model_fingerprint(model, tracked), tracker)
 
 
@@ -386,6 +409,7 @@ def _reused(ctx: Context, name: str) -> tuple[bool, object]:
     return False, None
 
 
+@metered("fit")
 def fit(ctx: Context) -> EkfacFactors:
     """Two passes over the corpus: covariances A, S, then the eigenvalue correction Λ (seeds §3)."""
     if ctx.distributed:
@@ -405,48 +429,61 @@ def fit(ctx: Context) -> EkfacFactors:
         )
     save_factors(factors, ctx.paths.factors, {**factor_meta(ctx), "dtype": cfg.dtype, "versions": ctx.versions()})
     ctx.tracker.log({"fit/num_sequences": num_sequences, "fit/mean_lambda": default_damping(factors) / 0.1})
+    ctx.tracker.count(tokens=2 * factors.num_tokens, sequences=2 * num_sequences)  # two passes
     return factors
 
 
+@metered("query")
 def query(ctx: Context) -> None:
     """∇θ f(z_q) on the completion tokens of every query, saved per module."""
     queries = load_queries(ctx.queries)
-    batches = iter_query_batches(queries, ctx.tokenizer, ctx.cfg.solver.query_batch_size)
+    batches = _counted(iter_query_batches(queries, ctx.tokenizer, ctx.cfg.solver.query_batch_size), ctx.tracker)
     with progress_bar("query gradients", len(queries), "queries") as advance:
-        ids, grads = query_gradients(ctx.model, ctx.tracked, batches, ctx.stat_dtype, on_batch=advance)
+        _, grads = query_gradients(ctx.model, ctx.tracked, batches, ctx.stat_dtype, on_batch=advance)
+    ids = [q.query_id for q in queries]
     with atomic_path(ctx.paths.queries) as tmp:
         tmp.mkdir()
-        save_tensors({"query_ids": ids, **grads}, tmp / "gradients.safetensors")
-        write_json(tmp / "meta.json", {**query_meta(ctx), "num_queries": len(ids)})
+        save_tensors(grads, tmp / "gradients.safetensors")
+        write_json(
+            tmp / "meta.json",
+            {**query_meta(ctx), "num_queries": len(ids), "query_ids": ids},
+        )
 
 
-def load_query_gradients(ctx: Context) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    check_meta(read_meta(ctx.paths.queries, "query gradients", "query"), query_meta(ctx), "query gradients", "query")
-    tensors = load_tensors(ctx.paths.queries / "gradients.safetensors", "query gradients", "query")
-    return tensors.pop("query_ids"), tensors
+def load_query_gradients(ctx: Context) -> tuple[list[QueryId], dict[str, torch.Tensor]]:
+    """(query ids as the queries file gives them, {module: [Q, out, in+1]}) of the query stage."""
+    meta = read_meta(ctx.paths.queries, "query gradients", "query")
+    check_meta(meta, query_meta(ctx), "query gradients", "query")
+    return meta["query_ids"], load_tensors(ctx.paths.queries / "gradients.safetensors", "query gradients", "query")
 
 
-def solver_logger(ctx: Context, query_ids: list[int], name: str | None = None):
-    """W&B/jsonl series for one query chunk: h and the residual per query, their mean over running queries, lr
-    (under solve/<name>/, `solver.name` by default)."""
-    name = name or ctx.cfg.solver.name
+def load_directions(ctx: Context, solver: str | None = None) -> tuple[list[QueryId], dict[str, torch.Tensor]]:
+    """(query ids, {module: [Q, out, in+1]}) of the directions solved by `solver` (default `solver.name`)."""
+    return read_directions(ctx.paths.ihvp(solver or ctx.cfg.solver.name), ctx.model_meta())
 
-    def on_iteration(iteration: int, objective: torch.Tensor, residual: torch.Tensor, lr: float) -> None:
-        running = torch.isfinite(objective)
-        if not bool(running.any()):
-            return
-        metrics: dict[str, float] = {
-            f"solve/{name}/objective_mean": float(objective[running].mean()),
-            f"solve/{name}/residual_mean": float(residual[running].mean()),
-            f"solve/{name}/lr": float(lr),
-        }
-        for qid, h, r in zip(query_ids, objective.tolist(), residual.tolist()):
-            if h == h:  # NaN once a query has stopped
-                metrics[f"solve/{name}/objective/q{qid}"] = h
-                metrics[f"solve/{name}/residual/q{qid}"] = r
-        ctx.tracker.log(metrics, step=iteration)
 
-    return on_iteration
+def solver_logger(ctx: Context, name: str | None = None) -> SolveLogger:
+    """The W&B layout of one method's solve (`solver.name` by default; tracking.SolveLogger): per iteration, the
+    aggregates over each chunk's running queries against ONE `solve/<name>/iteration` axis counting across chunks
+    (`chunk(query_ids)` gives a chunk's callbacks); the per-query trace once, as a table and one chart (`finish`)."""
+    return SolveLogger(ctx.tracker, name or ctx.cfg.solver.name)
+
+
+def heldout_batch(ctx: Context, sampler: MinibatchSampler | None) -> dict[str, torch.Tensor] | None:
+    """The fixed held-out curvature batch of the solvers' convergence signal: `solver.heldout_batch_size` rows of
+    the sampler's pool drawn once by a generator of its own (seed + 1), so the solve's minibatch stream is the same
+    with or without it; None when `solver.heldout_every` is 0 or the solver draws no minibatches."""
+    cfg = ctx.cfg.solver
+    if sampler is None or cfg.heldout_every == 0:
+        return None
+    return sampler.draw(cfg.heldout_batch_size, torch.Generator().manual_seed(cfg.seed + 1))
+
+
+def _counted(batches, tracker: Tracker):
+    """The minibatches, each counted into the running stage's throughput (sequences, tokens)."""
+    for batch in batches:
+        tracker.count(sequences=int(batch["input_ids"].shape[0]), tokens=int(batch["attention_mask"].sum()))
+        yield batch
 
 
 def curvature_minibatches(ctx: Context) -> tuple[GGNProduct | FisherProduct, MinibatchSampler]:
@@ -462,6 +499,7 @@ def curvature_minibatches(ctx: Context) -> tuple[GGNProduct | FisherProduct, Min
     return product, MinibatchSampler(sequences, cfg.minibatch_size, torch.Generator().manual_seed(cfg.seed))
 
 
+@metered(lambda ctx: f"solve/{ctx.cfg.solver.name}")
 def solve(ctx: Context) -> float:
     """(G + λI)⁻¹∇f for every query with the configured solver (seeds §3-5); returns the damping λ used.
 
@@ -483,43 +521,57 @@ def solve(ctx: Context) -> float:
     product, sampler = None, None
     if cfg.name != "ekfac":  # the iterative solvers need G̃·v on minibatches of the corpus
         product, sampler = curvature_minibatches(ctx)
+    heldout = heldout_batch(ctx, sampler)
+    batches = _counted(sampler, ctx.tracker) if sampler is not None else None
     starts = range(0, len(ids), cfg.query_batch_size)
     iterative = cfg.name != "ekfac"
     steps_per_chunk = cfg.iterations * (cfg.lissa_repeats if cfg.name == "lissa" else 1) if iterative else 1
     results: list[SolveResult] = []
+    logger = solver_logger(ctx) if iterative else None
+    solve_seconds = 0.0
     with progress_bar(f"solve ({cfg.name})", len(starts) * steps_per_chunk, "it") as advance:
         for start in starts:
-            chunk_ids = ids[start : start + cfg.query_batch_size].tolist()
-            log = solver_logger(ctx, chunk_ids)
+            chunk_ids = ids[start : start + cfg.query_batch_size]
+            log, log_heldout = logger.chunk(chunk_ids) if logger is not None else (None, None)
             done = [0]
 
             def on_iteration(iteration, objective, residual, lr, log=log, done=done):
                 log(iteration, objective, residual, lr)
+                ctx.tracker.count(query_iterations=int(torch.isfinite(objective).sum()))
                 done[0] += 1
                 advance(1)
 
+            started = time.perf_counter()
             result = solve_ihvp(
                 {name: g[start : start + len(chunk_ids)] for name, g in grads.items()},
                 preconditioner,
                 product,
-                sampler,
+                batches,
                 cfg,
                 damping,
                 query_ids=[str(q) for q in chunk_ids],
                 on_iteration=on_iteration,
+                heldout=heldout,
+                on_heldout=log_heldout,
             )
+            solve_seconds += time.perf_counter() - started
             for message in result.messages:
                 console.print(f"[yellow]warning:[/] {message}", highlight=False)
             results.append(result)
             advance(steps_per_chunk - done[0])  # the chunk's queries may all stop before the iteration cap
     directions = {name: torch.cat([r.x[name] for r in results]) for name in grads}
     statuses = [status for r in results for status in r.status]
+    trace = pa.concat_tables([r.table() for r in results]) if iterative else None
+    held = pa.concat_tables([r.heldout_table() for r in results]) if heldout is not None else None
+    heldout_info = heldout_meta(cfg, sum(r.heldout_seconds for r in results), solve_seconds) if held else None
     out = ctx.paths.ihvp(cfg.name)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        save_tensors({"query_ids": ids, **directions}, tmp / "directions.safetensors")
-        if iterative:
-            pq.write_table(pa.concat_tables([r.table() for r in results]), tmp / "trace.parquet")
+        save_tensors(directions, tmp / DIRECTIONS_FILE)
+        if trace is not None:
+            pq.write_table(trace, tmp / "trace.parquet")
+        if held is not None:
+            pq.write_table(held, tmp / "heldout.parquet")
         write_json(
             tmp / "meta.json",
             {
@@ -527,27 +579,45 @@ def solve(ctx: Context) -> float:
                 "solver": cfg.model_dump(mode="json"),
                 "damping": damping,
                 "status": {s: statuses.count(s) for s in sorted(set(statuses))},
+                "query_ids": ids,
+                **({"heldout": heldout_info} if heldout_info else {}),
             },
         )
-    ctx.tracker.log({"solve/damping": damping, **{f"solve/{cfg.name}/num_{s}": statuses.count(s) for s in set(statuses)}})
+    if logger is not None:
+        logger.finish(trace, held)
+    ctx.tracker.log({
+        f"solve/{cfg.name}/damping": damping, **{f"solve/{cfg.name}/num_{s}": statuses.count(s) for s in set(statuses)},
+        **({f"solve/{cfg.name}/heldout/cost_fraction": heldout_info["cost_fraction"]} if heldout_info else {}),
+    })
     return damping
 
 
-def _documents_text(corpus: Path, id_column: str | None, text_column: str, doc_ids: list[int]) -> dict[int, str]:
-    return open_corpus(corpus, text_column, id_column).texts(doc_ids)
+def heldout_meta(cfg, heldout_seconds: float, solve_seconds: float) -> dict[str, float | int]:
+    """meta.json's record of the held-out evaluation: its settings and what it cost, as a fraction of the solve
+    (the solver calls' wall time, which includes it)."""
+    return {
+        "every": cfg.heldout_every,
+        "batch_size": cfg.heldout_batch_size,
+        "seconds": heldout_seconds,
+        "solve_seconds": solve_seconds,
+        "cost_fraction": heldout_seconds / solve_seconds if solve_seconds > 0 else 0.0,
+    }
 
 
-def topk_table(ctx: Context, query_ids: torch.Tensor, scores: torch.Tensor, doc_ids: torch.Tensor) -> pa.Table:
-    """topk.parquet's table (query_id, rank, doc_id, score, text) from [Q, k] scores and doc ids; written atomically."""
-    texts = _documents_text(ctx.corpus, ctx.cfg.data.id_column, ctx.cfg.data.text_column, doc_ids.flatten().tolist())
+def topk_table(ctx: Context, query_ids: list[QueryId], scores: torch.Tensor, keys: torch.Tensor) -> pa.Table:
+    """topk.parquet's table (query_id, rank, doc_id, score, text) from [Q, k] scores and document keys, with the
+    ids as the queries file and the corpus give them; written atomically."""
+    corpus = ctx.open_corpus()
+    flat = keys.flatten().tolist()
+    texts, doc_ids = corpus.texts(flat), corpus.doc_ids(flat)
     k = scores.shape[1]
     table = pa.table(
         {
-            "query_id": query_ids.repeat_interleave(k).numpy(),
+            "query_id": [q for q in query_ids for _ in range(k)],
             "rank": torch.arange(1, k + 1).repeat(len(query_ids)).numpy(),
-            "doc_id": doc_ids.flatten().numpy(),
+            "doc_id": [doc_ids[key] for key in flat],
             "score": scores.flatten().numpy(),
-            "text": [texts.get(d, "") for d in doc_ids.flatten().tolist()],
+            "text": [texts.get(key, "") for key in flat],
         }
     )
     with atomic_path(ctx.paths.topk) as tmp:
@@ -557,13 +627,10 @@ def topk_table(ctx: Context, query_ids: torch.Tensor, scores: torch.Tensor, doc_
 
 def _direction_scores(
     ctx: Context, compute: torch.dtype, num_sequences: int
-) -> tuple[torch.Tensor, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """(query ids, an iterator of (doc ids, sequence scores [B, Q]) per corpus batch) for `solver.name`'s directions
-    at the loaded model: one streamed pass."""
-    solver_dir = ctx.paths.ihvp(ctx.cfg.solver.name)
-    check_meta(read_meta(solver_dir, "solved directions", "solve"), ctx.model_meta(), "solved directions", "solve")
-    tensors = load_tensors(solver_dir / "directions.safetensors", "solved directions", "solve")
-    query_ids = tensors.pop("query_ids")
+) -> tuple[list[QueryId], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """(query ids, an iterator of (document keys, sequence scores [B, Q]) per corpus batch) for `solver.name`'s
+    directions at the loaded model: one streamed pass."""
+    query_ids, tensors = load_directions(ctx)
     directions = {name: x.to(compute) for name, x in tensors.items()}
 
     def stream():
@@ -577,6 +644,7 @@ def _direction_scores(
     return query_ids, stream()
 
 
+@metered(lambda ctx: f"score/{ctx.cfg.solver.name}")
 def score(ctx: Context) -> pa.Table:
     """Stream the corpus: τ(z_q, z_m) = X_qᵀ ∇L(z_m) per document, keeping the top-k per query (seeds §1, Eq 2).
     `source` / `astra-source`: τ = Σ_ℓ mean_c w_ℓᵀ ∇L(θ_c, z_m), one pass per checkpoint (source/stages.py)."""
@@ -584,8 +652,13 @@ def score(ctx: Context) -> pa.Table:
     if ctx.distributed:
         return distributed_stages().score(ctx)
     compute = product_dtype(ctx.model, ctx.stat_dtype)
-    num_sequences = sum(len(b["doc_id"]) for b in ctx.training_batches(ctx.cfg.scoring.batch_size))
+    num_sequences = num_tokens = 0
+    for batch in ctx.training_batches(ctx.cfg.scoring.batch_size):
+        num_sequences += len(batch["doc_id"])
+        num_tokens += int(batch["attention_mask"].sum())
     started = time.perf_counter()
+    scope = f"score/{ctx.cfg.solver.name}"
+    ctx.tracker.define_axis(scope, f"{scope}/batch")
     if ctx.cfg.solver.name in SOURCE_SOLVERS:
         from distributed_astra.source import stages as source_stages
 
@@ -593,17 +666,24 @@ def score(ctx: Context) -> pa.Table:
     else:
         query_ids, scored = _direction_scores(ctx, compute, num_sequences)
     top = StreamingTopK(len(query_ids), ctx.cfg.scoring.top_k, keep_all=ctx.cfg.scoring.dense)
-    for doc_ids, scores in scored:
+    for batch_number, (doc_ids, scores) in enumerate(scored, 1):
         top.update(doc_ids, scores)
+        ctx.tracker.log({f"{scope}/batch": batch_number, f"{scope}/sequences": top.num_documents,
+                         f"{scope}/fraction": top.num_documents / max(1, num_sequences),
+                         f"{scope}/sequences_per_s_so_far": top.num_documents / max(time.perf_counter() - started, 1e-9)})
     scores, doc_ids = top.finish()
     table = topk_table(ctx, query_ids, scores, doc_ids)
     if ctx.cfg.scoring.dense:
-        all_ids, all_scores = top.all_scores()
-        dense = pa.table({"doc_id": all_ids.numpy(), **{f"q{q}": all_scores[:, i].numpy() for i, q in enumerate(query_ids.tolist())}})
+        all_keys, all_scores = top.all_scores()
+        doc_ids = ctx.open_corpus().doc_ids(all_keys.tolist())
+        dense = pa.table({
+            "doc_id": [doc_ids[key] for key in all_keys.tolist()],
+            **{f"q{q}": all_scores[:, i].numpy() for i, q in enumerate(query_ids)},
+        })
         with atomic_path(ctx.paths.scores / "dense.parquet") as tmp:
             pq.write_table(dense, tmp)
-    ctx.tracker.log({"score/num_documents": top.num_documents, "score/num_queries": len(query_ids),
-                     "score/sequences_per_s": num_sequences / max(time.perf_counter() - started, 1e-9)})
+    ctx.tracker.log({f"{scope}/num_documents": top.num_documents, f"{scope}/num_queries": len(query_ids)})
+    ctx.tracker.count(sequences=num_sequences, tokens=num_tokens)
     return table
 
 
@@ -613,7 +693,7 @@ def print_topk(table: pa.Table, queries_path: Path, show: int) -> None:
 
     prompts = {q.query_id: q for q in load_queries(queries_path)}
     rows = table.to_pylist()
-    for query_id in sorted({r["query_id"] for r in rows}):
+    for query_id in dict.fromkeys(r["query_id"] for r in rows):
         q = prompts.get(query_id)
         title = f"query {query_id}: {q.prompt!r} -> {q.completion!r}" if q else f"query {query_id}"
         view = Table(title=title, title_justify="left", show_lines=False)
@@ -639,6 +719,7 @@ def search(ctx: Context) -> pa.Table:
     return stages.search(ctx)
 
 
+@metered("report")
 def report(ctx: Context) -> Path:
     """Per-token attribution of the shown queries' top-k documents, then the self-contained `report.html`."""
     from distributed_astra.curvature.factors import FACTORS_FILE
@@ -650,13 +731,34 @@ def report(ctx: Context) -> Path:
 
 
 def _log_stage_result(ctx: Context, name: str, result: object, seconds: float) -> None:
-    """W&B views of a finished stage: fit's tokens/s and the eigen-spectrum (log10 Λ) per module; the top-k table."""
+    """W&B views of a finished stage (its seconds, memory and throughput come from `metered`): the eigen-spectrum
+    (log10 Λ) per module after fit; the top-k table of the scoring method under score/<method>/topk."""
     if name == "fit" and isinstance(result, EkfacFactors):
-        ctx.tracker.log({"fit/tokens_per_s": 2 * result.num_tokens / max(seconds, 1e-9)})  # two passes
         for module in result.names:
             ctx.tracker.histogram(f"fit/spectrum/{module}", torch.log10(result[module].lambda_.clamp_min(1e-30)))
     if name == "score" and isinstance(result, pa.Table):
-        ctx.tracker.table("score/topk", {column: result.column(column).to_pylist() for column in result.column_names})
+        ctx.tracker.table(
+            f"score/{ctx.cfg.solver.name}/topk", {column: result.column(column).to_pylist() for column in result.column_names}
+        )
+
+
+def _wandb_summary(summary: dict[str, object]) -> dict[str, object]:
+    """summary.json as the W&B run summary: fact tracing of solver.name at the top level (recall@1, recall@10, mrr),
+    each method's figures under `<method>/` (fact tracing, objective and held-out objective, damping, seconds),
+    the stages' seconds under `seconds/`."""
+    figures: dict[str, object] = {"solver": summary["solver"], "num_queries": summary["num_queries"]}
+    methods = {str(summary["solver"]): {k: v for k, v in summary.items() if k not in ("baselines", "seconds", "solver")},
+               **summary.get("baselines", {})}  # type: ignore[dict-item]
+    figures.update({k: v for k, v in summary["fact_tracing"].items()})  # type: ignore[union-attr]
+    for method, values in methods.items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                figures.update({f"{method}/{key}/{k}": v for k, v in value.items() if isinstance(v, (int, float, str))})
+            elif isinstance(value, (int, float, str, bool)):
+                figures[f"{method}/{key}"] = value
+        figures.update({f"{method}/{k}": v for k, v in values.get("fact_tracing", {}).items()})
+    figures.update({f"seconds/{k}": v for k, v in summary["seconds"].items()})  # type: ignore[union-attr]
+    return figures
 
 
 @dataclass(frozen=True)
@@ -683,6 +785,8 @@ def _solver_summary(ctx: Context, solver: str) -> dict[str, object]:
         if first:
             summary["objective_first_mean"] = sum(h for _, h in first.values()) / len(first)
             summary["objective_last_mean"] = sum(h for _, h in last.values()) / len(last)
+    if (out_dir / "heldout.parquet").is_file():
+        summary.update(heldout_summary(pq.read_table(out_dir / "heldout.parquet"), meta.get("heldout", {})))
     return summary
 
 
@@ -693,6 +797,8 @@ def run(cfg: Config, job: str = "run") -> RunResult:
     start = time.perf_counter()
     ctx = open_context(cfg, job)
     timings["prepare"] = time.perf_counter() - start
+    ctx.tracker.log({"prepare/seconds": timings["prepare"],
+                     "prepare/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     queries = load_queries(ctx.queries)
     baselines: dict[str, dict[str, object]] = {}
     try:
@@ -702,7 +808,6 @@ def run(cfg: Config, job: str = "run") -> RunResult:
             if not reused:
                 result = stage(ctx)
             timings[name] = time.perf_counter() - t0
-            ctx.tracker.log({f"time/{name}": timings[name]})
             _log_stage_result(ctx, name, result, timings[name])
         for solver in dict.fromkeys(b for b in cfg.solver.baselines if b != cfg.solver.name):
             other = replace(
@@ -718,7 +823,7 @@ def run(cfg: Config, job: str = "run") -> RunResult:
             baselines[solver] = {
                 **_solver_summary(ctx, solver), "fact_tracing": fact_recall(table, queries), "seconds": seconds
             }
-            ctx.tracker.log({f"time/{solver}/{stage}": t for stage, t in seconds.items()})
+            _log_stage_result(other, "score", table, seconds["score"])
         recall = fact_recall(result, queries)
         solve_summary = _solver_summary(ctx, cfg.solver.name)
         summary = {
@@ -730,13 +835,9 @@ def run(cfg: Config, job: str = "run") -> RunResult:
             "baselines": baselines,
         }
         write_json(ctx.paths.summary, summary)
-        t0 = time.perf_counter()
         report(ctx)
-        ctx.tracker.log({"time/report": time.perf_counter() - t0})
         ctx.tracker.artifact(f"{ctx.paths.root.name}-results", "results", [ctx.paths.summary, ctx.paths.report])
-        ctx.tracker.summary({**recall, "damping": solve_summary["damping"]})
-        for solver, b in baselines.items():
-            ctx.tracker.summary({f"{solver}/{k}": v for k, v in b["fact_tracing"].items()})
+        ctx.tracker.summary(_wandb_summary(summary))
     finally:
         ctx.tracker.close()
         if ctx.distributed:

@@ -17,12 +17,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file
 
-from distributed_astra.artifacts import atomic_path, check_meta, read_meta, save_tensors, write_json
+from distributed_astra.artifacts import DIRECTIONS_FILE, atomic_path, read_directions, save_tensors, write_json
 from distributed_astra.config import SOURCE_SOLVERS, Config
 from distributed_astra.curvature.factors import EkfacFactors, load_factors, save_factors
-from distributed_astra.data.corpus import open_corpus
 from distributed_astra.distributed import cluster
 from distributed_astra.distributed.deepspeed_config import load_ds_config
 from distributed_astra.distributed.fit import rank_fit
@@ -31,11 +29,13 @@ from distributed_astra.distributed.solve import rank_solve, solve_mode
 from distributed_astra.distributed.worker_group import WorkerGroup
 from distributed_astra.errors import DastraError
 from distributed_astra.ihvp.ekfac import default_damping
-from distributed_astra.ihvp.monitor import trace_table
+from distributed_astra.distributed.memory import rank_memory
+from distributed_astra.ihvp.monitor import heldout_table, trace_table
 from distributed_astra.pipeline import (
     Context,
     directions_meta,
     factor_meta,
+    heldout_meta,
     load_query_gradients,
     solver_logger,
     topk_table,
@@ -126,9 +126,22 @@ def fit(ctx: Context) -> EkfacFactors:
     )
     ctx.tracker.log({
         "fit/num_sequences": factors.num_sequences, "fit/mean_lambda": default_damping(factors) / 0.1,
-        "fit/num_ranks": group.cfg.ray.num_workers, "fit/seconds": seconds,
+        "fit/num_ranks": group.cfg.ray.num_workers, "fit/num_batches": out["num_batches"],
     })
+    ctx.tracker.count(tokens=2 * factors.num_tokens, sequences=2 * factors.num_sequences)  # both passes, all ranks
+    _log_rank_memory(ctx, group, "fit")
     return factors
+
+
+def _log_rank_memory(ctx: Context, group: WorkerGroup, scope: str) -> None:
+    """`<scope>/ranks_peak_rss_mb` (max over ranks of each worker's lifetime peak) and, on GPUs,
+    `<scope>/ranks_cuda_max_allocated_mb` (max over ranks, this stage only): the work runs on the ranks, so the
+    driver's own `<scope>/peak_rss_mb` (tracking.StageMeter) does not see it."""
+    memory = group.call(rank_memory, what="memory")
+    metrics = {f"{scope}/ranks_peak_rss_mb": max(m["peak_rss_mb"] for m in memory)}
+    if all("cuda_max_allocated_mb" in m for m in memory):
+        metrics[f"{scope}/ranks_cuda_max_allocated_mb"] = max(m["cuda_max_allocated_mb"] for m in memory)
+    ctx.tracker.log(metrics)
 
 
 def solve(ctx: Context) -> float:
@@ -137,6 +150,7 @@ def solve(ctx: Context) -> float:
     factors = load_factors(ctx.paths.factors, factor_meta(ctx))
     ids, grads = load_query_gradients(ctx)
     damping = default_damping(factors) if cfg.damping == "auto" else float(cfg.damping)
+    heldout_info = None
     group = group_for(ctx)
     mode = solve_mode(ctx.cfg.ray.solve_mode, group.stage, cfg.product) if cfg.name != "ekfac" else "queries"
     started = time.perf_counter()
@@ -149,16 +163,24 @@ def solve(ctx: Context) -> float:
     out = ctx.paths.ihvp(cfg.name)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        save_tensors({"query_ids": ids, **directions}, tmp / "directions.safetensors")
+        save_tensors(directions, tmp / DIRECTIONS_FILE)
         if cfg.name != "ekfac":
-            traces = []
+            traces, held = [], []
             for p in pieces:
-                trace = dict(p["trace"])
-                trace["query"] = [p["start"] - p["chunk_start"] + q for q in trace["query"]]
-                trace["query_id"] = [str(int(ids[int(q)])) for q in trace["query_id"]]
-                traces.append(trace_table(trace))
+                for key, tables, to_table in (("trace", traces, trace_table), ("heldout", held, heldout_table)):
+                    columns = dict(p[key])
+                    columns["query"] = [p["start"] - p["chunk_start"] + q for q in columns["query"]]
+                    columns["query_id"] = [str(ids[int(q)]) for q in columns["query_id"]]
+                    tables.append(to_table(columns))
             trace = pa.concat_tables(traces)
             pq.write_table(trace, tmp / "trace.parquet")
+            heldout = pa.concat_tables(held) if any(p["heldout_batch_size"] for p in pieces) else None
+            if heldout is not None:
+                pq.write_table(heldout, tmp / "heldout.parquet")
+                heldout_info = {
+                    **heldout_meta(cfg, sum(p["heldout_seconds"] for p in pieces), sum(p["seconds"] for p in pieces)),
+                    "batch_size": max(p["heldout_batch_size"] for p in pieces),
+                }
         write_json(
             tmp / "meta.json",
             {
@@ -166,40 +188,59 @@ def solve(ctx: Context) -> float:
                 "solver": cfg.model_dump(mode="json"),
                 "damping": damping,
                 "status": {s: statuses.count(s) for s in sorted(set(statuses))},
+                "query_ids": ids,
+                **({"heldout": heldout_info} if heldout_info else {}),
             },
         )
     if cfg.name != "ekfac":
-        _log_trace(ctx, trace)
+        _log_trace(ctx, pieces, trace, heldout)
+        ctx.tracker.count(query_iterations=trace.num_rows)
     for p in pieces:
         for message in p["messages"]:
             console.print(f"[yellow]warning:[/] {message}", highlight=False)
     seconds = time.perf_counter() - started
     ranks = group.cfg.ray.num_workers
     cluster.note(f"solve ({cfg.name}, mode {mode}) on {ranks} ranks: {len(ids)} queries, {seconds:.1f} s")
+    scope = f"solve/{cfg.name}"
     ctx.tracker.log({
-        "solve/damping": damping, "solve/seconds": seconds,
-        **{f"solve/{cfg.name}/num_{s}": statuses.count(s) for s in set(statuses)},
+        f"{scope}/damping": damping, f"{scope}/num_ranks": ranks,
+        **{f"{scope}/num_{s}": statuses.count(s) for s in set(statuses)},
+        **({f"{scope}/heldout/cost_fraction": heldout_info["cost_fraction"]} if heldout_info else {}),
     })
+    _log_rank_memory(ctx, group, scope)
     return damping
 
 
-def _log_trace(ctx: Context, trace: pa.Table) -> None:
-    """The ranks' convergence traces into the tracker, as single-process solves log them while they run: per
-    iteration, h and the residual of every query still running (pipeline.solver_logger)."""
-    rows = trace.to_pydict()
-    query_ids = sorted({int(q) for q in rows["query_id"]})
-    column = {q: i for i, q in enumerate(query_ids)}
-    log = solver_logger(ctx, query_ids)
-    steps: dict[tuple[int, int], list[int]] = {}
-    for i, key in enumerate(zip(rows["repeat"], rows["iteration"])):
-        steps.setdefault(key, []).append(i)
-    for (_repeat, iteration), members in sorted(steps.items()):
-        objective = torch.full((len(query_ids),), float("nan"), dtype=torch.float64)
-        residual = torch.full_like(objective, float("nan"))
-        for i in members:
-            objective[column[int(rows["query_id"][i])]] = rows["objective"][i]
-            residual[column[int(rows["query_id"][i])]] = rows["residual"][i]
-        log(iteration, objective, residual, rows["lr"][members[0]])
+def _log_trace(ctx: Context, pieces: list[dict], trace: pa.Table, heldout: pa.Table | None) -> None:
+    """The ranks' convergence traces into the tracker as single-process solves log them while they run
+    (pipeline.solver_logger): chunk after chunk on one continuous iteration axis, per iteration the aggregates over
+    the chunk's running queries, the held-out evaluations at their iterations; then the tables and charts once."""
+    logger = solver_logger(ctx)
+    iterations = ctx.cfg.solver.iterations
+    for chunk_start in sorted({p["chunk_start"] for p in pieces}):
+        members = [p for p in pieces if p["chunk_start"] == chunk_start]
+        size = max(p["stop"] for p in members) - chunk_start
+        on_iteration, on_heldout = logger.chunk(list(range(chunk_start, chunk_start + size)))
+        events: dict[tuple[int, int], dict] = {}  # (step, 0 held-out | 1 minibatch) -> values per chunk position
+        for p in members:
+            for kind, key in ((1, "trace"), (0, "heldout")):
+                rows = p[key]
+                for j, q in enumerate(rows["query"]):
+                    step = rows["repeat"][j] * iterations + rows["iteration"][j]
+                    event = events.setdefault((step, kind), {
+                        "h": torch.full((size,), float("nan"), dtype=torch.float64),
+                        "r": torch.full((size,), float("nan"), dtype=torch.float64), "lr": float("nan"),
+                    })
+                    position = p["start"] - chunk_start + q
+                    event["h"][position], event["r"][position] = rows["objective"][j], rows["residual"][j]
+                    if kind == 1:
+                        event["lr"] = rows["lr"][j]
+        for (step, kind), event in sorted(events.items()):
+            if kind == 1:
+                on_iteration(step, event["h"], event["r"], event["lr"])
+            else:
+                on_heldout(step, event["h"], event["r"])
+    logger.finish(trace, heldout)
 
 
 def _directions_digest(path: Path) -> str:
@@ -210,11 +251,9 @@ def score(ctx: Context, on_shard=None) -> pa.Table:
     """Shards scored on `ray.num_workers` actors, resumable from scores/manifest.json, merged into topk.parquet."""
     cfg = ctx.cfg
     solver_dir = ctx.paths.ihvp(cfg.solver.name)
-    check_meta(read_meta(solver_dir, "solved directions", "solve"), ctx.model_meta(), "solved directions", "solve")
-    directions_file = solver_dir / "directions.safetensors"
-    tensors = load_file(str(directions_file))
-    query_ids = tensors.pop("query_ids")
-    plan = open_corpus(ctx.corpus, cfg.data.text_column, cfg.data.id_column).shard_plan(cfg.data.shard_rows)
+    query_ids, tensors = read_directions(solver_dir, ctx.model_meta())
+    directions_file = solver_dir / DIRECTIONS_FILE
+    plan = ctx.open_corpus().shard_plan(cfg.data.shard_rows)
     meta = {
         **ctx.model_meta(),
         "solver": cfg.solver.name,
@@ -225,15 +264,16 @@ def score(ctx: Context, on_shard=None) -> pa.Table:
     release_group()  # the ranks' CPUs/GPUs go to the scoring actors
     _connect(ctx)
     scores_dir = ctx.paths.scores
-    started = time.perf_counter()
     manifest = score_shards(
-        cfg, model_source(ctx), str(ctx.corpus), plan, tensors, query_ids, scores_dir, meta, on_shard=on_shard
+        cfg, model_source(ctx), str(ctx.corpus), plan, tensors, scores_dir, meta, on_shard=on_shard
     )
     scores, doc_ids = merge_shards(scores_dir, [int(s) for s in manifest["shards"]], len(query_ids), cfg.scoring.top_k)
     table = topk_table(ctx, query_ids, scores, doc_ids)
     num_documents = sum(rec["num_documents"] for rec in manifest["shards"].values())
+    scope = f"score/{cfg.solver.name}"
     ctx.tracker.log({
-        "score/num_documents": num_documents, "score/num_queries": len(query_ids),
-        "score/num_shards": len(manifest["shards"]), "score/seconds": time.perf_counter() - started,
+        f"{scope}/num_documents": num_documents, f"{scope}/num_queries": len(query_ids),
+        f"{scope}/num_shards": len(manifest["shards"]), f"{scope}/num_actors": cfg.ray.num_workers,
     })
+    ctx.tracker.count(sequences=num_documents)
     return table

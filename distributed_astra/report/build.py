@@ -22,23 +22,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file
 
 import distributed_astra
-from distributed_astra.artifacts import atomic_path, check_meta, open_tensors, read_meta
+from distributed_astra.artifacts import atomic_path, check_meta, open_tensors, read_directions, read_meta
 from distributed_astra.config import SOURCE_SOLVERS
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import FACTORS_FILE, load_factors_meta
-from distributed_astra.ihvp.monitor import heldout_summary
-from distributed_astra.data.sequences import iter_training_batches, load_queries
+from distributed_astra.data.sequences import QueryId, iter_training_batches, load_queries
 from distributed_astra.errors import DastraError
+from distributed_astra.ihvp.monitor import heldout_summary
 from distributed_astra.progress import progress_bar
 from distributed_astra.report import plots
 from distributed_astra.report.segments import Segment, best_window, token_segments
 from distributed_astra.scoring.tokens import document_token_scores
-from distributed_astra.tracking import relative_to_start
 from distributed_astra.source.stages import scoring_passes, weights
 from distributed_astra.source.trajectory import Trajectory
+from distributed_astra.tracking import relative_to_start
 
 if TYPE_CHECKING:
     from distributed_astra.pipeline import Context
@@ -50,9 +49,9 @@ MAX_ALPHA = 0.75
 
 @dataclass(frozen=True)
 class ShownDocument:
-    query_id: int
+    query_id: QueryId
     rank: int
-    doc_id: int
+    doc_id: int | str
     score: float
     text: str
 
@@ -67,7 +66,7 @@ def _read_topk(path: Path) -> pa.Table:
     return table
 
 
-def _shown_documents(topk: pa.Table, num_queries: int) -> tuple[list[int], list[ShownDocument]]:
+def _shown_documents(topk: pa.Table, num_queries: int) -> tuple[list[QueryId], list[ShownDocument]]:
     """The first `num_queries` queries of the top-k table (in its order) and their documents, best first."""
     shown = pc.unique(topk.column("query_id")).to_pylist()[:num_queries]
     rows = topk.filter(pc.is_in(topk.column("query_id"), value_set=pa.array(shown, topk.schema.field("query_id").type)))
@@ -77,7 +76,7 @@ def _shown_documents(topk: pa.Table, num_queries: int) -> tuple[list[int], list[
 
 
 def _load_directions(
-    ctx: Context, query_ids: list[int]
+    ctx: Context, query_ids: list[QueryId]
 ) -> tuple[Trajectory | None, list[tuple[int | None, dict[str, torch.Tensor]]]]:
     """The scoring solver's directions of `query_ids`, in that order, in the scoring compute dtype, as
     (trajectory checkpoint, directions) passes whose terms add up: one pass at the loaded model (None), or one
@@ -88,11 +87,10 @@ def _load_directions(
         ids, traj, passes = scoring_passes(ctx, compute)
         sets = [(p.checkpoint, p.directions) for p in passes]
     else:
-        check_meta(read_meta(solver_dir, "solved directions", "solve"), ctx.model_meta(), "solved directions", "solve")
-        tensors = load_file(str(solver_dir / "directions.safetensors"))
-        ids, traj = tensors.pop("query_ids"), None
+        ids, tensors = read_directions(solver_dir, ctx.model_meta())
+        traj = None
         sets = [(None, {name: x.to(compute) for name, x in tensors.items()})]
-    position = {q: i for i, q in enumerate(ids.tolist())}
+    position = {q: i for i, q in enumerate(ids)}
     absent = [q for q in query_ids if q not in position]
     if absent:
         raise DastraError(
@@ -103,7 +101,7 @@ def _load_directions(
     return traj, [(checkpoint, {name: x[index] for name, x in d.items()}) for checkpoint, d in sets]
 
 
-def attribute_tokens(ctx: Context, documents: list[ShownDocument], query_ids: list[int]) -> pa.Table:
+def attribute_tokens(ctx: Context, documents: list[ShownDocument], query_ids: list[QueryId]) -> pa.Table:
     """Second pass over the shown top-k documents only: the per-token terms of every (query, document) pair.
 
     The documents are written to a temporary Parquet file and cut into sequences by the same corpus reader that
@@ -113,14 +111,15 @@ def attribute_tokens(ctx: Context, documents: list[ShownDocument], query_ids: li
     """
     traj, passes = _load_directions(ctx, query_ids)
     query_index = {q: i for i, q in enumerate(query_ids)}
+    local_key = {doc_id: i for i, doc_id in enumerate(dict.fromkeys(d.doc_id for d in documents))}
     wanted: dict[int, list[int]] = {}
     texts: dict[int, str] = {}
     for doc in documents:
-        wanted.setdefault(doc.doc_id, []).append(query_index[doc.query_id])
-        texts[doc.doc_id] = doc.text
+        wanted.setdefault(local_key[doc.doc_id], []).append(query_index[doc.query_id])
+        texts[local_key[doc.doc_id]] = doc.text
     with tempfile.TemporaryDirectory(prefix="dastra-report-") as tmp:
         subset = Path(tmp) / "documents.parquet"
-        pq.write_table(pa.table({"doc_id": pa.array(list(texts), pa.int64()), "text": list(texts.values())}), subset)
+        pq.write_table(pa.table({"key": pa.array(list(texts), pa.int64()), "text": list(texts.values())}), subset)
         token_lists: dict[tuple[int, int], list[int]] = {}
         summed: dict[tuple[int, int], torch.Tensor] = {}
         with progress_bar("per-token attribution", len(texts) * len(passes), "docs") as advance:
@@ -128,10 +127,10 @@ def attribute_tokens(ctx: Context, documents: list[ShownDocument], query_ids: li
                 batches = iter_training_batches(
                     subset,
                     ctx.tokenizer,
-                    ctx.cfg.data.max_length,
+                    ctx.sequence_format,
                     ctx.cfg.scoring.batch_size,
                     text_column="text",
-                    id_column="doc_id",
+                    id_column="key",
                 )
                 seen: set[int] = set()
 
@@ -152,7 +151,7 @@ def attribute_tokens(ctx: Context, documents: list[ShownDocument], query_ids: li
                     summed[key] = summed[key] + entry.terms if key in summed else entry.terms
             token_ids, token_scores = [], []
             for doc in documents:
-                key = (query_index[doc.query_id], doc.doc_id)
+                key = (query_index[doc.query_id], local_key[doc.doc_id])
                 terms = summed[key]
                 if abs(float(terms.sum()) - doc.score) > SUM_TOLERANCE * float(terms.abs().sum()) + 1e-12:
                     raise DastraError(
@@ -164,9 +163,9 @@ def attribute_tokens(ctx: Context, documents: list[ShownDocument], query_ids: li
                 token_scores.append(terms.tolist())
     return pa.table(
         {
-            "query_id": pa.array([d.query_id for d in documents], pa.int64()),
+            "query_id": pa.array([d.query_id for d in documents]),
             "rank": pa.array([d.rank for d in documents], pa.int64()),
-            "doc_id": pa.array([d.doc_id for d in documents], pa.int64()),
+            "doc_id": pa.array([d.doc_id for d in documents]),
             "score": pa.array([d.score for d in documents], pa.float64()),
             "token_ids": pa.array(token_ids, pa.list_(pa.int64())),
             "token_scores": pa.array(token_scores, pa.list_(pa.float64())),
@@ -187,7 +186,8 @@ def _segment_view(segment: Segment, total: float, largest: float) -> dict[str, o
 
 
 def _document_view(
-    tokenizer, doc: ShownDocument, token_ids: list[int], terms: np.ndarray, max_tokens: int, fact_doc_id: int | None
+    tokenizer, doc: ShownDocument, token_ids: list[int], terms: np.ndarray, max_tokens: int,
+    fact_doc_id: int | str | None,
 ) -> dict[str, object]:
     """One top-k row: the `max_tokens` pieces with the most |term| mass, each with its colour, opacity and tooltip."""
     segments = token_segments(tokenizer, doc.text, token_ids, terms)
@@ -219,25 +219,26 @@ def _solver_runs(ctx: Context) -> list[dict[str, object]]:
         trace = heldout = None
         if trace_path.is_file():
             table = pq.read_table(trace_path, columns=["query_id", "repeat", "iteration", "objective", "residual", "status"])
+            trace = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
         held_summary: dict[str, object] = {}
         if (folder / "heldout.parquet").is_file():
             table = pq.read_table(folder / "heldout.parquet")
             held_summary = heldout_summary(table, meta.get("heldout"))
             heldout = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
-            trace = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
         runs.append(
             {
                 "name": folder.name,
                 "damping": float(meta.get("damping", float("nan"))),
                 "status": meta.get("status", {}),
                 "iterations": int(trace["iteration"].max()) + 1 if trace is not None and len(trace["iteration"]) else 0,
+                "trace": trace,
                 "heldout": heldout,
                 "heldout_summary": held_summary,
                 "settings": meta.get("solver", {}),
-                "trace": trace,
             }
         )
     return runs
+
 
 # ------------------------------------------------------------------------------------- convergence, methods
 STILL_FALLING = 0.01  # |median (h_K − h_prev)/|h_0|| above this over the last held-out interval: not levelled off
@@ -362,7 +363,6 @@ def _settings_rows(ctx: Context, runs: list[dict]) -> list[tuple[str, str]]:
     return rows
 
 
-
 def _spectra(ctx: Context) -> dict[str, dict[str, np.ndarray]]:
     """Λ and the eigenvalues of A and S per module, read one tensor at a time (the eigenvectors stay on disk)."""
     meta = load_factors_meta(ctx.paths.factors)
@@ -459,8 +459,8 @@ def build_report(ctx: Context) -> Path:
         )
 
     runs = _solver_runs(ctx)
-    convergence_plot, verdicts = _convergence_view(runs)
     figures, notes = _plots(ctx, topk, shown, runs)
+    convergence_plot, verdicts = _convergence_view(runs)
     summary = json.loads(ctx.paths.summary.read_text()) if ctx.paths.summary.is_file() else {}
     scoring_run = next((r for r in runs if r["name"] == ctx.cfg.solver.name), None)
     environment = jinja2.Environment(
