@@ -44,7 +44,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from distributed_astra import pipeline  # noqa: E402
+from distributed_astra import context, pipeline  # noqa: E402
 from distributed_astra.config import load_config  # noqa: E402
 from distributed_astra.curvature.covariance import product_dtype  # noqa: E402
 from distributed_astra.curvature.factors import load_factors  # noqa: E402
@@ -70,7 +70,7 @@ def log(message: str) -> None:
 def factors_reusable(ctx) -> bool:
     """The run directory already holds factors of this model and config (a rerun of the benchmark)."""
     try:
-        load_factors(ctx.paths.factors, pipeline.factor_meta(ctx))
+        load_factors(ctx.paths.factors, context.factor_meta(ctx))
     except DastraError:
         return False
     return True
@@ -176,7 +176,7 @@ def main() -> None:
     cfg = load_config(None, overrides)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    ctx = pipeline.open_context(cfg, "bench")
+    ctx = context.open_context(cfg, "bench")
     seconds["prepare"] = time.perf_counter() - t0
     try:
         for name, stage in (("fit", pipeline.fit), ("query", pipeline.query), ("solve", pipeline.solve)):
@@ -192,7 +192,7 @@ def main() -> None:
         log(f"exact streaming score: {seconds['exact_streaming_score']:.1f} s")
         dense = pq.read_table(ctx.paths.root / "scores" / "dense.parquet")
         doc_ids = dense.column("doc_id").to_numpy()
-        query_ids, tensors = pipeline.load_directions(ctx, "ekfac")
+        query_ids, tensors = context.load_directions(ctx, "ekfac")
         exact = np.stack([dense.column(f"q{q}").to_numpy() for q in query_ids], axis=1)  # [N, Q]
         exact_top = doc_ids[np.argsort(-exact, axis=0)[:TOP_K]]  # [k, Q]
 
@@ -229,7 +229,7 @@ def main() -> None:
 
         damping = float(json.loads((ctx.paths.ihvp("ekfac") / "meta.json").read_text())["damping"])
         d_eff, full = effective_dimension(ctx, damping)
-        _, query_grads = pipeline.load_query_gradients(ctx)
+        _, query_grads = context.load_query_gradients(ctx)
         t0 = time.perf_counter()
         curve_result = curve(ctx, query_grads, tensors, len(doc_ids))
         seconds["curve_pass"] = time.perf_counter() - t0

@@ -35,6 +35,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
+from distributed_astra import context as run_context  # noqa: E402
 from distributed_astra import pipeline  # noqa: E402
 from distributed_astra.config import load_config  # noqa: E402
 from distributed_astra.data.tokenizer import train_bpe_tokenizer  # noqa: E402
@@ -71,8 +72,8 @@ def overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def context(root: Path, run_dir: Path, *extra: str) -> pipeline.Context:
-    return pipeline.open_context(load_config(None, overrides(root, run_dir, *extra)), "bench")
+def context(root: Path, run_dir: Path, *extra: str) -> run_context.Context:
+    return run_context.open_context(load_config(None, overrides(root, run_dir, *extra)), "bench")
 
 
 def scoring_throughput(root: Path, base: Path, workers: int, repeat: int) -> float:

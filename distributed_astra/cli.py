@@ -1,4 +1,8 @@
-"""The `dastra` command: parse arguments, build the config, call a stage. Nothing else lives here."""
+"""The `dastra` command: parse arguments, build the config, call a stage. Nothing else lives here.
+
+The stages are imported inside the commands (`# deferred: torch`): `dastra --help`, `dastra config` and a bad
+option answer without loading torch, transformers or Ray.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from distributed_astra.config import Config, load_config
+from distributed_astra.config import Config, config_yaml, load_config
 from distributed_astra.errors import DastraError
+from distributed_astra.progress import console
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file-size limit
 NOT_WRITABLE = {  # errno -> what to say: a read-only disk, no permission, a path through a regular file
@@ -55,8 +60,6 @@ def _config(
 
 def _guarded(action: Callable[[], None]) -> None:
     """One line on bad input, exit code 2; Ctrl-C exits 130. Artifacts are written atomically, so nothing is torn."""
-    from distributed_astra.progress import console
-
     try:
         action()
     except DastraError as exc:
@@ -90,22 +93,20 @@ def _final_name(filename: object) -> str | None:
 def _stage(
     name: str, config: Path | None, overrides: list[str] | None, run_dir: str | None, solver: str | None = None
 ) -> None:
-    from distributed_astra import pipeline
+    from distributed_astra import context, pipeline  # deferred: torch
 
     def action() -> None:
         cfg = _config(config, overrides, run_dir, solver)
         if name in PLANNED_STAGES:
-            from distributed_astra.plan import check_fits
+            from distributed_astra.plan import check_fits  # deferred: torch
 
             check_fits(cfg)  # a config the planner says cannot fit is refused before any work (plan.check)
-        ctx = pipeline.open_context(cfg, name)
+        ctx = context.open_context(cfg, name)
         try:
             result = getattr(pipeline, name)(ctx)
             if name in ("score", "search"):
                 pipeline.print_topk(result, ctx.queries, ctx.cfg.scoring.top_k)
             if name == "report":
-                from distributed_astra.progress import console
-
                 console.print(f"report written to {result}", highlight=False)
         finally:
             ctx.tracker.close()
@@ -171,9 +172,7 @@ def report(
 
 
 def _run_and_report(cfg: Config, job: str) -> None:
-    from distributed_astra import pipeline
-    from distributed_astra.progress import console
-
+    from distributed_astra import pipeline  # deferred: torch
     result = pipeline.run(cfg, job)
     pipeline.print_topk(result.topk, result.queries, cfg.scoring.top_k)
     summary = result.summary
@@ -198,7 +197,7 @@ def run(
     """Run every stage: fit, query, solve, score; write summary.json and topk.parquet."""
 
     def action() -> None:
-        from distributed_astra.plan import check_fits
+        from distributed_astra.plan import check_fits  # deferred: torch
 
         cfg = _config(config, set_, run_dir, solver)
         check_fits(cfg)  # a config the planner says cannot fit is refused before any work (plan.check)
@@ -220,9 +219,9 @@ def plan(
     def action() -> None:
         from rich.console import Console
 
-        from distributed_astra.artifacts import atomic_path
-        from distributed_astra.plan import does_not_fit, make_plan
-        from distributed_astra.plan.render import plan_markdown, print_plan
+        from distributed_astra.artifacts import atomic_path  # deferred: torch
+        from distributed_astra.plan import does_not_fit, make_plan  # deferred: torch
+        from distributed_astra.plan.render import plan_markdown, print_plan  # deferred: torch
 
         result = make_plan(_config(config, set_, None), gpus, gpu_mem)
         print_plan(result, Console(width=200))
@@ -238,8 +237,6 @@ def plan(
 @app.command("config")
 def show_config(config: ConfigOption = None, set_: SetOption = None, run_dir: RunDirOption = None) -> None:
     """Print the resolved config: every key with its value, its description, and its default where it differs."""
-    from distributed_astra.config import config_yaml
-
     _guarded(lambda: print(config_yaml(_config(config, set_, run_dir))))
 
 
@@ -263,7 +260,7 @@ def eval_lds(
     set_: SetOption = None,
 ) -> None:
     """LDS of each method on one task (retraining as Ray tasks, cached); writes eval.results_dir/lds.md."""
-    from distributed_astra.eval.commands import lds_command
+    from distributed_astra.eval.commands import lds_command  # deferred: torch
 
     _guarded(lambda: lds_command(_config(config, set_, None), task, [m.strip() for m in methods.split(",") if m]))
 
@@ -278,7 +275,7 @@ def eval_facts(
     run_dir: RunDirOption = None,
 ) -> None:
     """Fact tracing on the demo: recall@1, recall@10 and MRR of the planted document per method."""
-    from distributed_astra.eval.commands import facts_command
+    from distributed_astra.eval.commands import facts_command  # deferred: torch
 
     def action() -> None:
         cfg = _config(config, set_, run_dir)

@@ -25,14 +25,14 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from distributed_astra import pipeline
+from distributed_astra import context, pipeline
 from distributed_astra.cli import app
 from distributed_astra.config import load_config
 from distributed_astra.curvature.factors import load_factors
 from distributed_astra.distributed import cluster, stages
 from distributed_astra.distributed.collectives import balance_by_cost, slice_bounds
 from distributed_astra.distributed.deepspeed_config import load_ds_config
-from distributed_astra.distributed.solve import solve_mode
+from distributed_astra.distributed import solve_mode
 from distributed_astra.errors import DastraError
 from tests.conftest import QUERIES, assert_same_eigendecomposition, corpus_rows, workspace_overrides, write_workspace
 
@@ -70,11 +70,11 @@ def _overrides(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
 DISTRIBUTED = ("ray.num_workers=2",)
 
 
-def _context(workspace: Path, run_dir: Path, *extra: str) -> pipeline.Context:
-    return pipeline.open_context(load_config(None, _overrides(workspace, run_dir, *extra)), "test")
+def _context(workspace: Path, run_dir: Path, *extra: str) -> context.Context:
+    return context.open_context(load_config(None, _overrides(workspace, run_dir, *extra)), "test")
 
 
-def _stages(ctx: pipeline.Context, *names: str):
+def _stages(ctx: context.Context, *names: str):
     try:
         return [getattr(pipeline, name)(ctx) for name in names]
     finally:
@@ -140,8 +140,13 @@ def test_deepspeed_json_that_contradicts_the_run_config_is_named(workspace: Path
     assert load_ds_config(cfg)["zero_optimization"]["stage"] == 0
     # the exact GGN product needs whole parameters
     with pytest.raises(DastraError, match=r"solver.product=fisher"):
-        solve_mode("auto", 3, "ggn")
-    assert solve_mode("auto", 0, "ggn") == "queries" and solve_mode("auto", 3, "fisher") == "data"
+        solve_mode(load_config(None, ["deepspeed.stage=3", "solver.product=ggn"]))
+    modes = {
+        (workers, stage, product): solve_mode(load_config(None, [
+            f"ray.num_workers={workers}", f"deepspeed.stage={stage}", f"solver.product={product}"]))
+        for workers, stage, product in ((1, 0, "ggn"), (2, 0, "ggn"), (2, 0, "fisher"), (2, 3, "fisher"))
+    }
+    assert list(modes.values()) == ["queries", "queries", "data", "data"]
 
 
 def test_work_assignment_helpers():
@@ -317,10 +322,10 @@ def test_two_scoring_workers_survive_a_killed_actor(ray_session, single: Path, w
 DRIVER = textwrap.dedent(
     """
     import sys, time
-    from distributed_astra import pipeline
+    from distributed_astra import context, pipeline
     from distributed_astra.config import load_config
     from distributed_astra.distributed import stages
-    ctx = pipeline.open_context(load_config(None, sys.argv[1:]), "test")
+    ctx = context.open_context(load_config(None, sys.argv[1:]), "test")
     stages.score(ctx, on_shard=lambda shard_id, pids: time.sleep(0.5))
     """
 )

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from distributed_astra.cli import app
 from distributed_astra.data.sequences import load_queries
-from distributed_astra.eval.facts import fact_recall
+from distributed_astra.eval.recall import fact_recall
 from tests.test_pipeline import _args, workspace  # noqa: F401  (module-scoped fixture: corpus, queries, model)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from distributed_astra import pipeline
+from distributed_astra import context
 from distributed_astra.config import load_config
 from wandb.proto import wandb_internal_pb2
 
@@ -118,7 +118,7 @@ def tiny_assets(tmp_path_factory) -> dict[str, Path]:
         "data.max_length=64", "model.tiny.vocab_size=512", "model.tiny.n_layer=1", "model.tiny.n_embd=32",
         "model.tiny.n_head=2", "model.tiny.train_steps=20", "model.tiny.train_batch_size=8",
     ])
-    ctx = pipeline.open_context(cfg, "prepare")
+    ctx = context.open_context(cfg, "prepare")
     ctx.tracker.close()
     queries = pq.read_table(root / "data" / "queries.parquet").slice(0, NUM_QUERIES)
     pq.write_table(queries, root / "queries.parquet")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from distributed_astra.ihvp.solvers import LIVE_VECTORS_PER_QUERY
 from distributed_astra.cli import app
 from distributed_astra.config import load_config
 from distributed_astra.errors import DastraError
@@ -71,7 +72,7 @@ def test_tiny_plan_sizes_match_closed_forms_and_the_largest_batch_fits_exactly()
     assert stages["eigenvalue correction"].resident == factor_bytes + 8 * plan.tracked_parameters
     assert plan.tracked_parameters == sum((t.in_features + 1) * t.out_features for t in tracked.values())
     assert stages["astra chunk"].resident == (
-        factor_bytes + 8 * plan.tracked_parameters * (1 + simulate.SOLVER_LIVE_VECTORS * cfg.solver.query_batch_size)
+        factor_bytes + 8 * plan.tracked_parameters * (1 + LIVE_VECTORS_PER_QUERY * cfg.solver.query_batch_size)
     )
     params = sum(p.numel() for p in model.parameters())
     assert plan.num_parameters == params and plan.zero_parameters[0] == 4 * params

@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from distributed_astra import pipeline
+from distributed_astra import context, pipeline
 from distributed_astra.cli import app
 from distributed_astra.config import load_config
 from distributed_astra.source import Trajectory, load_trajectory, save_trajectory
@@ -62,7 +62,7 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
     pq.write_table(pa.Table.from_pylist(rows[10:]), root / "corpus-1.parquet")
     pq.write_table(pa.Table.from_pylist(QUERIES), root / "queries.parquet")
     run_dir = root / "run"
-    ctx = pipeline.open_context(load_config(None, _overrides(root, run_dir)), "test")
+    ctx = context.open_context(load_config(None, _overrides(root, run_dir)), "test")
     pipeline.fit(ctx)
     pipeline.query(ctx)
     ctx.tracker.close()
@@ -72,7 +72,7 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
 def _dense(root: Path, run_dir: Path, *extra: str) -> tuple[dict, torch.Tensor]:
     """Solve and score with the given overrides; (solve meta, dense scores [N, Q] by doc id)."""
     cfg = load_config(None, _overrides(root, run_dir, *extra))
-    ctx = pipeline.open_context(cfg, "test")
+    ctx = context.open_context(cfg, "test")
     try:
         pipeline.solve(ctx)
         pipeline.score(ctx)

@@ -38,6 +38,9 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+STAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # factors.dtype: statistics, whatever the model
+
+
 def product_dtype(model: nn.Module, stat_dtype: torch.dtype) -> torch.dtype:
     """The dtype of one batch's products (ā āᵀ, Ds Dsᵀ, rotated gradients): float64 only when both the model and
     the statistics are float64, float32 otherwise (bf16/fp16 models included). Sums across batches always

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from distributed_astra.curvature.covariance import CovarianceStats, collect_covariances, model_device
+from distributed_astra.curvature.covariance import STAT_DTYPES, CovarianceStats, collect_covariances, model_device
 from distributed_astra.curvature.eigen import (
     KroneckerEigen,
     LambdaStats,
@@ -39,11 +39,9 @@ from distributed_astra.distributed.collectives import (
 )
 from distributed_astra.distributed.worker_group import RankState
 
-STAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 def training_batches(state: RankState, corpus: str, batch_size: int, max_sequences: int | None):
-    """The corpus's training batches in the single-process order (what `pipeline.Context.training_batches` gives)."""
+    """The corpus's training batches in the single-process order (what `context.Context.training_batches` gives)."""
     data = state.cfg.data
     return iter_training_batches(
         open_corpus(corpus, data.text_column, data.id_column, data.split), state.tokenizer,

@@ -28,10 +28,17 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from distributed_astra.artifacts import atomic_path, write_json
 from distributed_astra.config import Config
-from distributed_astra.data.corpus import CorpusShard, ShardPlan
+from distributed_astra.curvature.covariance import STAT_DTYPES, batch_to_device, product_dtype
+from distributed_astra.data.corpus import CorpusShard, ShardPlan, open_corpus
+from distributed_astra.data.sequences import SequenceFormat, iter_training_batches
 from distributed_astra.distributed.cluster import note, require_resources, wait_all, worker_env
 from distributed_astra.errors import DastraError
+from distributed_astra.models.load import load_causal_lm, load_tokenizer
+from distributed_astra.models.modules import select_tracked_modules
 from distributed_astra.progress import progress_bar
+from distributed_astra.scoring.gradients import captured_batches
+from distributed_astra.scoring.inner_products import sequence_scores
+from distributed_astra.scoring.topk import StreamingTopK
 
 MANIFEST = "manifest.json"
 IN_FLIGHT_PER_WORKER = 2  # one shard running, one queued: a worker never waits for the driver between shards
@@ -41,17 +48,13 @@ class ScoringWorker:
     """A Ray actor: the model (replicated, frozen), its tracked modules and the solved directions."""
 
     def __init__(self, cfg: Config, source: str, directions: dict[str, torch.Tensor]) -> None:
-        from distributed_astra.curvature.covariance import product_dtype
-        from distributed_astra.models.load import load_causal_lm, load_tokenizer
-        from distributed_astra.models.modules import select_tracked_modules
-
         torch.set_num_threads(cfg.ray.cpus_per_worker)
         self.cfg = cfg
         self.device = torch.device("cuda", 0) if cfg.ray.use_gpu else torch.device("cpu")
         self.model = load_causal_lm(source, None, cfg.model.dtype).to(self.device)
         self.tokenizer = load_tokenizer(source, None)
         self.tracked = select_tracked_modules(self.model, cfg.model.tracked_modules)
-        compute = product_dtype(self.model, torch.float64 if cfg.factors.dtype == "float64" else torch.float32)
+        compute = product_dtype(self.model, STAT_DTYPES[cfg.factors.dtype])
         self.directions = {n: x.to(device=self.device, dtype=compute) for n, x in directions.items()}
         self.compute = compute
 
@@ -60,13 +63,6 @@ class ScoringWorker:
 
     def score_shard(self, corpus: str, shard: CorpusShard) -> dict[str, Any]:
         """The top-k documents of one shard per query: scores [Q, k'] and document keys [Q, k'] (k' = min(k, docs))."""
-        from distributed_astra.curvature.covariance import batch_to_device
-        from distributed_astra.data.corpus import open_corpus
-        from distributed_astra.data.sequences import SequenceFormat, iter_training_batches
-        from distributed_astra.scoring.gradients import captured_batches
-        from distributed_astra.scoring.inner_products import sequence_scores
-        from distributed_astra.scoring.topk import StreamingTopK
-
         started = time.perf_counter()
         data = self.cfg.data
         batches = (

@@ -26,9 +26,8 @@ fixed batch from its sampler's pool with the held-out generator (seed + 1), outs
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import time
+from collections.abc import Mapping
 
 import psutil
 import torch
@@ -45,11 +44,7 @@ from distributed_astra.distributed.fit import training_batches
 from distributed_astra.distributed.worker_group import RankState
 from distributed_astra.errors import DastraError
 from distributed_astra.ihvp.products import Batch, CurvatureProduct, FisherProduct, GGNProduct, Vectors, label_generator
-from distributed_astra.ihvp.solvers import MinibatchSampler, ekfac_preconditioner, solve
-
-# Direction-sized tensors one query keeps alive in `ihvp.solve` (v, x, momentum, G̃x, (G̃+λ)x, gradient, its
-# preconditioned copy, the EK-FAC start and fallback), a bound used to size query pieces from free memory.
-VECTORS_PER_QUERY = 10
+from distributed_astra.ihvp.solvers import LIVE_VECTORS_PER_QUERY, MinibatchSampler, ekfac_preconditioner, solve
 
 
 class SlicedProduct(CurvatureProduct):
@@ -117,24 +112,11 @@ def fast_forward(sampler: MinibatchSampler, draws: int, label_samples: int, gene
 
 
 def memory_query_chunk(tracked: Mapping, dtype: torch.dtype, device: torch.device) -> int:
-    """Queries one rank can iterate at once: half its free memory over VECTORS_PER_QUERY direction-sized tensors."""
+    """Queries one rank can iterate at once: half its free memory over LIVE_VECTORS_PER_QUERY direction-sized tensors."""
     elements = sum(t.out_features * t.in_dim for t in tracked.values())
-    per_query = VECTORS_PER_QUERY * elements * torch.empty((), dtype=dtype).element_size()
+    per_query = LIVE_VECTORS_PER_QUERY * elements * torch.empty((), dtype=dtype).element_size()
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
     return max(1, int(0.5 * free) // per_query)
-
-
-def solve_mode(cfg_mode: str, stage: int, product: str) -> str:
-    """`ray.solve_mode` resolved: `auto` is `queries` on replicated models with the GGN product, `data` otherwise."""
-    if stage == 3 and (cfg_mode == "queries" or product == "ggn"):
-        raise DastraError(
-            "deepspeed.stage 3 partitions the parameters, which the exact GGN product (torch.func) and "
-            "ray.solve_mode=queries need whole: use solver.product=fisher with ray.solve_mode=data (or auto), "
-            "or deepspeed.stage=0"
-        )
-    if cfg_mode == "auto":
-        return "queries" if stage == 0 and product == "ggn" else "data"
-    return cfg_mode
 
 
 def rank_solve(
@@ -143,7 +125,7 @@ def rank_solve(
     """Solve every chunk's share of this rank; returns one record per piece solved here (only rank 0 in mode data)."""
     cfg = state.cfg.solver
     preconditioner = ekfac_preconditioner(factors, cfg, damping, state.cfg.factors.strategy)
-    generator = torch.Generator().manual_seed(cfg.seed)  # minibatch indices, as pipeline.curvature_minibatches
+    generator = torch.Generator().manual_seed(cfg.seed)  # minibatch indices, as context.curvature_minibatches
     label_samples = cfg.fisher_samples if cfg.product == "fisher" else 1
     labels = label_generator(state.model, cfg.seed) if cfg.product == "fisher" else None
     product: CurvatureProduct | None = None
@@ -159,7 +141,7 @@ def rank_solve(
             cfg.minibatch_size, generator,
         )
     heldout = None
-    if sampler is not None and cfg.heldout_every > 0:  # pipeline.heldout_batch, sliced in mode data
+    if sampler is not None and cfg.heldout_every > 0:  # context.heldout_batch, sliced in mode data
         size = max(cfg.heldout_batch_size, state.world_size) if mode == "data" else cfg.heldout_batch_size
         heldout = sampler.draw(size, torch.Generator().manual_seed(cfg.seed + 1))
     num_queries = next(iter(grads.values())).shape[0]

@@ -19,19 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from distributed_astra.artifacts import DIRECTIONS_FILE, atomic_path, read_directions, save_tensors, write_json
-from distributed_astra.config import SOURCE_SOLVERS, Config
-from distributed_astra.curvature.factors import EkfacFactors, load_factors, save_factors
-from distributed_astra.distributed import cluster
-from distributed_astra.distributed.deepspeed_config import load_ds_config
-from distributed_astra.distributed.fit import rank_fit
-from distributed_astra.distributed.score import merge_shards, score_shards
-from distributed_astra.distributed.solve import rank_solve, solve_mode
-from distributed_astra.distributed.worker_group import WorkerGroup
-from distributed_astra.errors import DastraError
-from distributed_astra.ihvp.ekfac import default_damping
-from distributed_astra.distributed.memory import rank_memory
-from distributed_astra.ihvp.monitor import heldout_table, trace_table
-from distributed_astra.pipeline import (
+from distributed_astra.context import (
     Context,
     directions_meta,
     factor_meta,
@@ -40,22 +28,20 @@ from distributed_astra.pipeline import (
     solver_logger,
     topk_table,
 )
+from distributed_astra.curvature.factors import EkfacFactors, load_factors, save_factors
+from distributed_astra.distributed import cluster
+from distributed_astra.distributed.fit import rank_fit
+from distributed_astra.distributed.memory import rank_memory
+from distributed_astra.distributed.score import merge_shards, score_shards
+from distributed_astra.distributed import solve_mode
+from distributed_astra.distributed.solve import rank_solve
+from distributed_astra.distributed.worker_group import WorkerGroup
+from distributed_astra.errors import DastraError
+from distributed_astra.ihvp.ekfac import default_damping, mean_eigenvalue
+from distributed_astra.ihvp.monitor import heldout_table, trace_table
 from distributed_astra.progress import console
 
 _session: dict[str, object] = {"owns_ray": False, "group": None, "key": None}
-
-
-def validate(cfg: Config) -> None:
-    """Checks that need no cluster (called when the context opens): the DeepSpeed JSON against the run config."""
-    load_ds_config(cfg)
-    source = [n for n in (cfg.solver.name, *cfg.solver.baselines) if n in SOURCE_SOLVERS]
-    if source:
-        raise DastraError(
-            f"solver '{source[0]}' runs single-process only: set ray.num_workers=1 (and ray.address=null, "
-            "deepspeed.stage=0), or pick another solver.name / solver.baselines"
-        )
-    if cfg.scoring.dense:
-        raise DastraError("scoring.dense: the dense N x Q matrix is written by single-process runs only; set it false")
 
 
 def model_source(ctx: Context) -> str:
@@ -125,7 +111,7 @@ def fit(ctx: Context) -> EkfacFactors:
         f"{factors.num_sequences} sequences, {seconds:.1f} s"
     )
     ctx.tracker.log({
-        "fit/num_sequences": factors.num_sequences, "fit/mean_lambda": default_damping(factors) / 0.1,
+        "fit/num_sequences": factors.num_sequences, "fit/mean_lambda": mean_eigenvalue(factors),
         "fit/num_ranks": group.cfg.ray.num_workers, "fit/num_batches": out["num_batches"],
     })
     ctx.tracker.count(tokens=2 * factors.num_tokens, sequences=2 * factors.num_sequences)  # both passes, all ranks
@@ -152,7 +138,7 @@ def solve(ctx: Context) -> float:
     damping = default_damping(factors) if cfg.damping == "auto" else float(cfg.damping)
     heldout_info = None
     group = group_for(ctx)
-    mode = solve_mode(ctx.cfg.ray.solve_mode, group.stage, cfg.product) if cfg.name != "ekfac" else "queries"
+    mode = solve_mode(ctx.cfg) if cfg.name != "ekfac" else "queries"
     started = time.perf_counter()
     per_rank = group.call(rank_solve, str(ctx.corpus), factors, grads, damping, mode, what=f"solve ({cfg.name})")
     pieces = sorted((p for records in per_rank for p in records), key=lambda p: p["start"])
@@ -213,7 +199,7 @@ def solve(ctx: Context) -> float:
 
 def _log_trace(ctx: Context, pieces: list[dict], trace: pa.Table, heldout: pa.Table | None) -> None:
     """The ranks' convergence traces into the tracker as single-process solves log them while they run
-    (pipeline.solver_logger): chunk after chunk on one continuous iteration axis, per iteration the aggregates over
+    (context.solver_logger): chunk after chunk on one continuous iteration axis, per iteration the aggregates over
     the chunk's running queries, the held-out evaluations at their iterations; then the tables and charts once."""
     logger = solver_logger(ctx)
     iterations = ctx.cfg.solver.iterations

@@ -35,10 +35,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import nn
 
 from distributed_astra.config import Config
+from distributed_astra.curvature.factors import model_fingerprint
 from distributed_astra.distributed.cluster import bundle, note, require_resources, wait_all, worker_env
 from distributed_astra.distributed.deepspeed_config import ds_config_path, effective_stage, load_ds_config
 from distributed_astra.errors import DastraError
-from distributed_astra.models.modules import TrackedModule
+from distributed_astra.models.load import load_causal_lm, load_tokenizer
+from distributed_astra.models.modules import TrackedModule, select_tracked_modules
 
 
 @dataclass
@@ -74,8 +76,6 @@ def _disable_shm_comm() -> None:
 def _meta_tracked(source: str, patterns: list[str]) -> dict[str, TrackedModule]:
     """Tracked modules chosen on a parameter-free (meta device) copy: names and [out, in+1] shapes only."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from distributed_astra.models.modules import select_tracked_modules
 
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), attn_implementation="eager")
@@ -142,9 +142,6 @@ class RankWorker:
         """Build the engine for `ds_config` (replacing any previous one); report sizes and the model fingerprint."""
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
-
-        from distributed_astra.curvature.factors import model_fingerprint
-        from distributed_astra.models.load import load_causal_lm, load_tokenizer
 
         self.state, self._engine, self._hf_ds_config = None, None, None
         stage = int(ds_config["zero_optimization"]["stage"])

@@ -4,33 +4,14 @@ from __future__ import annotations
 
 import time
 
-import pyarrow as pa
-
+from distributed_astra import pipeline
 from distributed_astra.config import Config
-from distributed_astra.data.sequences import Query, load_queries
+from distributed_astra.context import Context, factor_meta, open_context
 from distributed_astra.curvature.factors import load_factors
+from distributed_astra.data.sequences import load_queries
 from distributed_astra.errors import DastraError
-from distributed_astra.ihvp.ekfac import default_damping
-
-
-def fact_recall(topk: pa.Table, queries: list[Query]) -> dict[str, float]:
-    """recall@1, recall@10 and the mean reciprocal rank (0 when outside the top-k) over queries with a planted doc."""
-    planted = {q.query_id: q.fact_doc_id for q in queries if q.fact_doc_id is not None}
-    ranks: dict[int, int] = {}
-    for row in topk.select(["query_id", "rank", "doc_id"]).to_pylist():
-        if planted.get(row["query_id"]) == row["doc_id"]:
-            ranks[row["query_id"]] = row["rank"]
-    n = len(planted)
-    if n == 0:
-        return {"num_fact_queries": 0}
-    found = [ranks.get(q) for q in planted]
-    return {
-        "num_fact_queries": n,
-        "recall@1": sum(r == 1 for r in found) / n,
-        "recall@10": sum(r is not None and r <= 10 for r in found) / n,
-        "mrr": sum(1.0 / r for r in found if r is not None) / n,
-    }
-
+from distributed_astra.eval.recall import fact_recall
+from distributed_astra.ihvp.ekfac import mean_eigenvalue
 
 # Fact tracing per method through the pipeline's own stages: method -> (label, solver overrides).
 FACT_METHODS: dict[str, tuple[str, dict[str, object]]] = {
@@ -44,14 +25,14 @@ FACT_METHODS: dict[str, tuple[str, dict[str, object]]] = {
 ITERATIVE = ("sni", "astra")
 
 
-def _mean_lambda(ctx, pipeline) -> float:
+def _mean_lambda(ctx: Context) -> float:
     """mean(Λ) of the run directory's factors (fitted first when missing or stale)."""
     try:
-        factors = load_factors(ctx.paths.factors, pipeline.factor_meta(ctx))
+        factors = load_factors(ctx.paths.factors, factor_meta(ctx))
     except DastraError:
         factors = pipeline.fit(ctx)
         pipeline.query(ctx)
-    return default_damping(factors) / 0.1
+    return mean_eigenvalue(factors)
 
 
 def check_fact_methods(methods: list[str]) -> None:
@@ -64,24 +45,22 @@ def check_fact_methods(methods: list[str]) -> None:
 def trace_facts(cfg: Config, methods: list[str]) -> dict:
     """recall@1, recall@10 and MRR of the planted documents for each method, on `cfg`'s corpus and model.
 
-    One context (`pipeline.open_context`) serves every method: its factors and query gradients are fitted once
+    One context (`context.open_context`) serves every method: its factors and query gradients are fitted once
     (reused from the run directory when their metadata match), then each method solves and scores. With
     `solver.damping: auto`, EK-FAC keeps the solver's λ (0.1 × mean Λ) and the iterative solvers use the LDS
     evidence's λ = eval.damping_scale × mean(Λ) (docs/design.md, "Damping"). The recalls
     go to the context's tracker (metrics.jsonl of the run directory and W&B) as facts/<method>/<metric>.
     """
-    from distributed_astra import pipeline
-
     check_fact_methods(methods)
     rows = []
-    ctx = pipeline.open_context(cfg, "eval-facts")
+    ctx = open_context(cfg, "eval-facts")
     base = cfg.solver
     try:
         fitted = False
         for method in methods:
             label, overrides = FACT_METHODS[method]
             if method in ITERATIVE and base.damping == "auto":
-                overrides = {**overrides, "damping": cfg.eval.damping_scale * _mean_lambda(ctx, pipeline)}
+                overrides = {**overrides, "damping": cfg.eval.damping_scale * _mean_lambda(ctx)}
             solver = base.model_copy(update=overrides)
             ctx.cfg = ctx.cfg.model_copy(update={"solver": solver})
             start = time.perf_counter()

@@ -12,7 +12,8 @@ i.e. removing z_m is predicted to INCREASE the query's measurement f.
     sni      the SNI iHVP (`ihvp.solve`, name sni, x0 = ∇f)
     astra    the ASTRA iHVP (`ihvp.solve`, name astra, x0 = EK-FAC solution, EK-FAC-preconditioned; Eq 5)
 
-More methods (SOURCE, ...) join with `register_method(Method(...))`.
+More methods join with `register_method(Method(...))`: eval/source_methods.py adds SOURCE and ASTRA-SOURCE
+(imported by eval/lds.py, which reads the registry).
 
 TRAK's output function is the margin for classification (then ∇L_m = −(1 − p_m)∇margin_m exactly, which is TRAK's
 Q weighting), the regression output g (Φᵀ Φ is then the projected GGN), and the sequence loss for the language
@@ -35,7 +36,7 @@ from distributed_astra.curvature.hooks import GradientCapture
 from distributed_astra.errors import DastraError
 from distributed_astra.eval.mse import MSEGGNProduct, fit_ekfac_mse
 from distributed_astra.eval.tasks import State, Task, TrainedModel
-from distributed_astra.ihvp.ekfac import default_damping, ekfac_inverse
+from distributed_astra.ihvp.ekfac import ekfac_inverse, mean_eigenvalue
 from distributed_astra.ihvp.products import CurvatureProduct, GGNProduct, Vectors
 from distributed_astra.ihvp.solvers import MinibatchSampler, ekfac_preconditioner, solve
 from distributed_astra.models.lm import forward_logits
@@ -106,7 +107,7 @@ class ModelAttribution:
         """λ = scale × mean(Λ) (scale 0.1 = the solver's `auto`), or the task's exact λ (ridge)."""
         if self.task.exact_damping is not None:
             return float(self.task.exact_damping)
-        return scale * default_damping(self.factors) / 0.1
+        return scale * mean_eigenvalue(self.factors)
 
     def top_eigenvalue(self, operator: Callable[[Vectors], Vectors], iterations: int = 30) -> float:
         """The dominant eigenvalue of `operator` (a full-training-set curvature map) by power iteration."""
@@ -257,6 +258,3 @@ for _method in (
     Method("astra", "ASTRA-IF", astra_scores, uses_damping=True),
 ):
     register_method(_method)
-
-# SOURCE and ASTRA-SOURCE (seeds §6-7) register themselves; they build on the functions above.
-from distributed_astra.eval import source_methods  # noqa: E402,F401

@@ -121,7 +121,7 @@ def run_jobs(cache: RetrainCache, jobs: list[Job], ray_cfg: RayConfig, on_done: 
         return 0
     import ray
 
-    from distributed_astra.distributed.cluster import connect
+    from distributed_astra.distributed.cluster import connect  # deferred: Ray, for the LDS retraining only
 
     connect(ray_cfg)
     remote = ray.remote(num_cpus=1, max_retries=0)(train_and_measure)

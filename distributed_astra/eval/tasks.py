@@ -34,8 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed_astra.artifacts import atomic_path
+from distributed_astra.data.demo_corpus import build_demo_corpus
+from distributed_astra.data.sequences import collate_sequences, iter_document_sequences
+from distributed_astra.data.tokenizer import train_bpe_tokenizer
 from distributed_astra.errors import DastraError
 from distributed_astra.models.lm import IGNORE_INDEX, summed_token_loss
+from distributed_astra.models.load import prepare_for_attribution
+from distributed_astra.models.tiny import build_tiny_gpt2, train_tiny_gpt2
 
 Kind = Literal["classification", "regression", "language_model"]
 State = dict[str, torch.Tensor]
@@ -488,10 +493,6 @@ class TinyGPT2Task(Task):
         return self.data_dir / f"gpt2-{self.recipe_hash()}" / "sequences.pt"
 
     def prepare(self) -> None:
-        from distributed_astra.data.demo_corpus import build_demo_corpus
-        from distributed_astra.data.sequences import collate_sequences, iter_document_sequences
-        from distributed_astra.data.tokenizer import train_bpe_tokenizer
-
         if self._sequences_file.is_file():
             return
         s = self.spec
@@ -525,8 +526,6 @@ class TinyGPT2Task(Task):
                 "example": index}
 
     def build(self, seed: int):
-        from distributed_astra.models.tiny import build_tiny_gpt2
-
         s = self.spec
         return build_tiny_gpt2(self._data()["vocab_size"], s.n_layer, s.n_head, s.n_embd, s.max_length, seed)
 
@@ -538,8 +537,6 @@ class TinyGPT2Task(Task):
         return self.spec.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     def train(self, train_index: torch.Tensor, seed: int) -> TrainedModel:
-        from distributed_astra.models.tiny import train_tiny_gpt2
-
         s = self.spec
         model = self.build(seed)
         per_epoch = math.ceil(len(train_index) / s.batch_size)
@@ -569,8 +566,6 @@ class TinyGPT2Task(Task):
             return summed_token_loss(logits.float(), batch["labels"]).double()
 
     def attribution_model(self, state: State) -> nn.Module:
-        from distributed_astra.models.load import prepare_for_attribution
-
         model = self.build(0)
         model.load_state_dict(state)
         return prepare_for_attribution(model)

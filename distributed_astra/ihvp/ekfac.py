@@ -73,12 +73,17 @@ def ekfac_inverse(
     return ekfac_matrix_function(factors, grads, lambda eig: 1.0 / (eig + damping), strategy)
 
 
-def default_damping(factors: EkfacFactors, strategy: str = "ekfac") -> float:
-    """kronfluence's heuristic λ = 0.1 × mean of the eigenvalues over all tracked entries (seeds §3).
+DAMPING_SCALE = 0.1  # kronfluence's heuristic: λ = 0.1 × mean eigenvalue
 
-    The mean is over every (module, b, a) entry together, i.e. weighted by module size, of Λ for "ekfac" (of the
-    KFAC eigenvalues for "kfac"). Λ has the per-sequence scale of G, so λ does too.
-    """
+
+def default_damping(factors: EkfacFactors, strategy: str = "ekfac") -> float:
+    """kronfluence's heuristic λ = DAMPING_SCALE × `mean_eigenvalue` (seeds §3)."""
+    return DAMPING_SCALE * mean_eigenvalue(factors, strategy)
+
+
+def mean_eigenvalue(factors: EkfacFactors, strategy: str = "ekfac") -> float:
+    """The mean of the eigenvalues over all tracked entries: every (module, b, a) entry together, i.e. weighted by
+    module size, of Λ for "ekfac" (of the KFAC eigenvalues for "kfac"). Λ has the per-sequence scale of G."""
     _check_strategy(strategy)
     total, count = 0.0, 0
     for name in factors.names:
@@ -87,4 +92,4 @@ def default_damping(factors: EkfacFactors, strategy: str = "ekfac") -> float:
         count += eig.numel()
     if count == 0 or not total > 0.0:
         raise DastraError("cannot derive a damping from all-zero curvature: set solver.damping to a number")
-    return 0.1 * total / count
+    return total / count

@@ -92,6 +92,12 @@ from distributed_astra.models.lm import IGNORE_INDEX
 Preconditioner = Callable[[Vectors], Vectors]
 SOLVERS = ("ekfac", "sni", "lissa", "astra")
 
+# Live [Q, D] vectors of the iterative solver at its fullest (`solve` and `_iterate`): v, the EK-FAC solution
+# (initial iterate and fallback), the running total, x, x_k, v_k, G̃x, (G̃ + λI)x, the gradient, its preconditioned
+# image, and the old and new momentum buffers. The distributed solve sizes its query pieces by it, the planner its
+# memory column.
+LIVE_VECTORS_PER_QUERY = 12
+
 
 # ============================================================================================ settings
 def step_size(cfg: SolverConfig, damping: float, mu_max: float | None = None) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,19 +21,17 @@ import torch
 
 from distributed_astra.artifacts import atomic_path, check_meta, read_directions, read_meta, write_json
 from distributed_astra.config import SOURCE_SOLVERS
+from distributed_astra.context import Context, warn_skipped_rows
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.data.corpus import Corpus
-from distributed_astra.data.sequences import QueryId, iter_document_batches, load_queries
+from distributed_astra.data.sequences import iter_document_batches, load_queries
 from distributed_astra.errors import DastraError
 from distributed_astra.index.faiss_index import INDEX_FORMATS, build_index, load_index, save_index, search_index
 from distributed_astra.index.store import GradientStore, StoreWriter, open_store, store_bytes, write_store
-from distributed_astra.progress import console, progress_bar
+from distributed_astra.progress import progress_bar
 from distributed_astra.scoring.gradients import captured_batches
 from distributed_astra.scoring.inner_products import sequence_scores
 from distributed_astra.scoring.projection import KroneckerProjection
-
-if TYPE_CHECKING:
-    from distributed_astra.pipeline import Context
 
 
 def store_dir(ctx: Context) -> Path:
@@ -86,8 +84,6 @@ def index(ctx: Context) -> dict[str, Any]:
     store_seconds = time.perf_counter() - start
     skipped = meta["skipped_rows"]
     if skipped["empty"] or skipped["non_utf8"]:
-        from distributed_astra.pipeline import warn_skipped_rows
-
         warn_skipped_rows(ctx.corpus, skipped["empty"], skipped["non_utf8"])  # the line of every corpus pass
     store = open_store(store_dir(ctx), expected_meta(ctx, projection))
     start = time.perf_counter()
@@ -109,24 +105,15 @@ def index(ctx: Context) -> dict[str, Any]:
     return {**info, "store_seconds": store_seconds, "index_seconds": index_seconds}
 
 
-def _ensure_directions(ctx: Context) -> tuple[list[QueryId], dict[str, torch.Tensor]]:
-    """The solved directions of `data.queries`: reused when ihvp/<solver>/ holds exactly these queries, else the
-    query and solve stages run first (so `dastra search --queries FILE` works on new queries)."""
-    from distributed_astra import pipeline
-
+def directions_fresh(ctx: Context) -> bool:
+    """Whether ihvp/<solver>/ holds the solved directions of exactly `data.queries` (else `dastra search` computes
+    and solves them first, so it works on new queries)."""
     wanted = [q.query_id for q in load_queries(ctx.queries)]
     solver_dir = ctx.paths.ihvp(ctx.cfg.solver.name)
-    fresh = False
-    queries_meta = ctx.paths.queries / "meta.json"
-    if (solver_dir / "meta.json").is_file() and queries_meta.is_file():
-        recorded = read_meta(ctx.paths.queries, "query gradients", "query").get("queries")
-        ids = read_meta(solver_dir, "solved directions", "solve").get("query_ids")
-        fresh = recorded == str(ctx.queries) and ids == wanted
-    if not fresh:
-        console.print(f"computing and solving the query gradients of {ctx.queries} ({ctx.cfg.solver.name})")
-        pipeline.query(ctx)
-        pipeline.solve(ctx)
-    return read_directions(solver_dir, ctx.model_meta())
+    if not ((solver_dir / "meta.json").is_file() and (ctx.paths.queries / "meta.json").is_file()):
+        return False
+    recorded = read_meta(ctx.paths.queries, "query gradients", "query").get("queries")
+    return recorded == str(ctx.queries) and read_meta(solver_dir, "solved directions", "solve").get("query_ids") == wanted
 
 
 def exact_document_scores(
@@ -146,21 +133,28 @@ def exact_document_scores(
     return totals
 
 
-def search(ctx: Context) -> pa.Table:
-    """Top-k documents per query from the index: a shortlist of top_k·r, re-scored exactly when index.rescore."""
+def open_searchable(ctx: Context) -> GradientStore:
+    """The store `dastra search` reads, with its index checked against this run (before any query is solved)."""
     if ctx.cfg.solver.name in SOURCE_SOLVERS:
         raise DastraError(
             f"solver.name={ctx.cfg.solver.name}: the index ranks one direction per query at the final weights, SOURCE "
             f"needs one per checkpoint; use `dastra score --method {ctx.cfg.solver.name}` or search with ekfac | astra"
         )
-    projection = run_projection(ctx)
-    expected = expected_meta(ctx, projection)
+    expected = expected_meta(ctx, run_projection(ctx))
     store = open_store(store_dir(ctx), expected)
     index_meta = read_meta(index_dir(ctx), "faiss index", "index")
     kind = index_meta.get("kind")  # an index of an older layout of its kind (one without index_format) is refused
     layout = {"index_format": INDEX_FORMATS[kind]} if kind in INDEX_FORMATS and kind != "flat" else {}
     check_meta(index_meta, {**expected, "shard_plan": store.meta["shard_plan"], **layout}, "faiss index", "index")
-    query_ids, directions = _ensure_directions(ctx)
+    return store
+
+
+def search(ctx: Context, store: GradientStore) -> pa.Table:
+    """Top-k documents per query from the index: a shortlist of top_k·r, re-scored exactly when index.rescore.
+    `store` is `open_searchable`'s; the directions of `data.queries` are solved (pipeline.search)."""
+    projection = run_projection(ctx)
+    expected = expected_meta(ctx, projection)
+    query_ids, directions = read_directions(ctx.paths.ihvp(ctx.cfg.solver.name), ctx.model_meta())
     cfg, k = ctx.cfg.index, ctx.cfg.scoring.top_k
     queries = projection.project_matrices({name: x.float() for name, x in directions.items()}).numpy()
     faiss_index = load_index(index_dir(ctx), cfg)

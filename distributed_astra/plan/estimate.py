@@ -19,15 +19,19 @@ import math
 import os
 import re
 from collections.abc import Callable
-from functools import cache
 from dataclasses import dataclass, field
+from functools import cache
 
 import pyarrow.parquet as pq
 import torch
 
 from distributed_astra.config import Config
+from distributed_astra.curvature.covariance import STAT_DTYPES
+from distributed_astra.distributed import solve_mode
+from distributed_astra.distributed.deepspeed_config import effective_stage
 from distributed_astra.errors import DastraError
 from distributed_astra.ihvp.products import DEFAULT_TANGENT_ELEMENTS
+from distributed_astra.ihvp.solvers import LIVE_VECTORS_PER_QUERY
 from distributed_astra.models.load import DTYPES
 from distributed_astra.models.modules import TrackedModule
 from distributed_astra.plan import shapes, simulate
@@ -35,7 +39,6 @@ from distributed_astra.plan.simulate import StepCost, measure, meta_batch
 from distributed_astra.scoring.projection import module_dims
 
 GIB = 1 << 30
-STAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ZERO3_PREFETCH_ELEMENTS = 50_000_000  # stage3_prefetch_bucket_size of configs/ds/zero3.json (DeepSpeed's default)
 EIGH_FLOPS_PER_CUBE = 9  # eigh with eigenvectors: about 9 n³ (tridiagonal reduction plus back-transformation)
 
@@ -173,16 +176,6 @@ def _largest_fitting(memory_at: Callable[[int], int], configured: int, budget: i
     return lo
 
 
-def _solve_mode(cfg: Config, stage: int) -> str:
-    """How the solve is split over GPUs: `queries` (replicated model, queries split) or `data` (minibatch split),
-    resolved as `distributed.solve.solve_mode` does; one process is `queries` on one GPU."""
-    if cfg.ray.num_workers == 1 and not cfg.ray.address and stage == 0:
-        return "queries"
-    if cfg.ray.solve_mode == "auto":
-        return "queries" if stage == 0 and cfg.solver.product == "ggn" else "data"
-    return cfg.ray.solve_mode
-
-
 def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = None, search: bool = True) -> Plan:
     """The plan of `cfg` on `gpus` GPUs of `gpu_memory` each (defaults: `plan.gpus` or `ray.num_workers`, and
     `plan.gpu_memory` or this machine's GPU/RAM). `search`: also find the largest micro-batch and query chunk."""
@@ -205,9 +198,9 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
     compute = torch.float64 if stat == torch.float64 and DTYPES[cfg.model.dtype] == torch.float64 else torch.float32
     seq_len = cfg.data.max_length
     zero = _zero_parameters(num_params, shapes.largest_leaf_parameters(model), gpus, model_bytes)
-    stage = 0 if cfg.deepspeed.stage in (1, 2) else cfg.deepspeed.stage
+    stage = effective_stage(cfg.deepspeed.stage)
     params = zero[stage]
-    mode = _solve_mode(cfg, stage)
+    mode = "data" if stage == 3 else solve_mode(cfg)  # the run refuses ZeRO-3 + GGN when it solves; plan it anyway
     solve_params = zero[0] if mode == "queries" else params
 
     documents, documents_source = pc.documents, "plan.documents"
@@ -299,9 +292,9 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
         ranks_busy = gpus if mode == "data" else min(gpus, math.ceil(chunk_q / rank_queries))
         astra_flops = float(per_iteration) * ranks_busy * cfg.solver.iterations * math.ceil(num_queries / chunk_q)
         ast = astra_at(rank_queries)
-        vectors = simulate.SOLVER_LIVE_VECTORS * rank_queries * lambda_bytes
+        vectors = LIVE_VECTORS_PER_QUERY * rank_queries * lambda_bytes
         add(f"{cfg.solver.name} chunk ({mode})", solve_params, factor_bytes + lambda_bytes + vectors,
-            f"eigenbases, Λ, {simulate.SOLVER_LIVE_VECTORS} [Q, D] vectors", ast.peak_bytes, astra_flops,
+            f"eigenbases, Λ, {LIVE_VECTORS_PER_QUERY} [Q, D] vectors", ast.peak_bytes, astra_flops,
             f"{rank_queries} queries, minibatch {rank_minibatch} {tokens} per GPU, {cfg.solver.product} product, "
             f"{cfg.solver.iterations} it")
     scr = score_at(sb)
@@ -344,19 +337,6 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
         plan.max_query_chunk = per_gpu * gpus if mode == "queries" else per_gpu
     plan.max_scored_queries = _largest_fitting(lambda q: score_at(sb, q).peak_bytes, num_queries, free)
     return plan
-
-
-def check_fits(cfg: Config) -> Plan | None:
-    """Refuse, before any work, a config whose stages the planner says do not fit (`plan.check`); prints the table."""
-    if not cfg.plan.check:
-        return None
-    plan = make_plan(cfg, search=False)
-    if plan.fits:
-        return plan
-    from distributed_astra.plan.render import print_plan
-
-    print_plan(plan)
-    raise does_not_fit(plan, "or set plan.check: false")
 
 
 def does_not_fit(plan: Plan, also: str = "") -> DastraError:

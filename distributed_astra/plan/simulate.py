@@ -24,9 +24,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from distributed_astra.ihvp.products import GGNProduct, _loss_weights, softmax_ce_hessian
+from distributed_astra.ihvp.products import GGNProduct, _loss_weights, softmax_ce_hessian, weighted_gradient_sum
+from distributed_astra.ihvp.solvers import LIVE_VECTORS_PER_QUERY
 from distributed_astra.models.lm import forward_logits, summed_token_loss
 from distributed_astra.models.modules import TrackedModule
+from distributed_astra.scoring.inner_products import sequence_scores
 
 META = torch.device("meta")
 
@@ -204,10 +206,6 @@ def query_step(
     del concatenated
 
 
-# Live [Q, D] vectors of the iterative solver at its fullest (`ihvp.solvers.solve` and `_iterate`): v, the EK-FAC
-# solution (initial iterate and fallback), the running total, x, x_k, v_k, G̃x, (G̃ + λI)x, the gradient, its
-# preconditioned image, and the old and new momentum buffers.
-SOLVER_LIVE_VECTORS = 12
 
 
 def astra_step(
@@ -222,7 +220,7 @@ def astra_step(
     ] + [torch.zeros(*t.shape, dtype=stat_dtype, device=META) for t in tracked.values()]
     vectors = [
         torch.zeros(num_queries, *t.shape, dtype=stat_dtype, device=META)
-        for _ in range(SOLVER_LIVE_VECTORS) for t in tracked.values()
+        for _ in range(LIVE_VECTORS_PER_QUERY) for t in tracked.values()
     ]
     ggn = GGNProduct(model, tracked, max_tangent_elements=max_tangent_elements)
     names = list(tracked)
@@ -263,16 +261,13 @@ def fisher_step(
     """One iteration with the hook-only Fisher product (`ihvp.products.FisherProduct.product_sum`, one label
     sample): the solver's vectors and factors, a forward/backward with capture, the per-sequence coefficients and
     the weighted gradient sums."""
-    from distributed_astra.ihvp.products import weighted_gradient_sum
-    from distributed_astra.scoring.inner_products import sequence_scores
-
     factors = [
         torch.zeros(d, d, dtype=stat_dtype, device=META) for t in tracked.values() for d in (t.in_dim, t.out_features)
     ] + [torch.zeros(*t.shape, dtype=stat_dtype, device=META) for t in tracked.values()]
     vectors = {
         n: torch.zeros(num_queries, *t.shape, dtype=stat_dtype, device=META) for n, t in tracked.items()
     }
-    others = [torch.zeros_like(v) for _ in range(SOLVER_LIVE_VECTORS - 1) for v in vectors.values()]
+    others = [torch.zeros_like(v) for _ in range(LIVE_VECTORS_PER_QUERY - 1) for v in vectors.values()]
     v = {n: t.to(compute) for n, t in vectors.items()}
     total = {n: torch.zeros_like(t) for n, t in v.items()}
     inputs, grads = _forward_backward(model, tracked, batch, sample=True)
@@ -298,8 +293,6 @@ def score_step(
 ) -> None:
     """Scoring, one batch (`pipeline.score`: `captured_batches` + `scoring.inner_products.sequence_scores`), with
     the solved directions of every query."""
-    from distributed_astra.scoring.inner_products import sequence_scores
-
     directions = {n: torch.zeros(num_queries, *t.shape, dtype=compute, device=META) for n, t in tracked.items()}
     inputs, grads = _forward_backward(model, tracked, batch, sample=False)
     mask = batch["attention_mask"]

@@ -14,7 +14,6 @@ import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jinja2
 import numpy as np
@@ -24,8 +23,9 @@ import pyarrow.parquet as pq
 import torch
 
 import distributed_astra
-from distributed_astra.artifacts import atomic_path, check_meta, open_tensors, read_directions, read_meta
+from distributed_astra.artifacts import atomic_path, check_meta, open_tensors, read_directions
 from distributed_astra.config import SOURCE_SOLVERS
+from distributed_astra.context import Context
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import FACTORS_FILE, load_factors_meta
 from distributed_astra.data.sequences import QueryId, iter_training_batches, load_queries
@@ -38,9 +38,6 @@ from distributed_astra.scoring.tokens import document_token_scores
 from distributed_astra.source.stages import scoring_passes, weights
 from distributed_astra.source.trajectory import Trajectory
 from distributed_astra.tracking import relative_to_start
-
-if TYPE_CHECKING:
-    from distributed_astra.pipeline import Context
 
 TEMPLATE = "template.html.j2"
 SUM_TOLERANCE = 1e-3  # |Σ terms − score| / Σ|terms|: far above float32 round-off, far below a mismatched artifact

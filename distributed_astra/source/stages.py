@@ -18,7 +18,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,6 +25,14 @@ import torch
 from torch import nn
 
 from distributed_astra.artifacts import atomic_path, check_meta, load_tensors, read_meta, save_tensors, write_json
+from distributed_astra.context import (
+    Context,
+    curvature_minibatches,
+    directions_meta,
+    factor_meta,
+    load_query_gradients,
+    solver_logger,
+)
 from distributed_astra.curvature.factors import EkfacFactors, load_factors, save_factors
 from distributed_astra.data.sequences import QueryId
 from distributed_astra.errors import DastraError
@@ -38,9 +45,6 @@ from distributed_astra.source.averaging import average_states, fit_segment_ekfac
 from distributed_astra.source.directions import astra_segment_direction, propagated_queries, source_directions
 from distributed_astra.source.segments import Segment, if_damping, segment_trajectory
 from distributed_astra.source.trajectory import TRAJECTORY_FILE, Trajectory, load_trajectory
-
-if TYPE_CHECKING:
-    from distributed_astra.pipeline import Context
 
 
 @contextmanager
@@ -74,8 +78,6 @@ def trajectory_folder(ctx: Context) -> Path:
 
 
 def _segment_meta(ctx: Context, folder: Path, traj: Trajectory, seg: Segment) -> dict[str, object]:
-    from distributed_astra.pipeline import factor_meta
-
     return {
         **factor_meta(ctx),
         "trajectory": str(folder.resolve()),
@@ -124,8 +126,6 @@ def _astra_directions(
 ) -> tuple[list[Vectors], list[SolveResult]]:
     """ASTRA-SOURCE (seeds §7): per segment, w_ℓ = (Ḡ_ℓ + λ_ℓI)⁻¹u_ℓ by ASTRA with G̃ at θ̄_ℓ (option 3), query chunks
     of `solver.query_batch_size`, the other solver.* settings as for `--solver astra`."""
-    from distributed_astra.pipeline import curvature_minibatches, solver_logger
-
     cfg = ctx.cfg.solver.model_copy(update={"name": "astra"})
     strategy = ctx.cfg.factors.strategy
     starts = range(0, len(ids), cfg.query_batch_size)
@@ -157,8 +157,6 @@ def _astra_directions(
 def solve(ctx: Context) -> float:
     """SOURCE or ASTRA-SOURCE directions per segment (module docstring); returns the IF-comparable damping
     Σ_ℓ K_ℓλ_ℓ / Σ_ℓ K_ℓ (seeds §10.2)."""
-    from distributed_astra.pipeline import directions_meta, load_query_gradients
-
     name, src = ctx.cfg.solver.name, ctx.cfg.source
     folder = trajectory_folder(ctx)
     traj = load_trajectory(folder)

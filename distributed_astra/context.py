@@ -1,0 +1,449 @@
+"""The run context every stage reads: the config, the run directory, the model, tokenizer and tracked modules, the
+tracker, and the artifacts stages share (their metadata, the query gradients, the solved directions, the top-k).
+
+It sits below every stage module (pipeline.py, distributed/stages.py, source/stages.py, index/stages.py,
+report/build.py) and imports none of them.
+
+Run directory layout (docs/design.md, "Artifacts"):
+    data/corpus.parquet, data/queries.parquet   the demo corpus (data.corpus / data.queries = demo)
+    model/                                      the demo's tokenizer and tiny GPT-2 (model.source = tiny)
+    config.yaml                                 the resolved config of the last command (`--config` reads it back)
+    factors/                                    EK-FAC factors (safetensors) + meta.json
+    queries/                                    query gradients + meta.json (query ids as given)
+    trajectory/                                 the tiny GPT-2's training trajectory (SOURCE, source/trajectory.py)
+    source/segment_<ℓ>/                         SOURCE's segment-averaged EK-FAC factors (source/stages.py)
+    ihvp/<solver>/                              solved directions (G + λI)⁻¹∇f + meta.json (+ trace.parquet);
+                                                source | astra-source: directions_segment<ℓ>.safetensors
+    topk.parquet, scores/                       solver.name's top-k (scores/: shard manifest, dense scores)
+    baselines/<solver>/                         the same for each solver.baselines entry
+    summary.json, report.html, metrics.jsonl, wandb/
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import transformers
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+import distributed_astra
+from distributed_astra.artifacts import (
+    atomic_path,
+    check_meta,
+    differing_field,
+    ensure_writable_dir,
+    load_tensors,
+    read_directions,
+    read_meta,
+)
+from distributed_astra.config import Config, config_yaml
+from distributed_astra.curvature.covariance import STAT_DTYPES
+from distributed_astra.curvature.factors import model_fingerprint
+from distributed_astra.data.corpus import Corpus, CorpusStats, corpus_files, open_corpus
+from distributed_astra.data.demo_corpus import build_demo_corpus
+from distributed_astra.data.sequences import (
+    QueryId,
+    SequenceFormat,
+    encode_query,
+    iter_training_batches,
+    load_queries,
+    shuffled_epochs,
+)
+from distributed_astra.data.tokenizer import train_bpe_tokenizer
+from distributed_astra.distributed import is_distributed, validate_distributed
+from distributed_astra.errors import DastraError
+from distributed_astra.ihvp.products import FisherProduct, GGNProduct, label_generator
+from distributed_astra.ihvp.solvers import MinibatchSampler
+from distributed_astra.models.load import check_context_length, context_length, load_causal_lm, load_tokenizer
+from distributed_astra.models.modules import TrackedModule, select_tracked_modules
+from distributed_astra.models.tiny import build_tiny_gpt2, tiny_optimizer_settings, train_tiny_gpt2
+from distributed_astra.progress import console, progress_bar
+from distributed_astra.source.trajectory import TrajectoryRecorder, save_trajectory
+from distributed_astra.tracking import SolveLogger, Tracker, train_logger
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run's artifacts live. `baseline` names a `solver.baselines` entry: its scores and top-k go under
+    baselines/<name>/ so the primary solver's topk.parquet (the one the report shows) is never overwritten."""
+
+    root: Path
+    baseline: str | None = None
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def factors(self) -> Path:
+        return self.root / "factors"
+
+    @property
+    def queries(self) -> Path:
+        return self.root / "queries"
+
+    @property
+    def trajectory(self) -> Path:
+        return self.root / "trajectory"
+
+    def source_factors(self, segment: int) -> Path:
+        return self.root / "source" / f"segment_{segment}"
+
+    def ihvp(self, solver: str) -> Path:
+        return self.root / "ihvp" / solver
+
+    @property
+    def results(self) -> Path:
+        return self.root if self.baseline is None else self.root / "baselines" / self.baseline
+
+    @property
+    def scores(self) -> Path:
+        return self.results / "scores"
+
+    @property
+    def topk(self) -> Path:
+        return self.results / "topk.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+
+@dataclass
+class Context:
+    """What every stage needs: the config, where things live, the model and its tracked modules."""
+
+    cfg: Config
+    paths: RunPaths
+    corpus: Path
+    queries: Path
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    tracked: dict[str, TrackedModule]
+    fingerprint: str
+    tracker: Tracker
+    memo: dict[str, object] = field(default_factory=dict)  # per command: the corpus fingerprint, notes printed
+
+    @property
+    def stat_dtype(self) -> torch.dtype:
+        return STAT_DTYPES[self.cfg.factors.dtype]
+
+    @property
+    def sequence_format(self) -> SequenceFormat:
+        return SequenceFormat.from_data(self.cfg.data)
+
+    def open_corpus(self) -> Corpus:
+        """`data.corpus` with its columns and split (data/corpus.py)."""
+        return open_corpus(self.corpus, self.cfg.data.text_column, self.cfg.data.id_column, self.cfg.data.split)
+
+    def training_batches(self, batch_size: int, max_sequences: int | None = None):
+        """One pass over the corpus's sequences; the first pass of a command that skips rows (empty, not UTF-8) says
+        how many, once."""
+        stats = CorpusStats()
+        batches = iter_training_batches(
+            self.open_corpus(),
+            self.tokenizer,
+            self.sequence_format,
+            batch_size,
+            max_sequences=max_sequences,
+            text_column=self.cfg.data.text_column,
+            id_column=self.cfg.data.id_column,
+            stats=stats,
+        )
+        yield from batches
+        if stats.skipped and not self.memo.get("skipped_reported"):
+            self.memo["skipped_reported"] = True
+            warn_skipped_rows(self.corpus, stats.skipped_empty, stats.skipped_non_utf8)
+
+    def versions(self) -> dict[str, str]:
+        return {
+            "distributed_astra": distributed_astra.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        }
+
+    def model_meta(self) -> dict[str, object]:
+        return {"fingerprint": self.fingerprint, "tracked_modules": list(self.tracked)}
+
+    @property
+    def distributed(self) -> bool:
+        """fit, solve and score run on Ray workers under DeepSpeed (docs/distributed.md)."""
+        return is_distributed(self.cfg)
+
+
+def _prepare_demo_data(cfg: Config, paths: RunPaths) -> tuple[Path, Path]:
+    demo_corpus, demo_queries = paths.data / "corpus.parquet", paths.data / "queries.parquet"
+    if (cfg.data.corpus == "demo" or cfg.data.queries == "demo") and not (
+        demo_corpus.is_file() and demo_queries.is_file()
+    ):
+        console.print(f"building the demo corpus in {paths.data}")
+        build_demo_corpus(paths.data, cfg.data.num_stdlib_docs, cfg.data.num_facts, cfg.data.seed)
+    corpus = demo_corpus if cfg.data.corpus == "demo" else Path(cfg.data.corpus)
+    queries = demo_queries if cfg.data.queries == "demo" else Path(cfg.data.queries)
+    corpus_files(corpus, cfg.data.split)  # a file, a glob or a dataset folder (data/corpus.py); raises naming it
+    if not queries.is_file():
+        raise DastraError(f"data.queries: file '{queries}' not found; point data.queries at a Parquet file or use 'demo'")
+    return corpus, queries
+
+
+def _train_tiny_model(cfg: Config, paths: RunPaths, corpus: Path, tracker: Tracker | None = None) -> None:
+    """Tokenizer and tiny GPT-2 into `model/`, and the training trajectory (`source.checkpoints` checkpoints evenly
+    spaced over the steps, the last one the final model) into `trajectory/` for SOURCE (seeds §6.3). `tracker` gets
+    the training under train/* against train/step (loss, lr, grad norm, tokens/s; tracking.train_logger)."""
+    tiny = cfg.model.tiny
+    documents = open_corpus(corpus, cfg.data.text_column, cfg.data.id_column, cfg.data.split)
+    with atomic_path(paths.model) as tmp:
+        tokenizer = train_bpe_tokenizer((d.text for d in documents.iter_documents()), tiny.vocab_size, tmp)
+        model = build_tiny_gpt2(len(tokenizer), tiny.n_layer, tiny.n_head, tiny.n_embd, cfg.data.max_length, tiny.seed)
+        batches = shuffled_epochs(
+            documents,
+            tokenizer,
+            SequenceFormat.from_data(cfg.data),
+            tiny.train_batch_size,
+            tiny.seed,
+            text_column=cfg.data.text_column,
+            id_column=cfg.data.id_column,
+        )
+        num_sequences = sum(len(b["input_ids"]) for b in batches(0))
+        recorder = TrajectoryRecorder(
+            tiny_optimizer_settings(), tiny.train_batch_size, num_sequences, {"recipe": "tiny GPT-2", "seed": tiny.seed}
+        )
+        count = min(cfg.source.checkpoints, tiny.train_steps)
+        checkpoint_steps = {round(i * tiny.train_steps / count) for i in range(1, count + 1)}
+        with progress_bar("train tiny GPT-2", tiny.train_steps, "steps") as advance, (
+            tracker.stage("train") if tracker is not None else nullcontext()
+        ):
+            losses = train_tiny_gpt2(
+                model, batches, tiny.train_steps, tiny.learning_rate, tiny.seed, on_step=lambda step, loss: advance(1),
+                trajectory=recorder, checkpoint_steps=checkpoint_steps,
+                on_metrics=train_logger(tracker) if tracker is not None else None,
+            )
+        save_trajectory(recorder.trajectory, paths.trajectory)  # before the model folder appears: both or neither
+        model.save_pretrained(tmp)
+    console.print(f"tiny GPT-2 trained: final loss {losses[-1]:.3f}, saved to {paths.model}")
+
+
+def open_context(cfg: Config, job: str) -> Context:
+    """Resolve data and model (building the demo's corpus and tiny GPT-2 when absent), choose tracked modules."""
+    paths = RunPaths(Path(cfg.output.run_dir))
+    ensure_writable_dir(paths.root)  # a read-only or unwritable run directory is refused before any work
+    if is_distributed(cfg):
+        validate_distributed(cfg)
+    corpus, queries = _prepare_demo_data(cfg, paths)
+    tracker = None
+    if cfg.model.source == "tiny":
+        if not (paths.model / "config.json").is_file():
+            tracker = Tracker(paths.root, cfg.tracking, cfg.model_dump(mode="json"), job)  # logs the training
+            _train_tiny_model(cfg, paths, corpus, tracker)
+        model_path, hub_id = str(paths.model), None
+    else:
+        model_path, hub_id = (cfg.model.path, None) if cfg.model.source == "path" else (None, cfg.model.hub_id)
+        if cfg.model.source == "path" and not cfg.model.path:
+            raise DastraError("model.path is empty: set it to a local HF model folder (model.source is 'path')")
+    model = load_causal_lm(model_path, hub_id, cfg.model.dtype)
+    check_context_length(model, cfg.data.max_length)
+    tokenizer = load_tokenizer(model_path, hub_id)
+    if job != "index":  # every stage but index reads the queries: a bad one is refused before any work
+        check_queries(cfg, queries, model, tokenizer)
+    tracked = select_tracked_modules(model, cfg.model.tracked_modules)
+    with atomic_path(paths.root / "config.yaml") as tmp:  # what this command ran with, readable by --config
+        tmp.write_text(config_yaml(cfg) + "\n")
+    tracker = tracker or Tracker(paths.root, cfg.tracking, cfg.model_dump(mode="json"), job)
+    return Context(cfg, paths, corpus, queries, model, tokenizer, tracked, model_fingerprint(model, tracked), tracker)
+
+
+def warn_skipped_rows(corpus: Path | str, empty: int, non_utf8: int) -> None:
+    """The one line every corpus pass prints when it skipped rows (data/corpus.py, `CorpusStats`)."""
+    console.print(
+        f"[yellow]warning:[/] skipped {empty + non_utf8} rows of data.corpus '{corpus}': {empty} empty, "
+        f"{non_utf8} not UTF-8",
+        highlight=False, soft_wrap=True,
+    )
+
+
+def check_queries(cfg: Config, queries_path: Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Every query has a prompt and a completion with tokens, and prompt + completion fits in the model's positions
+    and in data.max_length: checked when a command opens, so that a bad query stops it before the fit."""
+    limit, max_length = context_length(model), cfg.data.max_length
+    where = f"data.queries '{queries_path}'"
+    for q in load_queries(queries_path):
+        try:
+            prompt, completion = encode_query(q, tokenizer)
+        except DastraError as exc:
+            raise DastraError(f"{where}: {exc}") from None
+        tokens = len(prompt) + len(completion)
+        size = f"query {q.query_id} is {tokens} tokens (prompt {len(prompt)} + completion {len(completion)})"
+        if limit is not None and tokens > limit:
+            raise DastraError(
+                f"{where}: {size}, more than the model's context of {limit} positions: shorten its prompt or "
+                f"completion to {limit} tokens in all"
+            )
+        if tokens > max_length:
+            raise DastraError(
+                f"{where}: {size}, more than data.max_length={max_length}: shorten the query or raise "
+                f"data.max_length to at least {tokens}" + (f" (the model has {limit} positions)" if limit else "")
+            )
+
+
+CORPUS_SETTINGS = ("corpus", "text_column", "id_column", "split", "max_length", "long_documents", "add_eos")
+
+
+def corpus_meta(ctx: Context) -> dict[str, object]:
+    """What every artifact computed from the corpus depends on: the data settings that make its sequences (one field
+    each, so that a mismatch is named) and a fingerprint of the corpus files (names, row counts, sizes)."""
+    if "corpus_fingerprint" not in ctx.memo:
+        data = ctx.cfg.data
+        corpus = open_corpus(ctx.corpus, data.text_column, data.id_column, data.split)
+        files = [(Path(f.path).name, f.num_rows, os.path.getsize(f.path)) for f in corpus.files]
+        ctx.memo["corpus_fingerprint"] = hashlib.sha256(repr(files).encode()).hexdigest()[:16]
+    data = ctx.cfg.data
+    settings = {f"data.{name}": getattr(data, name) for name in CORPUS_SETTINGS if hasattr(data, name)}
+    return {**settings, "corpus_fingerprint": ctx.memo["corpus_fingerprint"]}
+
+
+def factor_meta(ctx: Context) -> dict[str, object]:
+    # data.queries does not enter the factors: solving new queries (`dastra search --queries`) reuses them.
+    corpus_only = ctx.cfg.model_copy(update={"data": ctx.cfg.data.model_copy(update={"queries": ""})})
+    return {**ctx.model_meta(), **corpus_meta(ctx), "config_hash": corpus_only.section_hash("data", "factors")}
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def query_meta(ctx: Context) -> dict[str, object]:
+    """What the query gradients depend on: the model, the queries file (path and content) and the statistics dtype."""
+    if "queries_digest" not in ctx.memo:
+        ctx.memo["queries_digest"] = _file_digest(ctx.queries)
+    return {
+        **ctx.model_meta(), "queries": str(ctx.queries), "queries_digest": ctx.memo["queries_digest"],
+        "factors.dtype": ctx.cfg.factors.dtype,
+    }
+
+
+def directions_meta(ctx: Context) -> dict[str, object]:
+    """What solved directions depend on: everything the factors do (model, corpus, data and factors settings) and the
+    queries. `score` refuses directions whose record differs from the current config, naming the field."""
+    return {**factor_meta(ctx), **{k: v for k, v in query_meta(ctx).items() if k not in ctx.model_meta()}}
+
+
+def check_directions(ctx: Context) -> None:
+    """Before scoring: the directions of `solver.name` were solved for this model, corpus, data settings and queries
+    (else topk.parquet would silently describe another run than summary.json and report.html)."""
+    solver_dir = ctx.paths.ihvp(ctx.cfg.solver.name)
+    found = read_meta(solver_dir, "solved directions", "solve")
+    differing = differing_field(found, directions_meta(ctx))
+    if differing is not None:
+        key, was, want = differing
+        raise DastraError(
+            f"solved directions '{solver_dir}': field '{key}' is {json.dumps(was)} but this run has "
+            f"{json.dumps(want)}: score with the settings of the solve, or re-run `dastra fit`, `dastra query` and "
+            f"`dastra solve --solver {ctx.cfg.solver.name}` with these"
+        )
+
+
+def load_query_gradients(ctx: Context) -> tuple[list[QueryId], dict[str, torch.Tensor]]:
+    """(query ids as the queries file gives them, {module: [Q, out, in+1]}) of the query stage."""
+    meta = read_meta(ctx.paths.queries, "query gradients", "query")
+    check_meta(meta, query_meta(ctx), "query gradients", "query")
+    return meta["query_ids"], load_tensors(ctx.paths.queries / "gradients.safetensors", "query gradients", "query")
+
+
+def load_directions(ctx: Context, solver: str | None = None) -> tuple[list[QueryId], dict[str, torch.Tensor]]:
+    """(query ids, {module: [Q, out, in+1]}) of the directions solved by `solver` (default `solver.name`)."""
+    return read_directions(ctx.paths.ihvp(solver or ctx.cfg.solver.name), ctx.model_meta())
+
+
+def solver_logger(ctx: Context, name: str | None = None) -> SolveLogger:
+    """The W&B layout of one method's solve (`solver.name` by default; tracking.SolveLogger): per iteration, the
+    aggregates over each chunk's running queries against ONE `solve/<name>/iteration` axis counting across chunks
+    (`chunk(query_ids)` gives a chunk's callbacks); the per-query trace once, as a table and one chart (`finish`)."""
+    return SolveLogger(ctx.tracker, name or ctx.cfg.solver.name)
+
+
+def heldout_batch(ctx: Context, sampler: MinibatchSampler | None) -> dict[str, torch.Tensor] | None:
+    """The fixed held-out curvature batch of the solvers' convergence signal: `solver.heldout_batch_size` rows of
+    the sampler's pool drawn once by a generator of its own (seed + 1), so the solve's minibatch stream is the same
+    with or without it; None when `solver.heldout_every` is 0 or the solver draws no minibatches."""
+    cfg = ctx.cfg.solver
+    if sampler is None or cfg.heldout_every == 0:
+        return None
+    return sampler.draw(cfg.heldout_batch_size, torch.Generator().manual_seed(cfg.seed + 1))
+
+
+def counted(batches, tracker: Tracker):
+    """The minibatches, each counted into the running stage's throughput (sequences, tokens)."""
+    for batch in batches:
+        tracker.count(sequences=int(batch["input_ids"].shape[0]), tokens=int(batch["attention_mask"].sum()))
+        yield batch
+
+
+def curvature_minibatches(ctx: Context) -> tuple[GGNProduct | FisherProduct, MinibatchSampler]:
+    """G̃·v of the iterative solvers (`solver.product`) at the model's current weights, and the minibatches it runs
+    on: `solver.minibatch_size` sequences drawn with replacement from the first `factors.max_sequences`."""
+    cfg = ctx.cfg.solver
+    product = (
+        GGNProduct(ctx.model, ctx.tracked)
+        if cfg.product == "ggn"
+        else FisherProduct(ctx.model, ctx.tracked, cfg.fisher_samples, label_generator(ctx.model, cfg.seed))
+    )
+    sequences = ctx.training_batches(ctx.cfg.factors.batch_size, ctx.cfg.factors.max_sequences)
+    return product, MinibatchSampler(sequences, cfg.minibatch_size, torch.Generator().manual_seed(cfg.seed))
+
+
+def heldout_meta(cfg, heldout_seconds: float, solve_seconds: float) -> dict[str, float | int]:
+    """meta.json's record of the held-out evaluation: its settings and what it cost, as a fraction of the solve
+    (the solver calls' wall time, which includes it)."""
+    return {
+        "every": cfg.heldout_every,
+        "batch_size": cfg.heldout_batch_size,
+        "seconds": heldout_seconds,
+        "solve_seconds": solve_seconds,
+        "cost_fraction": heldout_seconds / solve_seconds if solve_seconds > 0 else 0.0,
+    }
+
+
+def topk_table(ctx: Context, query_ids: list[QueryId], scores: torch.Tensor, keys: torch.Tensor) -> pa.Table:
+    """topk.parquet's table (query_id, rank, doc_id, score, text) from [Q, k] scores and document keys, with the
+    ids as the queries file and the corpus give them; written atomically."""
+    corpus = ctx.open_corpus()
+    flat = keys.flatten().tolist()
+    texts, doc_ids = corpus.texts(flat), corpus.doc_ids(flat)
+    k = scores.shape[1]
+    table = pa.table(
+        {
+            "query_id": [q for q in query_ids for _ in range(k)],
+            "rank": torch.arange(1, k + 1).repeat(len(query_ids)).numpy(),
+            "doc_id": [doc_ids[key] for key in flat],
+            "score": scores.flatten().numpy(),
+            "text": [texts.get(key, "") for key in flat],
+        }
+    )
+    with atomic_path(ctx.paths.topk) as tmp:
+        pq.write_table(table, tmp)
+    return table
+
+
