@@ -378,3 +378,24 @@ def test_cli_runs_the_whole_pipeline_distributed_under_zero3(
     for name in expected.names:
         assert _rel(got[name].lambda_, expected[name].lambda_) <= RTOL
     assert len(json.loads((tmp_path / "scores" / "manifest.json").read_text())["shards"]) == 12
+
+
+def test_data_split_is_read_by_every_path_on_two_ranks(ray_session, workspace: Path, tmp_path: Path):
+    """A DatasetDict folder whose `other` split holds other documents than `train`: the fit, the solve's
+    minibatches, the scoring shards and the top-k texts of 2 ranks read `data.split` as one process does."""
+    from datasets import Dataset, DatasetDict
+
+    train = corpus_rows(24, first_id=1000)
+    other = corpus_rows(40, first_id=5000, min_words=10)
+    folder = tmp_path / "splits"
+    DatasetDict({"train": Dataset.from_list(train), "other": Dataset.from_list(other)}).save_to_disk(str(folder))
+    split = ("data.split=other", f"data.corpus={folder}", "solver.baselines=[]")
+    single_dir, ranks_dir = tmp_path / "single", tmp_path / "ranks"
+    one = _stages(_context(workspace, single_dir, *split), "fit", "query", "solve", "score")
+    two = _stages(_context(workspace, ranks_dir, *split, *DISTRIBUTED), "fit", "query", "solve", "score")
+    assert one[0].num_sequences == two[0].num_sequences > 40  # the 40 `other` documents (some longer than 32 tokens)
+    texts = {r["doc_id"]: r["text"] for r in other}
+    for table in (one[3], two[3]):
+        rows = table.to_pylist()
+        assert rows and all(r["doc_id"] in texts and r["text"] == texts[r["doc_id"]] for r in rows)
+    assert [r["doc_id"] for r in one[3].to_pylist()] == [r["doc_id"] for r in two[3].to_pylist()]
