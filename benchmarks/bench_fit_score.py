@@ -23,37 +23,37 @@ data: uniform random token sequences of 64 tokens; queries: 64 tokens whose firs
 from __future__ import annotations
 
 import argparse
+import cProfile
 import copy
 import json
 import logging
 import os
 import platform
+import pstats
 import statistics
 import sys
 import tempfile
 import time
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-import distributed_astra.curvature.covariance as cov_mod  # noqa: E402
-import distributed_astra.curvature.eigen as eigen_mod  # noqa: E402
-import distributed_astra.curvature.factors as factors_mod  # noqa: E402
-import distributed_astra.scoring.gradients as grad_mod  # noqa: E402
-import distributed_astra.scoring.inner_products as ip_mod  # noqa: E402
-from distributed_astra.curvature.covariance import collect_covariances  # noqa: E402
-from distributed_astra.curvature.factors import fit_ekfac, save_factors  # noqa: E402
+import distributed_astra  # noqa: E402
+from distributed_astra.curvature.covariance import collect_covariances, model_device, product_dtype  # noqa: E402
+from distributed_astra.curvature.eigen import (  # noqa: E402
+    KroneckerEigen,
+    collect_eigenvalue_correction,
+    eigendecompose,
+    rotated_squared_gradients,
+)
+from distributed_astra.curvature.factors import build_factors, fit_ekfac, save_factors  # noqa: E402
 from distributed_astra.curvature.hooks import GradientCapture  # noqa: E402
 from distributed_astra.ihvp.ekfac import default_damping, ekfac_inverse  # noqa: E402
 from distributed_astra.models.lm import forward_logits, sample_labels, summed_token_loss  # noqa: E402
@@ -61,7 +61,7 @@ from distributed_astra.models.load import prepare_for_attribution  # noqa: E402
 from distributed_astra.models.modules import select_tracked_modules  # noqa: E402
 from distributed_astra.models.tiny import build_tiny_gpt2  # noqa: E402
 from distributed_astra.scoring.gradients import captured_batches, query_gradients  # noqa: E402
-from distributed_astra.scoring.inner_products import sequence_scores  # noqa: E402
+from distributed_astra.scoring.inner_products import module_scores, sequence_scores  # noqa: E402
 from distributed_astra.scoring.topk import StreamingTopK  # noqa: E402
 
 VOCAB, N_LAYER, N_HEAD, N_EMBD, SEQ_LEN, PROMPT_LEN = 4096, 2, 4, 128, 64, 48
@@ -271,99 +271,94 @@ def run_fwd_bwd(plain_model, train, batch_size):
 
 
 # ------------------------------------------------------------------------------------------------ profile
-@contextmanager
-def instrumented(timers: dict[str, float], dtypes: dict[str, set]):
-    """Wrap the package's own functions with timers (keyed by stage and component); restored on exit.
+# A stage's components: package functions whose cumulative time cProfile reports while the stage's public call runs,
+# keyed by (file inside the package, function name). The profiler only observes: no package attribute is replaced.
+COMPONENTS = {
+    ("models/lm.py", "forward_logits"): "forward (hooks record inputs)",
+    ("models/lm.py", "sample_labels"): "sample labels (models/lm.py: sample_labels)",
+    ("curvature/hooks.py", "backward"): "backward: autograd.grad to outputs + finite check",
+    ("curvature/hooks.py", "activation"): "a-bar: cast, bias column, mask",
+    ("curvature/hooks.py", "output_grad"): "Ds: mask, cast",
+    ("curvature/eigen.py", "rotated_squared_gradients"): "rotate (Ds Q_S, a Q_A) + per-sequence einsum + square-sum",
+    ("scoring/inner_products.py", "module_scores"): "inner products (einsum)",
+}
+PACKAGE_DIR = Path(distributed_astra.__file__).resolve().parent
+_COMPONENT_FILES = {os.path.realpath(PACKAGE_DIR / rel) for rel, _ in COMPONENTS}
 
-    `dtypes` records the dtype each wrapped step computes in (its result, or its first tensor argument)."""
-    stage = ["other"]
 
-    def timed(component, fn, dtype_from=None):
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = None
-            try:
-                out = fn(*args, **kwargs)
-                return out
-            finally:
-                key = f"{stage[0]} / {component}"
-                timers[key] += time.perf_counter() - t0
-                probe = out if dtype_from == "result" else next(
-                    (a for a in args if isinstance(a, torch.Tensor)), None
-                ) if dtype_from == "arg" else None
-                if isinstance(probe, torch.Tensor):
-                    dtypes[key].add(str(probe.dtype).removeprefix("torch."))
-
-        return wrapper
-
-    def staged(name, fn):
-        def wrapper(*args, **kwargs):
-            previous, stage[0] = stage[0], name
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                timers[f"{name} / TOTAL"] += time.perf_counter() - t0
-                stage[0] = previous
-
-        return wrapper
-
-    patches = [
-        mock.patch.object(factors_mod, "collect_covariances", staged("1 covariance pass", factors_mod.collect_covariances)),
-        mock.patch.object(factors_mod, "eigendecompose", staged("2 eigendecomposition", factors_mod.eigendecompose)),
-        mock.patch.object(
-            factors_mod, "collect_eigenvalue_correction",
-            staged("3 lambda pass", factors_mod.collect_eigenvalue_correction),
-        ),
-        mock.patch.object(cov_mod, "forward_logits", timed("forward (hooks record inputs)", cov_mod.forward_logits)),
-        mock.patch.object(cov_mod, "sample_labels", timed("sample labels (models/lm.py: sample_labels)", cov_mod.sample_labels)),
-        mock.patch.object(grad_mod, "forward_logits", timed("forward (hooks record inputs)", grad_mod.forward_logits)),
-        mock.patch.object(GradientCapture, "backward", timed("backward: autograd.grad to outputs + finite check", GradientCapture.backward)),
-        mock.patch.object(GradientCapture, "activation", timed("a-bar: cast, bias column, mask", GradientCapture.activation, "result")),
-        mock.patch.object(GradientCapture, "output_grad", timed("Ds: mask, cast", GradientCapture.output_grad, "result")),
-        mock.patch.object(
-            eigen_mod, "rotated_squared_gradients",
-            timed(
-                "rotate (Ds Q_S, a Q_A) + per-sequence einsum + square-sum", eigen_mod.rotated_squared_gradients, "arg"
-            ),
-        ),
-        mock.patch.object(ip_mod, "module_scores", timed("inner products (einsum)", ip_mod.module_scores, "arg")),
-    ]
-    for p in patches:
-        p.start()
+def profiled(timers: dict[str, float], stage: str, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` (a public call) timed as `stage` under cProfile: `<stage> / TOTAL` is its wall time and
+    `<stage> / <component>` the cumulative time of each COMPONENTS function it called."""
+    profiler = cProfile.Profile()
+    t0 = time.perf_counter()
+    profiler.enable()
     try:
-        yield lambda name: staged(name, lambda f, *a, **k: f(*a, **k))
+        return fn(*args, **kwargs)
     finally:
-        for p in reversed(patches):
-            p.stop()
+        profiler.disable()
+        timers[f"{stage} / TOTAL"] += time.perf_counter() - t0
+        for (file, _, func), (_, _, _, cumulative, _) in pstats.Stats(profiler).stats.items():
+            real = os.path.realpath(file)
+            if real in _COMPONENT_FILES:
+                label = COMPONENTS.get((Path(real).relative_to(PACKAGE_DIR).as_posix(), func))
+                if label is not None:
+                    timers[f"{stage} / {label}"] += cumulative
 
 
 def profile_ours(model, tracked, train, queries, batch_size, query_batch_size, factors_dir, damping):
-    """One instrumented run of our fit + scoring: ({stage / component: seconds}, {stage / component: dtypes})."""
+    """One profiled run of our fit + scoring: ({stage / component: seconds}, {stage / component: dtype}).
+
+    Each stage is one public call: fit_ekfac's own steps in its order and with its generator (collect_covariances,
+    eigendecompose, collect_eigenvalue_correction, build_factors), then save_factors, query_gradients,
+    ekfac_inverse and the scoring loop. The dtypes are what the package reports: `product_dtype` for the per-batch
+    products of the fit passes, the query gradients' dtype, the captured Ds of the first scored batch for scoring."""
     timers: dict[str, float] = defaultdict(float)
-    dtypes: dict[str, set] = defaultdict(set)
+    dtypes: dict[str, str] = {}
     f64 = torch.float64
-    with instrumented(timers, dtypes) as stage:
-        factors = stage("0 fit_ekfac")(fit_ekfac, model, tracked, lambda: split(train, batch_size), f64, 0)
-        stage("4 save factors")(save_factors, factors, factors_dir, {"bench": True})
-        ids, grads = stage("5 query gradients")(
-            query_gradients, model, tracked, split(queries, query_batch_size), f64
-        )
-        directions = stage("6 ekfac_inverse")(ekfac_inverse, factors, grads, damping)
+    generator = torch.Generator(device=model_device(model)).manual_seed(0)  # fit_ekfac's, seed 0
+    t0 = time.perf_counter()
+    cov = profiled(
+        timers, "1 covariance pass", collect_covariances, model, tracked, split(train, batch_size), f64, generator
+    )
+    eigens = profiled(timers, "2 eigendecomposition", eigendecompose, cov)
+    lam = profiled(
+        timers, "3 lambda pass",
+        collect_eigenvalue_correction, model, tracked, eigens, split(train, batch_size), f64, generator,
+    )
+    factors = build_factors(cov, eigens, lam)
+    timers["0 fit_ekfac / TOTAL"] = time.perf_counter() - t0
+    profiled(timers, "4 save factors", save_factors, factors, factors_dir, {"bench": True})
+    ids, grads = profiled(
+        timers, "5 query gradients", query_gradients, model, tracked, split(queries, query_batch_size), f64
+    )
+    directions = profiled(timers, "6 ekfac_inverse", ekfac_inverse, factors, grads, damping)
 
-        def score():
-            top = StreamingTopK(len(ids), k=10)
-            for batch, capture in captured_batches(model, tracked, split(train, batch_size), f64):
-                top.update(batch["doc_id"], sequence_scores(capture.output_grads, capture.activations, directions))
-            return top.finish()
+    def score():
+        top = StreamingTopK(len(ids), k=10)
+        for batch, capture in captured_batches(model, tracked, split(train, batch_size), f64):
+            output_grads = capture.output_grads
+            dtypes.setdefault("scored", str(next(iter(output_grads.values())).dtype).removeprefix("torch."))
+            top.update(batch["doc_id"], sequence_scores(output_grads, capture.activations, directions))
+        return top.finish()
 
-        stage("7 score training set")(score)
+    profiled(timers, "7 score training set", score)
+    fit_dtype = str(product_dtype(model, f64)).removeprefix("torch.")
+    stage_dtypes = {
+        "1 covariance pass": (fit_dtype, ("a-bar", "Ds:")),
+        "3 lambda pass": (fit_dtype, ("a-bar", "Ds:", "rotate")),
+        "5 query gradients": (str(next(iter(grads.values())).dtype).removeprefix("torch."), ("a-bar", "Ds:")),
+        "7 score training set": (dtypes.pop("scored", "unknown"), ("a-bar", "Ds:", "inner products")),
+    }
+    for stage, (dtype, components) in stage_dtypes.items():
+        for key in timers:
+            if any(key.startswith(f"{stage} / {component}") for component in components):
+                dtypes[key] = dtype
     for key in [k for k in timers if k.endswith("/ TOTAL")]:
         prefix = key[: -len("TOTAL")]
         parts = sum(v for k, v in timers.items() if k.startswith(prefix) and k != key)
         if parts and timers[key] - parts > 1e-3:
             timers[prefix + "rest (untimed: A/S addmm and gathers, Λ/score accumulation, batching, Python)"] = timers[key] - parts
-    return dict(timers), {k: "/".join(sorted(v)) for k, v in dtypes.items()}
+    return dict(timers), dtypes
 
 
 def micro_benchmarks(model, train, batch_size, repeats=5):
@@ -408,8 +403,8 @@ def micro_benchmarks(model, train, batch_size, repeats=5):
     a_l = torch.randn(batch_size, SEQ_LEN, N_EMBD + 1, generator=g)
     q_s = torch.linalg.qr(torch.randn(4 * N_EMBD, 4 * N_EMBD, generator=g, dtype=torch.float64))[0]
     q_a = torch.linalg.qr(torch.randn(N_EMBD + 1, N_EMBD + 1, generator=g, dtype=torch.float64))[0]
-    eig64 = eigen_mod.KroneckerEigen(torch.ones(N_EMBD + 1), q_a, torch.ones(4 * N_EMBD), q_s)
-    eig32 = eigen_mod.KroneckerEigen(*(t.float() for t in (eig64.eigval_a, q_a, eig64.eigval_s, q_s)))
+    eig64 = KroneckerEigen(torch.ones(N_EMBD + 1), q_a, torch.ones(4 * N_EMBD), q_s)
+    eig32 = KroneckerEigen(*(t.float() for t in (eig64.eigval_a, q_a, eig64.eigval_s, q_s)))
     ds_l64, a_l64 = ds_l.double(), a_l.double()
     directions64 = torch.randn(16, 4 * N_EMBD, N_EMBD + 1, generator=g, dtype=torch.float64)
     directions32 = directions64.float()
@@ -425,16 +420,16 @@ def micro_benchmarks(model, train, batch_size, repeats=5):
 
     return {
         f"Λ pass, c_fc ({batch_size} x {SEQ_LEN} tokens): rotate + per-sequence gradients + square-sum, float64": best(
-            lambda: eigen_mod.rotated_squared_gradients(ds_l64, a_l64, eig64)
+            lambda: rotated_squared_gradients(ds_l64, a_l64, eig64)
         ),
         f"Λ pass, c_fc ({batch_size} x {SEQ_LEN} tokens): the same in float32": best(
-            lambda: eigen_mod.rotated_squared_gradients(ds_l, a_l, eig32).double()
+            lambda: rotated_squared_gradients(ds_l, a_l, eig32).double()
         ),
         f"scoring, c_fc ({batch_size} x {SEQ_LEN} tokens, 16 queries): module_scores in float64": best(
-            lambda: ip_mod.module_scores(ds_l64, a_l64, directions64)
+            lambda: module_scores(ds_l64, a_l64, directions64)
         ),
         f"scoring, c_fc ({batch_size} x {SEQ_LEN} tokens, 16 queries): module_scores in float32": best(
-            lambda: ip_mod.module_scores(ds_l, a_l, directions32)
+            lambda: module_scores(ds_l, a_l, directions32)
         ),
         "sample labels: the package's models/lm.py sample_labels": best(
             lambda: sample_labels(full_logits, batch["labels"], gen)
@@ -546,10 +541,13 @@ def write_report(path: Path, ctx: dict) -> None:
         f"(min {ctx['spearman_min']:.4f}); one label sample per sequence on a random-init model, so this only checks "
         "that both computed the same quantity (tests/test_kronfluence_agreement.py checks agreement tightly).",
         "",
-        "## Where our time goes (one instrumented run, same workload)",
+        "## Where our time goes (one profiled run, same workload)",
         "",
-        "The package's own functions wrapped with timers (`unittest.mock.patch.object`), no code change. 'rest' is a "
-        "stage's total minus its timed components; [dtype] is the dtype the step computed in.",
+        "Each stage is one public call timed on its own (fit_ekfac's steps: collect_covariances, eigendecompose, "
+        "collect_eigenvalue_correction, build_factors); a component is the cumulative time cProfile reports for that "
+        "package function inside the stage (nothing in the package is wrapped or replaced; the profiler adds a "
+        "little per-call overhead, so read the shares). 'rest' is a stage's total minus its components; [dtype] is "
+        "the dtype of the per-batch products (`product_dtype`) or, for scoring, of the captured Ds.",
         "",
         "| stage / component | s | share of stage |",
         "|---|---:|---:|",

@@ -95,7 +95,8 @@ print(json.dumps({"measured": params + peak - base}))
 def measure(stage: str, overrides: list[str]) -> int:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_VERBOSITY": "error"}
-    out = subprocess.run([sys.executable, "-c", WORKER, stage, json.dumps(overrides)], env=env, cwd=ROOT,
+    # -P: the worker imports the installed package, never a distributed_astra/ that happens to be in the cwd.
+    out = subprocess.run([sys.executable, "-P", "-c", WORKER, stage, json.dumps(overrides)], env=env,
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["measured"]
 
@@ -104,7 +105,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from distributed_astra.config import load_config
+    from distributed_astra.config import CONFIGS_DIR, load_config
     from distributed_astra.plan import make_plan
     from distributed_astra.plan.render import plan_markdown
 
@@ -122,7 +123,7 @@ def main() -> None:
                   f"measured {rows[-1]['measured_mib']:8.1f} MiB  ratio {ratio:.3f}", flush=True)
 
     started = time.perf_counter()
-    xl_cfg = load_config(ROOT / "configs" / "gpt2xl.yaml")
+    xl_cfg = load_config(CONFIGS_DIR / "gpt2xl.yaml")
     xl = make_plan(xl_cfg, gpus=8, gpu_memory="80GB")
     xl_seconds = time.perf_counter() - started
     worst = max(abs(r["ratio"] - 1) for r in rows)

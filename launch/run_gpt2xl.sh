@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPT-2 XL attribution on a Ray cluster: configs/gpt2xl.yaml submitted as a Ray job (docs/gpt2xl.md).
+# GPT-2 XL attribution on a Ray cluster: configs/gpt2xl.yaml (distributed_astra/configs/) submitted as a Ray job
+# (docs/gpt2xl.md).
 #
 #   launch/run_gpt2xl.sh [--dry-run] [--set key.path=value ...]
 #
@@ -15,7 +16,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-CONFIG=configs/gpt2xl.yaml
+CONFIG=distributed_astra/configs/gpt2xl.yaml
 NUM_GPUS="${NUM_GPUS:-8}"
 
 abs() { [[ -e "$1" ]] || { echo "error: $2=$1 does not exist" >&2; exit 2; }; echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }

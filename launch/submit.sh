@@ -3,6 +3,9 @@
 #
 #   launch/submit.sh CONFIG [--dry-run] [--set key.path=value ...]
 #
+# CONFIG: a YAML file, or a shipped one by its documented name (configs/gpt2xl.yaml is found in
+# distributed_astra/configs/ when ./configs/gpt2xl.yaml does not exist).
+#
 # Environment:
 #   RAY_ADDRESS  the cluster's job server, e.g. http://head-node:8265 (unset: start a local head on 127.0.0.1)
 #   RUN_DIR      where the run writes (default runs/<config name>-<date>); must be on storage the head node sees
@@ -34,9 +37,9 @@ PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 RAY_BIN="$(dirname "$PYTHON")/ray"
 [[ -x "$RAY_BIN" ]] || RAY_BIN="$(command -v ray || true)"
 [[ -n "$RAY_BIN" ]] || die "the 'ray' command is missing: pip install -e . (it brings ray[default])"
-[[ -f "$CONFIG" ]] || die "config file '$CONFIG' not found"
 "$PYTHON" -c 'import distributed_astra' 2>/dev/null || die "$PYTHON cannot import distributed_astra: pip install -e ."
-# The config and overrides must validate before anything is started or uploaded.
+# The config and overrides must validate before anything is started or uploaded. CONFIG is a file, or a shipped
+# config named as the docs do (configs/gpt2xl.yaml: load_config falls back to distributed_astra/configs/).
 "$PYTHON" - "$CONFIG" "${OVERRIDES[@]}" <<'EOF' || exit 2
 import sys
 from distributed_astra.config import load_config

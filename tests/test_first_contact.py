@@ -134,7 +134,7 @@ def test_every_key_has_a_description_and_dastra_config_lists_it(tmp_path: Path):
     line = next(line for line in result.output.splitlines() if line.strip().startswith("iterations: 7"))
     assert "(default: 300)" in line
     # configs/tiny.yaml states only what the demo changes: each of its keys differs from the class default
-    tiny = yaml.safe_load((Path(__file__).parent.parent / "configs" / "tiny.yaml").read_text())
+    tiny = yaml.safe_load((Path(__file__).parent.parent / "distributed_astra" / "configs" / "tiny.yaml").read_text())
     default_dump = Config().model_dump(mode="json")
     for section, values in tiny.items():
         for key, value in values.items():

@@ -162,7 +162,7 @@ def test_run_gpt2xl_sh_submits_a_ray_job_that_writes_topk_report_and_wandb(ray_h
     for query_id in topk.column("query_id").unique().to_pylist():
         assert sum(row[column] == str(query_id) for row in trace["data"]) == ITERATIONS
     assert "solve/astra/per_query" in run.charts
-    chunks = math.ceil(NUM_QUERIES / load_config(ROOT / "configs" / "gpt2xl.yaml").solver.query_batch_size)
+    chunks = math.ceil(NUM_QUERIES / load_config(ROOT / "distributed_astra" / "configs" / "gpt2xl.yaml").solver.query_batch_size)
     steps = [row["solve/astra/iteration"] for row in run.history if "solve/astra/objective_mean" in row]
     assert steps == list(range(ITERATIONS * chunks))  # one continuous axis over the chunks
 

@@ -112,7 +112,7 @@ def test_zero3_holds_a_shard_plus_the_gathered_working_set():
 
 
 def test_gpt2xl_config_loads_with_the_paper_settings_and_the_shipped_model_shapes():
-    cfg = load_config(ROOT / "configs" / "gpt2xl.yaml")
+    cfg = load_config(ROOT / "distributed_astra" / "configs" / "gpt2xl.yaml")
     assert (cfg.model.hub_id, cfg.model.dtype, cfg.deepspeed.stage) == ("gpt2-xl", "bfloat16", 3)
     assert all(".mlp." in pattern for pattern in cfg.model.tracked_modules)  # MLP only (seeds §13.7)
     s = cfg.solver

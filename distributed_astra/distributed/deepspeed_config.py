@@ -1,5 +1,6 @@
-"""The DeepSpeed JSON of a run: read `configs/ds/zero{stage}.json` (or `deepspeed.config`), check it against the run
-config, and turn it into the inference-only config the ranks use.
+"""The DeepSpeed JSON of a run: read `configs/ds/zero{stage}.json` (package data in `distributed_astra/configs/ds/`)
+or `deepspeed.config` (a relative path not found from the working directory falls back to the shipped configs),
+check it against the run config, and turn it into the inference-only config the ranks use.
 
 Attribution never trains: no optimizer, no gradient of any parameter. ZeRO stages 1 and 2 shard only optimizer state
 and gradients, so they have nothing to shard here, and DeepSpeed refuses them without an optimizer ("zero stage 1
@@ -12,10 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from distributed_astra.config import DEFAULT_CONFIG, Config
+from distributed_astra.config import CONFIGS_DIR, Config, resolve_config_path
 from distributed_astra.errors import DastraError
 
-DS_CONFIG_DIR = DEFAULT_CONFIG.parent / "ds"
+DS_CONFIG_DIR = CONFIGS_DIR / "ds"
 # DeepSpeed's precision sections for each model dtype; ZeRO-3 partitions float16/bfloat16/float32 parameters only.
 _PRECISION = {"bfloat16": "bf16", "float16": "fp16"}
 ZERO3_DTYPES = ("float32", "bfloat16", "float16")
@@ -27,7 +28,9 @@ def effective_stage(stage: int) -> int:
 
 
 def ds_config_path(cfg: Config) -> Path:
-    return Path(cfg.deepspeed.config) if cfg.deepspeed.config else DS_CONFIG_DIR / f"zero{cfg.deepspeed.stage}.json"
+    if cfg.deepspeed.config:
+        return resolve_config_path(cfg.deepspeed.config)
+    return DS_CONFIG_DIR / f"zero{cfg.deepspeed.stage}.json"
 
 
 def load_ds_config(cfg: Config) -> dict[str, Any]:

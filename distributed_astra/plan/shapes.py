@@ -1,7 +1,8 @@
 """The model the planner reasons about: its HF config (no weights) and an instance on the `meta` device.
 
 Where the config comes from, first match wins:
-  1. `plan.hf_config`: a `config.json` (e.g. `configs/models/gpt2-xl.json`, shipped for offline planning);
+  1. `plan.hf_config`: a `config.json` (e.g. `configs/models/gpt2-xl.json`, shipped for offline planning; a
+     relative path not found from the working directory falls back to the package's `distributed_astra/configs/`);
   2. `model.source: tiny`: the demo GPT-2 built from `model.tiny` and `data.max_length`;
   3. `model.source: path`: `<model.path>/config.json`;
   4. `model.source: hub`: `configs/models/<hub id>.json` when shipped, else the local Hugging Face cache.
@@ -15,12 +16,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, PretrainedConfig
 
-from distributed_astra.config import Config
+from distributed_astra.config import CONFIGS_DIR, Config, resolve_config_path
 from distributed_astra.errors import DastraError
 from distributed_astra.models.load import DTYPES
 from distributed_astra.models.modules import TrackedModule, select_tracked_modules
 
-SHIPPED_MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
+SHIPPED_MODEL_CONFIGS = CONFIGS_DIR / "models"
 
 
 def _from_json(path: Path, field: str) -> PretrainedConfig:
@@ -35,7 +36,7 @@ def _from_json(path: Path, field: str) -> PretrainedConfig:
 def model_config(cfg: Config) -> PretrainedConfig:
     """The HF config of the run's model, without downloading or reading any weight (see the module docstring)."""
     if cfg.plan.hf_config:
-        return _from_json(Path(cfg.plan.hf_config), "plan.hf_config")
+        return _from_json(resolve_config_path(cfg.plan.hf_config), "plan.hf_config")
     if cfg.model.source == "tiny":
         tiny = cfg.model.tiny
         return GPT2Config(
