@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -41,17 +45,18 @@ SWEEP = "[0.1,1.0,10.0,100.0]"
 TASKS = {
     "digits": ["eval.num_subsets=100", "eval.num_retrain_seeds=5", f"eval.damping_sweep={SWEEP}"],
     "diabetes": ["eval.num_subsets=100", "eval.num_retrain_seeds=5", f"eval.damping_sweep={SWEEP}"],
-    "gpt2": ["eval.num_subsets=30", "eval.num_retrain_seeds=2", "eval.iterations=100", "eval.minibatch_size=8",
-             "eval.lr_decay_every=25", "eval.damping_sweep=[1.0,10.0]"],
+    "gpt2": ["eval.num_subsets=30", "eval.num_retrain_seeds=2", "eval.solver.iterations=100",
+             "eval.solver.minibatch_size=8", "eval.solver.lr_decay_every=25", "eval.damping_sweep=[1.0,10.0]"],
     "ridge": ["eval.num_subsets=100", "eval.num_retrain_seeds=1", "eval.ensemble_size=1"],  # the harness check
     # SOURCE's non-converged regime (L = source.num_segments, default 3): the harness's settings, no λ sweep
     "digits-short": ["eval.num_subsets=100", "eval.num_retrain_seeds=5"],
     "diabetes-short": ["eval.num_subsets=100", "eval.num_retrain_seeds=5"],
 }
-QUICK = ["eval.num_subsets=12", "eval.num_retrain_seeds=1", "eval.ensemble_size=2", "eval.iterations=20",
+QUICK = ["eval.num_subsets=12", "eval.num_retrain_seeds=1", "eval.ensemble_size=2", "eval.solver.iterations=20",
          "eval.damping_sweep=[]"]
-FACTS = ["solver.iterations=30", "solver.minibatch_size=8", "solver.lr_mode=absolute", "solver.lr=0.01",
-         "solver.momentum=0.0", "solver.lr_decay=1.0"]
+# fact tracing's solver: eval.solver, the settings `eval lds` uses too (config.eval_solver)
+FACTS = ["eval.solver.iterations=30", "eval.solver.minibatch_size=8", "eval.solver.lr_mode=absolute",
+         "eval.solver.lr=0.01", "eval.solver.momentum=0.0", "eval.solver.lr_decay=1.0"]
 
 
 def main() -> None:

@@ -3,12 +3,6 @@
     cfg = load_config("configs/tiny.yaml", ["solver.damping=1e-3"])
 
 An unknown key or a value of the wrong type raises `DastraError` naming the key path (`solver.damping: ...`).
-
-The shipped configs are package data in `distributed_astra/configs/` (tiny.yaml, gpt2xl.yaml, ds/zero*.json,
-models/*.json), so a wheel install has them too. A relative path that does not exist from the working directory is
-looked up in that folder, with or without its `configs/` prefix: `--config configs/gpt2xl.yaml` (what the README and
-docs write) and `--config gpt2xl.yaml` both find `distributed_astra/configs/gpt2xl.yaml` from any directory. A file
-that does exist where the path points always wins.
 """
 
 from __future__ import annotations
@@ -16,15 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from distributed_astra.errors import DastraError
 
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # package data: tiny.yaml, gpt2xl.yaml, ds/, models/
-DEFAULT_CONFIG = CONFIGS_DIR / "tiny.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 SOURCE_SOLVERS = ("source", "astra-source")  # solver names that attribute over the training trajectory (seeds §6-7)
 
 
@@ -311,6 +304,35 @@ class OutputConfig(Section):
     run_dir: str = Field("runs/demo", description="the run directory (--run-dir)")
 
 
+# The LDS harness's solver settings (seeds Table 3; docs/results/convergence.md for ASTRA's step): the defaults of
+# `eval.solver`, so `dastra eval lds` and `dastra eval facts` run with them over any run's `solver` section.
+EVAL_SOLVER_DEFAULTS: dict[str, object] = {
+    "iterations": 200, "minibatch_size": 64, "lr": 0.01, "lr_mode": "absolute", "momentum": 0.9,
+    "lr_decay": 0.5, "lr_decay_every": 50, "tolerance": 0.0,
+}
+# The `solver` keys both eval commands honour; the rest (the method, λ, the curvature product, chunking, held-out
+# checks, sampling seed) stay with `solver.*` and the commands' own options (--methods, eval.damping_scale).
+EVAL_SOLVER_KEYS = ("iterations", "minibatch_size", "lr", "lr_mode", "momentum", "lr_decay", "lr_decay_every",
+                    "tolerance", "patience", "preconditioner_damping")
+
+
+def _eval_solver_field(key: str) -> tuple[object, object]:
+    """`solver.<key>`'s type and constraints, nullable, with the harness's default (null: keep `solver.<key>`)."""
+    field = SolverConfig.model_fields[key]
+    annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    return annotation | None, Field(
+        EVAL_SOLVER_DEFAULTS.get(key), description=f"solver.{key} of `eval lds|facts` (null: the run's solver.{key})"
+    )
+
+
+EvalSolverConfig: type[Section] = create_model(
+    "EvalSolverConfig",
+    __base__=Section,
+    __doc__="Overrides of `solver.*` for `dastra eval lds|facts` (null keeps the run's value; `eval_solver`).",
+    **{key: _eval_solver_field(key) for key in EVAL_SOLVER_KEYS},
+)
+
+
 class EvalConfig(Section):
     """The LDS harness and fact tracing (`dastra eval lds|facts`; seeds §9.1, docs/results/lds.md)."""
 
@@ -324,15 +346,17 @@ class EvalConfig(Section):
         10.0, gt=0, description="λ = damping_scale × mean(Λ) of each model (the digits sweep, lds.md)"
     )
     damping_sweep: list[float] = Field(default_factory=list, description="extra damping_scale values for the λ sweep")
-    iterations: int = Field(200, ge=0, description="SNI and ASTRA iterations (seeds Table 3)")
-    minibatch_size: int = Field(64, gt=0, description="ℬ of the G̃ minibatches")
-    astra_lr: float = Field(
-        0.01, gt=0, description="ASTRA's absolute step α (docs/results/convergence.md: best on the MLP)"
+    solver: EvalSolverConfig = Field(
+        default_factory=EvalSolverConfig,
+        description="the solver settings of `eval lds` and `eval facts`: the run's `solver` section with these "
+        "non-null keys on top (`eval_solver`; defaults: the LDS harness's 200 iterations, ℬ 64, absolute α = 0.01, momentum 0.9, "
+        "×0.5 every 50; seeds Table 3). The LDS's SNI-IF takes its step from eval.sni_lr instead of lr/lr_mode",
     )
-    sni_lr: float = Field(1.0, gt=0, description="SNI's step as a multiple of 1/(max Λ + λ)")
-    momentum: float = Field(0.9, ge=0, lt=1, description="ASTRA's heavy-ball momentum")
-    lr_decay: float = Field(0.5, gt=0, le=1, description="×0.5 every lr_decay_every iterations (seeds Table 3)")
-    lr_decay_every: int = Field(50, gt=0, description="iterations between learning-rate decays")
+    # Not a solver field: no solver.lr_mode is "a multiple of 1/(σ_max(G) + λ) by full-batch power iteration".
+    sni_lr: float = Field(
+        1.0, gt=0, description="the LDS's SNI-IF step: α = sni_lr / (σ_max(G) + λ), σ_max by power iteration on the "
+        "whole training set (eval.solver.lr/lr_mode give ASTRA's step and every step of `eval facts`)",
+    )
     trak_dim: int = Field(256, gt=0, description="TRAK projection dimension k (capped at N/2)")
     cache_dir: str = Field(
         "runs/eval", description="retrained models, measurements and scores, keyed by task/recipe/subset/seed"
@@ -347,6 +371,17 @@ class EvalConfig(Section):
     facts_methods: list[str] = Field(
         default_factory=lambda: ["graddot", "ekfac", "astra"], description="methods of `dastra eval facts`"
     )
+
+
+def eval_solver(cfg: Config, **updates: object) -> SolverConfig:
+    """THE solver settings of `dastra eval lds` and `dastra eval facts`: the run's `solver` section with the non-null
+    keys of `eval.solver` and then `updates` (a method's name, the LDS's per-method step) on top, validated."""
+    overrides = {k: v for k, v in cfg.eval.solver.model_dump().items() if v is not None}
+    try:
+        return SolverConfig.model_validate({**cfg.solver.model_dump(), **overrides, **updates})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise DastraError(f"eval solver settings: solver.{err['loc'][0]}: {err['msg']}") from None
 
 
 class Config(Section):
@@ -457,26 +492,11 @@ def _apply_override(raw: dict, override: str) -> None:
     node[leaf] = yaml.safe_load(value)
 
 
-def resolve_config_path(path: str | Path) -> Path:
-    """`path` as given when it exists (or is absolute); else the shipped config it names: `configs/X` or `X` relative
-    to `CONFIGS_DIR`. A path found nowhere is returned unchanged, so the error names what the user typed."""
-    path = Path(path)
-    if path.exists() or path.is_absolute():
-        return path
-    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
-    shipped = CONFIGS_DIR.joinpath(*parts) if parts else CONFIGS_DIR
-    return shipped if shipped.is_file() else path
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (the embedded `configs/tiny.yaml` when None), apply `a.b=c` overrides, validate.
-
-    A relative path missing from the working directory falls back to the shipped configs (`resolve_config_path`)."""
-    path = resolve_config_path(path) if path is not None else DEFAULT_CONFIG
+    """Read a YAML file (the embedded `configs/tiny.yaml` when None), apply `a.b=c` overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
-        raise DastraError(
-            f"config file '{path}' not found; pass --config configs/tiny.yaml, configs/gpt2xl.yaml or another YAML file"
-        )
+        raise DastraError(f"config file '{path}' not found; pass --config configs/tiny.yaml or another YAML file")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

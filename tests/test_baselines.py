@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
-from distributed_astra.config import EvalConfig
+from distributed_astra.config import Config
 from distributed_astra.errors import DastraError
 from distributed_astra.eval.methods import (
     METHODS,
@@ -57,8 +57,8 @@ def _net(model, params, x):
     return x
 
 
-def _settings(**kw) -> MethodSettings:
-    return MethodSettings(EvalConfig(**kw), 1.0)
+def _settings() -> MethodSettings:
+    return MethodSettings(Config(), 1.0)
 
 
 def test_graddot_and_tracin_match_per_example_autograd(digits):

@@ -16,7 +16,7 @@ from tests.test_pipeline import _args, workspace  # noqa: F401  (module-scoped f
 
 def test_eval_facts_per_method_reuses_factors_and_matches_the_topk(workspace: Path, tmp_path: Path):  # noqa: F811
     run_dir = tmp_path / "facts"
-    args = _args(workspace, run_dir, "solver.iterations=3", "solver.minibatch_size=4",
+    args = _args(workspace, run_dir, "eval.solver.iterations=3", "eval.solver.minibatch_size=4",
                  f"eval.results_dir={tmp_path / 'results'}", f"eval.cache_dir={tmp_path / 'cache'}")
     result = CliRunner().invoke(app, ["eval", "facts", "--methods", "graddot,ekfac,astra", *args])
     assert result.exit_code == 0, result.output

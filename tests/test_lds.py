@@ -84,7 +84,7 @@ def test_ridge_lds_known_answer_cache_and_resume(ray_session, tmp_path):
     cache = RetrainCache(tmp_path / "cache", task, 0.5, 0)
     truth = ground_truth({(j, 0): cache.load_record(j, 0) for j in range(100)}, 100, 1)
     kept_mask = 1.0 - removed_mask([cache.retrain_job(j, 0).train_index for j in range(100)], task.num_train)
-    scores = METHODS["ekfac"].score(ModelAttribution(task, cache.load_model(0), 0), MethodSettings(cfg.eval, 1.0))
+    scores = METHODS["ekfac"].score(ModelAttribution(task, cache.load_model(0), 0), MethodSettings(cfg, 1.0))
     assert float(lds_per_query(scores, kept_mask, truth.measured).mean()) <= -0.95
 
     again = run_lds(cfg, "ridge", ["ekfac"])
@@ -153,3 +153,92 @@ def test_cached_scores_keep_the_seconds_they_took(tmp_path):
     scores, seconds = _cached_scores(path, compute)
     again, seconds_again = _cached_scores(path, lambda: pytest.fail("the cache was not used"))
     assert torch.equal(again, scores) and seconds >= 0.05 and seconds_again == seconds
+
+
+# ------------------------------------------------------------------------------------------------ solver settings
+def _facts_solvers(cfg, monkeypatch) -> dict:
+    """The SolverConfig `dastra eval facts` hands the pipeline's solve for each method (nothing is fitted or run)."""
+    from types import SimpleNamespace
+
+    from distributed_astra.eval import facts
+
+    class Captured(Exception):
+        pass
+
+    seen: dict = {}
+
+    def solve(ctx):
+        seen[len(seen)] = ctx.cfg.solver
+        raise Captured
+
+    monkeypatch.setattr(facts, "open_context", lambda cfg, job: SimpleNamespace(
+        cfg=cfg, tracker=SimpleNamespace(close=lambda: None, log=lambda row: None)))
+    monkeypatch.setattr(facts, "_mean_lambda", lambda ctx: 2.0)  # mean(Λ) without fitting
+    monkeypatch.setattr(facts.pipeline, "solve", solve)
+    methods = ("graddot", "ekfac", "sni", "astra")
+    for method in methods:
+        with pytest.raises(Captured):
+            facts.trace_facts(cfg, [method])
+    return dict(zip(methods, seen.values()))
+
+
+def test_eval_lds_and_eval_facts_share_one_solver_function(tmp_path, monkeypatch):
+    """`eval lds` and `eval facts` take their solver settings from config.eval_solver, on the same config: one
+    `--set eval.solver.iterations=7` reaches both, over the run's solver.iterations (20 in configs/tiny.yaml)."""
+    from distributed_astra import config
+    from distributed_astra.eval import facts, methods
+
+    assert facts.eval_solver is methods.eval_solver is config.eval_solver
+    cfg = _cfg(tmp_path, "eval.solver.iterations=7", "eval.solver.patience=3")
+    assert cfg.solver.iterations == 20
+    settings = MethodSettings(cfg, 10.0)
+    lds = {"astra": methods.solver_config(settings, "astra"), "sni": methods.solver_config(settings, "sni", 3.0, 1.0)}
+    fact = _facts_solvers(cfg, monkeypatch)
+    for solver in [*lds.values(), *fact.values()]:
+        assert (solver.iterations, solver.minibatch_size, solver.patience) == (7 if solver.iterations else 0, 64, 3)
+    assert fact["graddot"].iterations == 0  # grad-dot is SNI with x = ∇f, whatever eval.solver says
+    # the same settings but for what each command sets per method: the LDS's SNI step, facts' λ = 10 × mean(Λ)
+    assert fact["astra"].model_dump() == {**lds["astra"].model_dump(), "damping": 20.0}
+    assert lds["sni"].lr == pytest.approx(1.0 / 4.0) and lds["sni"].lr_mode == "absolute"
+    assert fact["sni"].lr == lds["astra"].lr == 0.01
+
+
+def test_default_eval_solver_is_the_harness_settings_it_replaced(tmp_path):
+    """The LDS's defaults are what it ran with before `eval.solver` (200 it, ℬ 64, absolute α = 0.01, momentum 0.9,
+    ×0.5 every 50, no early stop; SNI α = sni_lr / (σ_max + λ)): the same SolverConfig, so the same LDS numbers, and
+    the same score-cache keys, so cached scores are reused."""
+    import hashlib
+
+    from distributed_astra.config import SolverConfig
+    from distributed_astra.eval.lds import _settings_hash
+    from distributed_astra.eval.methods import get_method, solver_config
+
+    settings = MethodSettings(_cfg(tmp_path), 10.0)
+    old = {"momentum": 0.9, "lr_decay": 0.5, "lr_decay_every": 50, "iterations": 200, "minibatch_size": 64,
+           "tolerance": 0.0}
+    assert solver_config(settings, "astra") == SolverConfig(name="astra", lr=0.01, lr_mode="absolute", **old)
+    assert solver_config(settings, "sni", 3.0, 0.5) == SolverConfig(name="sni", lr=1.0 / 3.5, lr_mode="absolute", **old)
+    for name in ("astra", "sni", "graddot"):
+        method = get_method(name)
+        relevant = {"method": name, "solver": [200, 64, 0.01, 1.0, 0.9, 0.5, 50], "trak_dim": 256}
+        if method.uses_damping:
+            relevant["damping_scale"] = 10.0
+        assert _settings_hash(method, settings) == hashlib.sha256(
+            json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+    assert _settings_hash(get_method("astra"), MethodSettings(_cfg(tmp_path, "eval.solver.patience=3"), 10.0)) != \
+        _settings_hash(get_method("astra"), settings)
+
+
+def test_eval_solver_keys_are_checked_against_the_solver(tmp_path):
+    with pytest.raises(DastraError, match=r"unknown key 'eval\.solver\.iteration'"):
+        _cfg(tmp_path, "eval.solver.iteration=7")
+    with pytest.raises(DastraError, match=r"unknown key 'eval\.solver\.damping'"):  # λ: eval.damping_scale
+        _cfg(tmp_path, "eval.solver.damping=0.1")
+    with pytest.raises(DastraError, match=r"eval\.solver\.minibatch_size: Input should be greater than 0"):
+        _cfg(tmp_path, "eval.solver.minibatch_size=0")
+    with pytest.raises(DastraError, match=r"unknown key 'eval\.iterations'"):  # the old shadow of solver.iterations
+        _cfg(tmp_path, "eval.iterations=7")
+    from distributed_astra.config import eval_solver
+
+    # null hands a key back to the run's solver section
+    assert eval_solver(_cfg(tmp_path, "eval.solver.iterations=null")).iterations == 20

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from distributed_astra import pipeline
-from distributed_astra.config import Config
+from distributed_astra.config import Config, eval_solver
 from distributed_astra.context import Context, factor_meta, open_context
 from distributed_astra.curvature.factors import load_factors
 from distributed_astra.data.sequences import load_queries
@@ -46,7 +46,8 @@ def trace_facts(cfg: Config, methods: list[str]) -> dict:
     """recall@1, recall@10 and MRR of the planted documents for each method, on `cfg`'s corpus and model.
 
     One context (`context.open_context`) serves every method: its factors and query gradients are fitted once
-    (reused from the run directory when their metadata match), then each method solves and scores. With
+    (reused from the run directory when their metadata match), then each method solves and scores with the solver
+    settings of `config.eval_solver` (the run's `solver` with `eval.solver` on top, as `eval lds`). With
     `solver.damping: auto`, EK-FAC keeps the solver's λ (0.1 × mean Λ) and the iterative solvers use the LDS
     evidence's λ = eval.damping_scale × mean(Λ) (docs/design.md, "Damping"). The recalls
     go to the context's tracker (metrics.jsonl of the run directory and W&B) as facts/<method>/<metric>.
@@ -54,14 +55,13 @@ def trace_facts(cfg: Config, methods: list[str]) -> dict:
     check_fact_methods(methods)
     rows = []
     ctx = open_context(cfg, "eval-facts")
-    base = cfg.solver
     try:
         fitted = False
         for method in methods:
             label, overrides = FACT_METHODS[method]
-            if method in ITERATIVE and base.damping == "auto":
+            if method in ITERATIVE and cfg.solver.damping == "auto":
                 overrides = {**overrides, "damping": cfg.eval.damping_scale * _mean_lambda(ctx)}
-            solver = base.model_copy(update=overrides)
+            solver = eval_solver(cfg, **overrides)
             ctx.cfg = ctx.cfg.model_copy(update={"solver": solver})
             start = time.perf_counter()
             try:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from distributed_astra.artifacts import atomic_path
-from distributed_astra.config import Config, EvalConfig
+from distributed_astra.config import Config, EvalConfig, SolverConfig, eval_solver
 from distributed_astra.errors import DastraError
 from distributed_astra.eval import source_methods  # noqa: F401  (registers source and astra-source)
 from distributed_astra.eval.methods import (
@@ -158,10 +158,21 @@ class LdsResult:
         return cls(rows=rows, sweep=sweep, **data)
 
 
+# The solver settings the LDS ran with before eval.solver (all of SolverConfig's defaults but these): a key of
+# _settings_hash only where the settings now differ from them, so the score caches of those runs stay valid.
+_LEGACY_SOLVER = SolverConfig(lr_mode="absolute", tolerance=0.0).model_dump()
+_HASHED_AS_LIST = ("iterations", "minibatch_size", "lr", "momentum", "lr_decay", "lr_decay_every")
+_NOT_READ = ("name", "baselines", "damping")  # set per method, or λ = eval.damping_scale × mean(Λ)
+
+
 def _settings_hash(method: Method, settings: MethodSettings) -> str:
-    e = settings.eval
-    relevant = {"method": method.name, "solver": [e.iterations, e.minibatch_size, e.astra_lr, e.sni_lr, e.momentum,
-                                                   e.lr_decay, e.lr_decay_every], "trak_dim": e.trak_dim}
+    e, s = settings.eval, settings.solver
+    relevant = {"method": method.name, "solver": [s.iterations, s.minibatch_size, s.lr, e.sni_lr, s.momentum,
+                                                   s.lr_decay, s.lr_decay_every], "trak_dim": e.trak_dim}
+    changed = {k: v for k, v in s.model_dump().items()
+               if k not in _HASHED_AS_LIST + _NOT_READ and v != _LEGACY_SOLVER[k]}
+    if changed:
+        relevant["solver_other"] = changed
     if method.uses_damping:
         relevant["damping_scale"] = settings.damping_scale
     if method.uses_segments:
@@ -237,7 +248,7 @@ def run_lds(cfg: Config, task_name: str, method_names: list[str], log: Callable[
     with progress_bar(f"attribute {task.name}", units, "model-methods") as advance:
         for method in methods:
             for scale in scales if method.uses_damping else [None]:
-                settings = MethodSettings(e, e.damping_scale if scale is None else scale, cfg.source)
+                settings = MethodSettings(cfg, e.damping_scale if scale is None else scale)
                 key = _settings_hash(method, settings)
                 per_model, seconds = [], 0.0
                 for i, ctx in enumerate(models):
@@ -257,14 +268,16 @@ def run_lds(cfg: Config, task_name: str, method_names: list[str], log: Callable[
     if any(m.uses_damping for m in methods):
         dampings = {f"{s:g}": [ctx.damping(s) for ctx in models] for s in scales}
     sweep.sort(key=lambda r: (r.method, r.damping_scale))
+    solver = eval_solver(cfg)
     return LdsResult(
         task=task.name,
         description=task.description,
         settings={
             "M": e.num_subsets, "beta": e.subset_fraction, "R": e.num_retrain_seeds, "E": e.ensemble_size,
-            "damping_scale": e.damping_scale, "exact_damping": task.exact_damping, "iterations": e.iterations,
-            "minibatch_size": e.minibatch_size, "astra_lr": e.astra_lr, "sni_lr": e.sni_lr, "momentum": e.momentum,
-            "lr_decay": e.lr_decay, "lr_decay_every": e.lr_decay_every, "trak_dim": e.trak_dim,
+            "damping_scale": e.damping_scale, "exact_damping": task.exact_damping, "iterations": solver.iterations,
+            "minibatch_size": solver.minibatch_size, "astra_lr": solver.lr, "astra_lr_mode": solver.lr_mode,
+            "sni_lr": e.sni_lr, "momentum": solver.momentum, "lr_decay": solver.lr_decay,
+            "lr_decay_every": solver.lr_decay_every, "trak_dim": e.trak_dim,
             "recipe": task.recipe,
         },
         rows=rows,

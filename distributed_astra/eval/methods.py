@@ -24,13 +24,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 from torch import nn
 
-from distributed_astra.config import EvalConfig, SolverConfig, SourceConfig
+from distributed_astra.config import (
+    Config,
+    EvalConfig,
+    SolverConfig,
+    SourceConfig,
+    eval_solver,
+)
 from distributed_astra.curvature.factors import EkfacFactors, fit_ekfac
 from distributed_astra.curvature.hooks import GradientCapture
 from distributed_astra.errors import DastraError
@@ -136,12 +142,24 @@ class ModelAttribution:
 
 @dataclass(frozen=True)
 class MethodSettings:
-    """What a method may depend on: the eval config, the damping multiplier of this run (the λ sweep) and, for the
-    SOURCE methods, the `source` section (its num_segments)."""
+    """What a method may depend on: the run's config (its `eval` section; `source` for the SOURCE methods' number of
+    segments; the solver settings of `eval_solver`) and the damping multiplier of this run (the λ sweep)."""
 
-    eval: EvalConfig
+    cfg: Config
     damping_scale: float
-    source: SourceConfig = field(default_factory=SourceConfig)
+
+    @property
+    def eval(self) -> EvalConfig:
+        return self.cfg.eval
+
+    @property
+    def source(self) -> SourceConfig:
+        return self.cfg.source
+
+    @property
+    def solver(self) -> SolverConfig:
+        """The harness's solver settings before a method's name and step (`config.eval_solver`)."""
+        return eval_solver(self.cfg)
 
 
 @dataclass(frozen=True)
@@ -206,19 +224,18 @@ def trak_scores(ctx: ModelAttribution, settings: MethodSettings) -> torch.Tensor
 
 
 # ==================================================================================================== IF methods
-def solver_config(settings: MethodSettings, name: str, lr: float) -> SolverConfig:
-    e = settings.eval
-    return SolverConfig(
-        name=name,
-        lr=lr,
-        lr_mode="absolute",
-        momentum=e.momentum,
-        lr_decay=e.lr_decay,
-        lr_decay_every=e.lr_decay_every,
-        iterations=e.iterations,
-        minibatch_size=e.minibatch_size,
-        tolerance=0.0,
-    )
+def solver_config(settings: MethodSettings, name: str, top: float | None = None, damping: float = 0.0) -> SolverConfig:
+    """The LDS's solver settings for method `name`: each method's step, explicitly.
+
+        astra, astra-source   eval.solver.lr read as eval.solver.lr_mode (default: absolute α = 0.01)
+        sni                   absolute α = eval.sni_lr / (σ_max(G) + λ), `top` = σ_max(G) of the full training set
+
+    Everything else (iterations, ℬ, momentum, decay, tolerance, ...) is `eval_solver`'s, as for `eval facts`."""
+    if name == "sni":
+        if top is None:
+            raise DastraError("SNI-IF's step needs σ_max(G) of the training set (ModelAttribution.top_eigenvalue)")
+        return eval_solver(settings.cfg, name=name, lr=settings.eval.sni_lr / (top + damping), lr_mode="absolute")
+    return eval_solver(settings.cfg, name=name)
 
 
 def ekfac_scores(ctx: ModelAttribution, settings: MethodSettings) -> torch.Tensor:
@@ -233,17 +250,17 @@ def sni_scores(ctx: ModelAttribution, settings: MethodSettings) -> torch.Tensor:
     damping = ctx.damping(settings.damping_scale)
     product = ctx.product()
     top = ctx.top_eigenvalue(lambda v: product.product(v, ctx.full_batch))
-    cfg = solver_config(settings, "sni", settings.eval.sni_lr / (top + damping))
+    cfg = solver_config(settings, "sni", top, damping)
     result = solve(ctx.query_gradients, None, ctx.product(), ctx.sampler(cfg.minibatch_size), cfg, damping)
     return pair_scores(result.x, ctx.train_gradients)
 
 
 def astra_scores(ctx: ModelAttribution, settings: MethodSettings) -> torch.Tensor:
-    """ASTRA (seeds Eq 5) from the EK-FAC solution, λ̃ = λ, absolute step α = eval.astra_lr with momentum and the
-    ×lr_decay schedule. A step scaled to the stability bound of (P + λI)⁻¹(G + λI) was tried and is worse: on
+    """ASTRA (seeds Eq 5) from the EK-FAC solution, λ̃ = λ, absolute step α = eval.solver.lr (0.01) with momentum and
+    the ×lr_decay schedule. A step scaled to the stability bound of (P + λI)⁻¹(G + λI) was tried and is worse: on
     minibatches of ℬ = 64 the iterate then sits at a noise floor far from the exact iHVP (docs/results/lds.md)."""
     damping = ctx.damping(settings.damping_scale)
-    cfg = solver_config(settings, "astra", settings.eval.astra_lr)
+    cfg = solver_config(settings, "astra")
     preconditioner = ekfac_preconditioner(ctx.factors, cfg, damping)
     result = solve(ctx.query_gradients, preconditioner, ctx.product(), ctx.sampler(cfg.minibatch_size), cfg, damping)
     return pair_scores(result.x, ctx.train_gradients)

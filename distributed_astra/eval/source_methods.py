@@ -106,9 +106,10 @@ def ekfac_source_scores(ctx: ModelAttribution, settings: MethodSettings, variant
 
 
 def astra_source_scores(ctx: ModelAttribution, settings: MethodSettings):
-    """ASTRA per segment with the harness's ASTRA settings (absolute α = eval.astra_lr, momentum, decay, ℬ)."""
+    """ASTRA per segment with the harness's ASTRA settings (`solver_config`: absolute α = eval.solver.lr, momentum,
+    decay, ℬ)."""
     parts = segment_parts(ctx, settings.source.num_segments)
-    cfg = solver_config(settings, "astra", settings.eval.astra_lr)
+    cfg = solver_config(settings, "astra")
     products = [a.product() for a in parts.averaged]
     samplers = [a.sampler(cfg.minibatch_size) for a in parts.averaged]
     results = astra_source_directions(ctx.query_gradients, parts.factors, parts.segments, products, samplers, cfg)
