@@ -3,6 +3,12 @@
     cfg = load_config("configs/tiny.yaml", ["solver.damping=1e-3"])
 
 An unknown key or a value of the wrong type raises `DastraError` naming the key path (`solver.damping: ...`).
+
+The shipped configs are package data in `distributed_astra/configs/` (tiny.yaml, gpt2xl.yaml, ds/zero*.json,
+models/*.json), so a wheel install has them too. A relative path that does not exist from the working directory is
+looked up in that folder, with or without its `configs/` prefix: `--config configs/gpt2xl.yaml` (what the README and
+docs write) and `--config gpt2xl.yaml` both find `distributed_astra/configs/gpt2xl.yaml` from any directory. A file
+that does exist where the path points always wins.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from distributed_astra.errors import DastraError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # package data: tiny.yaml, gpt2xl.yaml, ds/, models/
+DEFAULT_CONFIG = CONFIGS_DIR / "tiny.yaml"
 SOURCE_SOLVERS = ("source", "astra-source")  # solver names that attribute over the training trajectory (seeds §6-7)
 
 
@@ -492,11 +499,26 @@ def _apply_override(raw: dict, override: str) -> None:
     node[leaf] = yaml.safe_load(value)
 
 
+def resolve_config_path(path: str | Path) -> Path:
+    """`path` as given when it exists (or is absolute); else the shipped config it names: `configs/X` or `X` relative
+    to `CONFIGS_DIR`. A path found nowhere is returned unchanged, so the error names what the user typed."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    shipped = CONFIGS_DIR.joinpath(*parts) if parts else CONFIGS_DIR
+    return shipped if shipped.is_file() else path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (the embedded `configs/tiny.yaml` when None), apply `a.b=c` overrides, validate."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+    """Read a YAML file (the embedded `configs/tiny.yaml` when None), apply `a.b=c` overrides, validate.
+
+    A relative path missing from the working directory falls back to the shipped configs (`resolve_config_path`)."""
+    path = resolve_config_path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
-        raise DastraError(f"config file '{path}' not found; pass --config configs/tiny.yaml or another YAML file")
+        raise DastraError(
+            f"config file '{path}' not found; pass --config configs/tiny.yaml, configs/gpt2xl.yaml or another YAML file"
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
