@@ -38,6 +38,7 @@ from transformers import PreTrainedTokenizerBase
 
 import distributed_astra
 from distributed_astra.artifacts import (
+    DIRECTIONS_FILE,
     atomic_path,
     check_meta,
     differing_field,
@@ -45,6 +46,8 @@ from distributed_astra.artifacts import (
     load_tensors,
     read_directions,
     read_meta,
+    save_tensors,
+    write_json,
 )
 from distributed_astra.config import Config, config_yaml
 from distributed_astra.curvature.covariance import STAT_DTYPES
@@ -424,6 +427,33 @@ def heldout_meta(cfg, heldout_seconds: float, solve_seconds: float) -> dict[str,
         "solve_seconds": solve_seconds,
         "cost_fraction": heldout_seconds / solve_seconds if solve_seconds > 0 else 0.0,
     }
+
+
+def write_directions(
+    ctx: Context, query_ids: list[QueryId], directions: dict[str, torch.Tensor], statuses: list[str], damping: float,
+    trace: pa.Table | None, heldout: pa.Table | None, heldout_info: dict[str, object] | None,
+) -> None:
+    """`ihvp/<solver.name>/`, the one writer of solved directions (read by `load_directions`): the directions, the
+    convergence trace and held-out evaluation of iterative solvers, and meta.json (settings, damping, statuses,
+    query ids as given), atomically. SOURCE's per-segment directions are written by source/stages.py."""
+    with atomic_path(ctx.paths.ihvp(ctx.cfg.solver.name)) as tmp:
+        tmp.mkdir()
+        save_tensors(directions, tmp / DIRECTIONS_FILE)
+        if trace is not None:
+            pq.write_table(trace, tmp / "trace.parquet")
+        if heldout is not None:
+            pq.write_table(heldout, tmp / "heldout.parquet")
+        write_json(
+            tmp / "meta.json",
+            {
+                **directions_meta(ctx),
+                "solver": ctx.cfg.solver.model_dump(mode="json"),
+                "damping": damping,
+                "status": {s: statuses.count(s) for s in sorted(set(statuses))},
+                "query_ids": query_ids,
+                **({"heldout": heldout_info} if heldout_info else {}),
+            },
+        )
 
 
 def topk_table(ctx: Context, query_ids: list[QueryId], scores: torch.Tensor, keys: torch.Tensor) -> pa.Table:

@@ -18,22 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distributed_astra.artifacts import (
-    DIRECTIONS_FILE,
-    atomic_path,
-    meta_matches,
-    open_tensors,
-    read_meta,
-    save_tensors,
-    write_json,
-)
+from distributed_astra.artifacts import atomic_path, meta_matches, open_tensors, read_meta, save_tensors, write_json
 from distributed_astra.config import SOURCE_SOLVERS, Config
 from distributed_astra.context import (
     Context,
     check_directions,
     counted,
     curvature_minibatches,
-    directions_meta,
     factor_meta,
     heldout_batch,
     heldout_meta,
@@ -43,6 +34,7 @@ from distributed_astra.context import (
     query_meta,
     solver_logger,
     topk_table,
+    write_directions,
 )
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import FACTORS_FILE, EkfacFactors, fit_ekfac, load_factors, save_factors
@@ -192,25 +184,7 @@ def solve(ctx: Context) -> float:
     trace = pa.concat_tables([r.table() for r in results]) if iterative else None
     held = pa.concat_tables([r.heldout_table() for r in results]) if heldout is not None else None
     heldout_info = heldout_meta(cfg, sum(r.heldout_seconds for r in results), solve_seconds) if held else None
-    out = ctx.paths.ihvp(cfg.name)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        save_tensors(directions, tmp / DIRECTIONS_FILE)
-        if trace is not None:
-            pq.write_table(trace, tmp / "trace.parquet")
-        if held is not None:
-            pq.write_table(held, tmp / "heldout.parquet")
-        write_json(
-            tmp / "meta.json",
-            {
-                **directions_meta(ctx),
-                "solver": cfg.model_dump(mode="json"),
-                "damping": damping,
-                "status": {s: statuses.count(s) for s in sorted(set(statuses))},
-                "query_ids": ids,
-                **({"heldout": heldout_info} if heldout_info else {}),
-            },
-        )
+    write_directions(ctx, ids, directions, statuses, damping, trace, held, heldout_info)
     if logger is not None:
         logger.finish(trace, held)
     ctx.tracker.log({

@@ -15,25 +15,23 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from distributed_astra.artifacts import DIRECTIONS_FILE, atomic_path, read_directions, save_tensors, write_json
+from distributed_astra.artifacts import DIRECTIONS_FILE, read_directions
 from distributed_astra.context import (
     Context,
-    directions_meta,
     factor_meta,
     heldout_meta,
     load_query_gradients,
     solver_logger,
     topk_table,
+    write_directions,
 )
 from distributed_astra.curvature.factors import EkfacFactors, load_factors, save_factors
-from distributed_astra.distributed import cluster
+from distributed_astra.distributed import cluster, solve_mode
 from distributed_astra.distributed.fit import rank_fit
 from distributed_astra.distributed.memory import rank_memory
 from distributed_astra.distributed.score import merge_shards, score_shards
-from distributed_astra.distributed import solve_mode
 from distributed_astra.distributed.solve import rank_solve
 from distributed_astra.distributed.worker_group import WorkerGroup
 from distributed_astra.errors import DastraError
@@ -146,38 +144,23 @@ def solve(ctx: Context) -> float:
     statuses = [s for p in pieces for s in p["status"]]
     if len(statuses) != len(ids):
         raise DastraError(f"internal: the ranks solved {len(statuses)} of {len(ids)} queries")
-    out = ctx.paths.ihvp(cfg.name)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        save_tensors(directions, tmp / DIRECTIONS_FILE)
-        if cfg.name != "ekfac":
-            traces, held = [], []
-            for p in pieces:
-                for key, tables, to_table in (("trace", traces, trace_table), ("heldout", held, heldout_table)):
-                    columns = dict(p[key])
-                    columns["query"] = [p["start"] - p["chunk_start"] + q for q in columns["query"]]
-                    columns["query_id"] = [str(ids[int(q)]) for q in columns["query_id"]]
-                    tables.append(to_table(columns))
-            trace = pa.concat_tables(traces)
-            pq.write_table(trace, tmp / "trace.parquet")
-            heldout = pa.concat_tables(held) if any(p["heldout_batch_size"] for p in pieces) else None
-            if heldout is not None:
-                pq.write_table(heldout, tmp / "heldout.parquet")
-                heldout_info = {
-                    **heldout_meta(cfg, sum(p["heldout_seconds"] for p in pieces), sum(p["seconds"] for p in pieces)),
-                    "batch_size": max(p["heldout_batch_size"] for p in pieces),
-                }
-        write_json(
-            tmp / "meta.json",
-            {
-                **directions_meta(ctx),
-                "solver": cfg.model_dump(mode="json"),
-                "damping": damping,
-                "status": {s: statuses.count(s) for s in sorted(set(statuses))},
-                "query_ids": ids,
-                **({"heldout": heldout_info} if heldout_info else {}),
-            },
-        )
+    trace = heldout = None
+    if cfg.name != "ekfac":
+        traces, held = [], []
+        for p in pieces:
+            for key, tables, to_table in (("trace", traces, trace_table), ("heldout", held, heldout_table)):
+                columns = dict(p[key])
+                columns["query"] = [p["start"] - p["chunk_start"] + q for q in columns["query"]]
+                columns["query_id"] = [str(ids[int(q)]) for q in columns["query_id"]]
+                tables.append(to_table(columns))
+        trace = pa.concat_tables(traces)
+        if any(p["heldout_batch_size"] for p in pieces):
+            heldout = pa.concat_tables(held)
+            heldout_info = {
+                **heldout_meta(cfg, sum(p["heldout_seconds"] for p in pieces), sum(p["seconds"] for p in pieces)),
+                "batch_size": max(p["heldout_batch_size"] for p in pieces),
+            }
+    write_directions(ctx, ids, directions, statuses, damping, trace, heldout, heldout_info)
     if cfg.name != "ekfac":
         _log_trace(ctx, pieces, trace, heldout)
         ctx.tracker.count(query_iterations=trace.num_rows)
