@@ -60,9 +60,10 @@ def distributed_stages():
     return stages
 
 
-def _reused(ctx: Context, name: str) -> tuple[bool, object]:
-    """`dastra run` reuses fit's and query's artifacts when they were made for the same model, corpus and settings
-    (their meta.json agrees with what the stage would write), as the single stages check before reading them."""
+def reused(ctx: Context, name: str) -> tuple[bool, object]:
+    """`dastra run` and `dastra eval facts` reuse fit's and query's artifacts when they were made for the same model,
+    corpus and settings (their meta.json agrees with what the stage would write), as the single stages check before
+    reading them: (reused, the factors for `fit`)."""
     if name == "fit":
         expected = {**factor_meta(ctx), "dtype": ctx.cfg.factors.dtype}
         if meta_matches(ctx.paths.factors, expected):
@@ -376,8 +377,8 @@ def run(cfg: Config, job: str = "run") -> RunResult:
     try:
         for name, stage in (("fit", fit), ("query", query), ("solve", solve), ("score", score)):
             t0 = time.perf_counter()
-            reused, result = _reused(ctx, name)
-            if not reused:
+            kept, result = reused(ctx, name)
+            if not kept:
                 result = stage(ctx)
             timings[name] = time.perf_counter() - t0
             _log_stage_result(ctx, name, result, timings[name])

@@ -156,33 +156,14 @@ def test_cached_scores_keep_the_seconds_they_took(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ solver settings
-def _facts_solvers(cfg, monkeypatch) -> dict:
-    """The SolverConfig `dastra eval facts` hands the pipeline's solve for each method (nothing is fitted or run)."""
-    from types import SimpleNamespace
-
+def _facts_solvers(cfg) -> dict:
+    """The SolverConfig `dastra eval facts` solves each method with (`eval.facts.fact_solver`, mean(Λ) = 2)."""
     from distributed_astra.eval import facts
 
-    class Captured(Exception):
-        pass
-
-    seen: dict = {}
-
-    def solve(ctx):
-        seen[len(seen)] = ctx.cfg.solver
-        raise Captured
-
-    monkeypatch.setattr(facts, "open_context", lambda cfg, job: SimpleNamespace(
-        cfg=cfg, tracker=SimpleNamespace(close=lambda: None, log=lambda row: None)))
-    monkeypatch.setattr(facts, "_mean_lambda", lambda ctx: 2.0)  # mean(Λ) without fitting
-    monkeypatch.setattr(facts.pipeline, "solve", solve)
-    methods = ("graddot", "ekfac", "sni", "astra")
-    for method in methods:
-        with pytest.raises(Captured):
-            facts.trace_facts(cfg, [method])
-    return dict(zip(methods, seen.values()))
+    return {method: facts.fact_solver(cfg, method, lambda: 2.0) for method in ("graddot", "ekfac", "sni", "astra")}
 
 
-def test_eval_lds_and_eval_facts_share_one_solver_function(tmp_path, monkeypatch):
+def test_eval_lds_and_eval_facts_share_one_solver_function(tmp_path):
     """`eval lds` and `eval facts` take their solver settings from config.eval_solver, on the same config: one
     `--set eval.solver.iterations=7` reaches both, over the run's solver.iterations (20 in configs/tiny.yaml)."""
     from distributed_astra import config
@@ -193,7 +174,7 @@ def test_eval_lds_and_eval_facts_share_one_solver_function(tmp_path, monkeypatch
     assert cfg.solver.iterations == 20
     settings = MethodSettings(cfg, 10.0)
     lds = {"astra": methods.solver_config(settings, "astra"), "sni": methods.solver_config(settings, "sni", 3.0, 1.0)}
-    fact = _facts_solvers(cfg, monkeypatch)
+    fact = _facts_solvers(cfg)
     for solver in [*lds.values(), *fact.values()]:
         assert (solver.iterations, solver.minibatch_size, solver.patience) == (7 if solver.iterations else 0, 64, 3)
     assert fact["graddot"].iterations == 0  # grad-dot is SNI with x = ∇f, whatever eval.solver says

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from distributed_astra import pipeline
-from distributed_astra.config import Config, eval_solver
-from distributed_astra.context import Context, factor_meta, open_context
-from distributed_astra.curvature.factors import load_factors
+from distributed_astra.config import Config, SolverConfig, eval_solver
+from distributed_astra.context import Context, open_context
+from distributed_astra.curvature.factors import EkfacFactors
 from distributed_astra.data.sequences import load_queries
 from distributed_astra.errors import DastraError
 from distributed_astra.eval.recall import fact_recall
@@ -25,14 +26,22 @@ FACT_METHODS: dict[str, tuple[str, dict[str, object]]] = {
 ITERATIVE = ("sni", "astra")
 
 
-def _mean_lambda(ctx: Context) -> float:
-    """mean(Λ) of the run directory's factors (fitted first when missing or stale)."""
-    try:
-        factors = load_factors(ctx.paths.factors, factor_meta(ctx))
-    except DastraError:
-        factors = pipeline.fit(ctx)
+def fact_solver(cfg: Config, method: str, mean_lambda: Callable[[], float]) -> SolverConfig:
+    """The solver settings of one fact-tracing method: `config.eval_solver` (as `eval lds`) with the method's own
+    overrides; with `solver.damping: auto` the iterative solvers take λ = eval.damping_scale × mean(Λ)."""
+    _, overrides = FACT_METHODS[method]
+    if method in ITERATIVE and cfg.solver.damping == "auto":
+        overrides = {**overrides, "damping": cfg.eval.damping_scale * mean_lambda()}
+    return eval_solver(cfg, **overrides)
+
+
+def _fitted(ctx: Context) -> EkfacFactors:
+    """The run directory's factors and query gradients, reused when their metadata match, else computed."""
+    kept, factors = pipeline.reused(ctx, "fit")
+    factors = factors if kept else pipeline.fit(ctx)
+    if not pipeline.reused(ctx, "query")[0]:
         pipeline.query(ctx)
-    return mean_eigenvalue(factors)
+    return factors
 
 
 def check_fact_methods(methods: list[str]) -> None:
@@ -46,35 +55,23 @@ def trace_facts(cfg: Config, methods: list[str]) -> dict:
     """recall@1, recall@10 and MRR of the planted documents for each method, on `cfg`'s corpus and model.
 
     One context (`context.open_context`) serves every method: its factors and query gradients are fitted once
-    (reused from the run directory when their metadata match), then each method solves and scores with the solver
-    settings of `config.eval_solver` (the run's `solver` with `eval.solver` on top, as `eval lds`). With
-    `solver.damping: auto`, EK-FAC keeps the solver's λ (0.1 × mean Λ) and the iterative solvers use the LDS
-    evidence's λ = eval.damping_scale × mean(Λ) (docs/design.md, "Damping"). The recalls
+    (reused from the run directory when their metadata match, `pipeline.reused`), then each method solves and
+    scores with `fact_solver`'s settings (`config.eval_solver`: the run's `solver` with `eval.solver` on top, as
+    `eval lds`). With `solver.damping: auto`, EK-FAC keeps the solver's λ (0.1 × mean Λ) and the iterative solvers
+    use the LDS evidence's λ = eval.damping_scale × mean(Λ) (docs/design.md, "Damping"). The recalls
     go to the context's tracker (metrics.jsonl of the run directory and W&B) as facts/<method>/<metric>.
     """
     check_fact_methods(methods)
     rows = []
     ctx = open_context(cfg, "eval-facts")
     try:
-        fitted = False
+        factors = _fitted(ctx)
         for method in methods:
-            label, overrides = FACT_METHODS[method]
-            if method in ITERATIVE and cfg.solver.damping == "auto":
-                overrides = {**overrides, "damping": cfg.eval.damping_scale * _mean_lambda(ctx)}
-            solver = eval_solver(cfg, **overrides)
+            label = FACT_METHODS[method][0]
+            solver = fact_solver(cfg, method, lambda: mean_eigenvalue(factors))
             ctx.cfg = ctx.cfg.model_copy(update={"solver": solver})
             start = time.perf_counter()
-            try:
-                pipeline.solve(ctx)
-            except DastraError:  # no (or stale) factors / query gradients in the run directory
-                if fitted:
-                    raise
-                pipeline.fit(ctx)
-                pipeline.query(ctx)
-                fitted = True
-                start = time.perf_counter()
-                pipeline.solve(ctx)
-            fitted = True
+            pipeline.solve(ctx)
             recall = fact_recall(pipeline.score(ctx), load_queries(ctx.queries))
             settings = "x = ∇f" if method == "graddot" else (
                 f"λ = {solver.damping}" if method == "ekfac" else
