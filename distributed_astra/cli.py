@@ -101,15 +101,12 @@ def _stage(
             from distributed_astra.plan import check_fits  # deferred: torch
 
             check_fits(cfg)  # a config the planner says cannot fit is refused before any work (plan.check)
-        ctx = context.open_context(cfg, name)
-        try:
+        with context.open_context(cfg, name) as ctx:
             result = getattr(pipeline, name)(ctx)
             if name in ("score", "search"):
                 pipeline.print_topk(result, ctx.queries, ctx.cfg.scoring.top_k)
             if name == "report":
                 console.print(f"report written to {result}", highlight=False)
-        finally:
-            ctx.tracker.close()
 
     _guarded(action)
 

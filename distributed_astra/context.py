@@ -26,6 +26,7 @@ import json
 import os
 import platform
 from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,6 +145,27 @@ class Context:
     fingerprint: str
     tracker: Tracker
     memo: dict[str, object] = field(default_factory=dict)  # per command: the corpus fingerprint, notes printed
+    closers: list[Callable[[], None]] = field(default_factory=list)  # resources stages opened (`own`)
+
+    def own(self, close: Callable[[], None]) -> None:
+        """Close `close` with this context (once): a stage that opens a resource (the Ray session and worker group
+        of distributed/stages.py) hands it over, so `with open_context(...)` releases everything in one place."""
+        if close not in self.closers:
+            self.closers.append(close)
+
+    def close(self) -> None:
+        """Release what the stages opened (last opened first), then flush and close the tracker."""
+        try:
+            while self.closers:
+                self.closers.pop()()
+        finally:
+            self.tracker.close()
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def stat_dtype(self) -> torch.dtype:

@@ -412,7 +412,5 @@ def run(cfg: Config, job: str = "run") -> RunResult:
         ctx.tracker.artifact(f"{ctx.paths.root.name}-results", "results", [ctx.paths.summary, ctx.paths.report])
         ctx.tracker.summary(_wandb_summary(summary))
     finally:
-        ctx.tracker.close()
-        if ctx.distributed:
-            distributed_stages().close_session()
+        ctx.close()  # the tracker, and the Ray session and worker group of a distributed run
     return RunResult(summary, result, ctx.queries)

@@ -87,9 +87,11 @@ def close_session() -> None:
 
 
 def _connect(ctx: Context) -> None:
+    """Ray connected (an embedded one started when ray.address is null); the context closes the session it opened."""
     if not _session["owns_ray"] and not cluster.ray.is_initialized():
         _session["owns_ray"] = cluster.connect(ctx.cfg.ray)
-        atexit.register(close_session)
+        atexit.register(close_session)  # a context never closed (a test, an interactive session)
+    ctx.own(close_session)
 
 
 def fit(ctx: Context) -> EkfacFactors:

@@ -82,5 +82,5 @@ def trace_facts(cfg: Config, methods: list[str]) -> dict:
             rows.append(row)
             ctx.tracker.log({f"facts/{method}/{k}": v for k, v in recall.items()})
     finally:
-        ctx.tracker.close()
+        ctx.close()
     return {"rows": rows, "num_fact_queries": rows[0]["num_fact_queries"] if rows else 0}
