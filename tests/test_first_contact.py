@@ -139,3 +139,27 @@ def test_every_key_has_a_description_and_dastra_config_lists_it(tmp_path: Path):
     for section, values in tiny.items():
         for key, value in values.items():
             assert default_dump[section][key] != value, f"configs/tiny.yaml repeats the default of {section}.{key}"
+
+
+@pytest.mark.parametrize("case", ["nulls", "floats", "duplicates"])
+def test_bad_query_ids_are_one_line_through_the_cli(string_workspace: Path, tmp_path: Path, case: str):
+    """A query_id column with nulls, of another type than integers or strings, or with repeated strings: one line
+    naming the file and the column, exit code 2, before any work; the fixed file then runs."""
+    import pyarrow as pa
+
+    from tests.conftest import assert_one_line_error
+
+    ids = {"nulls": ["a", None, "c"], "floats": [1.0, 2.5, 3.0], "duplicates": ["a", "b", "a"]}[case]
+    queries = pq.read_table(string_workspace / "queries.parquet").to_pylist()
+    bad = tmp_path / "queries.parquet"
+    pq.write_table(pa.table({"query_id": ids, "prompt": [q["prompt"] for q in queries],
+                             "completion": [q["completion"] for q in queries]}), bad)
+    run_dir = tmp_path / "run"
+    args = ["--run-dir", str(run_dir), *_sets(*workspace_overrides(string_workspace), *QUICK, f"data.queries={bad}")]
+    result = invoke("query", *args)
+    assert_one_line_error(result, str(bad), "query_id")
+    assert not (run_dir / "queries").exists() and not (run_dir / "factors").exists()
+    pq.write_table(pa.table({"query_id": ["x", "y", "z"], "prompt": [q["prompt"] for q in queries],
+                             "completion": [q["completion"] for q in queries]}), bad)
+    assert invoke("query", *args).exit_code == 0
+    assert json.loads((run_dir / "queries" / "meta.json").read_text())["query_ids"] == ["x", "y", "z"]
