@@ -172,7 +172,8 @@ class SourceConfig(Section):
 
     num_segments: int = Field(3, gt=0, description="L: equal ranges of optimizer steps (the papers' 3)")
     variant: Literal["exp", "damped"] = Field(
-        "exp", description="r̄ of `source`: exp form (EK-FAC-SOURCE) | damped (Ḡ + λ_ℓI)⁻¹ (= astra-source at 0 iterations)"
+        "exp",
+        description="r̄ of `source`: exp form (EK-FAC-SOURCE) | damped (Ḡ + λ_ℓI)⁻¹ (= astra-source at 0 iterations)",
     )
     checkpoints: int = Field(
         6, gt=0, description="checkpoints recorded while the tiny GPT-2 trains, evenly spaced, the last = θ^s"
@@ -196,7 +197,9 @@ class ReportConfig(Section):
     num_queries: int = Field(
         20, gt=0, description="the first queries of topk.parquet that get a section (only they get the per-token pass)"
     )
-    max_tokens: int = Field(64, gt=0, description="tokens of document text shown: the window holding the most influence")
+    max_tokens: int = Field(
+        64, gt=0, description="tokens of document text shown: the window holding the most influence"
+    )
 
 
 class ProjectionConfig(Section):
@@ -219,7 +222,9 @@ class IndexConfig(Section):
         description="auto: flat below ivf_min_documents, ivfflat from there | flat (exact) | ivfflat | ivfpq "
         "(IVF-PQ + exact refine)",
     )
-    ivf_min_documents: int = Field(100_000, gt=0, description="auto switches from flat to ivfflat at this many documents")
+    ivf_min_documents: int = Field(
+        100_000, gt=0, description="auto switches from flat to ivfflat at this many documents"
+    )
     nlist: int | None = Field(None, gt=0, description="IVF lists; null: 4 sqrt(N)")
     pq_m: int | None = Field(None, gt=0, description="PQ sub-quantizers (must divide the dimension); null: D / 8")
     pq_bits: int = Field(8, gt=0, le=16, description="bits per PQ code")
@@ -234,7 +239,9 @@ class IndexConfig(Section):
     probe_fraction: float = Field(0.05, gt=0, le=1, description="fraction of the IVF lists probed")
     min_nprobe: int = Field(48, gt=0, description="at least this many lists are probed (all of them on small stores)")
     refine_factor: int = Field(50, gt=0, description="IndexRefine k_factor: PQ candidates re-ranked exactly per result")
-    train_size: int = Field(65_536, gt=0, description="vectors sampled (evenly) to train the IVF lists and PQ codebooks")
+    train_size: int = Field(
+        65_536, gt=0, description="vectors sampled (evenly) to train the IVF lists and PQ codebooks"
+    )
     train_iterations: int = Field(10, gt=0, description="k-means iterations (IVF directions, PQ codebooks)")
     device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="auto: GPU when faiss has one | cpu | gpu (without one: a warning, then CPU)"
@@ -356,8 +363,8 @@ class EvalConfig(Section):
     solver: EvalSolverConfig = Field(
         default_factory=EvalSolverConfig,
         description="the solver settings of `eval lds` and `eval facts`: the run's `solver` section with these "
-        "non-null keys on top (`eval_solver`; defaults: the LDS harness's 200 iterations, ℬ 64, absolute α = 0.01, momentum 0.9, "
-        "×0.5 every 50; seeds Table 3). The LDS's SNI-IF takes its step from eval.sni_lr instead of lr/lr_mode",
+        "non-null keys on top (`eval_solver`; defaults: the LDS harness's 200 iterations, ℬ 64, absolute "
+        "α = 0.01, momentum 0.9, ×0.5 every 50; seeds Table 3). The LDS's SNI-IF takes its step from eval.sni_lr instead of lr/lr_mode",
     )
     # Not a solver field: no solver.lr_mode is "a multiple of 1/(σ_max(G) + λ) by full-batch power iteration".
     sni_lr: float = Field(
