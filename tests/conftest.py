@@ -19,9 +19,13 @@ import torch
 from torch import nn
 from transformers import GPT2LMHeadModel
 
+from distributed_astra.curvature import fit_ekfac
 from distributed_astra.data.tokenizer import train_bpe_tokenizer
+from distributed_astra.ihvp.ekfac import default_damping
 from distributed_astra.models import tiny
 from distributed_astra.models.lm import IGNORE_INDEX
+from distributed_astra.models.load import prepare_for_attribution
+from distributed_astra.models.modules import select_tracked_modules
 
 VOCAB = 64
 
@@ -147,8 +151,6 @@ def batch_factory():
 @pytest.fixture
 def tiny_gpt2():
     """float64 tiny GPT-2, prepared for attribution (frozen parameters, input embeddings require grad)."""
-    from distributed_astra.models.load import prepare_for_attribution
-
     return prepare_for_attribution(build_tiny_gpt2())
 
 
@@ -274,3 +276,17 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     for fragment in fragments:
         assert fragment in result.output, result.output
+
+
+GPT2_TRACKED = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.1.mlp.*"]
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_gpt2_factory, batch_factory):
+    """A prepared tiny GPT-2 (seed 3), its GPT2_TRACKED modules, three prompt-masked batches with an empty row,
+    their EK-FAC factors and the default damping: the solvers' GPT-2 case (test_solvers, test_heldout)."""
+    model = prepare_for_attribution(tiny_gpt2_factory(seed=3))
+    tracked = select_tracked_modules(model, GPT2_TRACKED)
+    batches = batch_factory(num_batches=3, batch_size=4, seq_len=12, seed=7, prompt_len=3, empty_row=True)
+    factors = fit_ekfac(model, tracked, lambda: batches, torch.float64, seed=1)
+    return model, tracked, batches, factors, default_damping(factors)

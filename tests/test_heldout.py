@@ -8,25 +8,12 @@ import pytest
 import torch
 
 from distributed_astra.config import SolverConfig
-from distributed_astra.curvature import fit_ekfac
-from distributed_astra.ihvp.ekfac import default_damping
 from distributed_astra.ihvp.monitor import HELDOUT_COLUMNS
 from distributed_astra.ihvp.products import FisherProduct, GGNProduct, label_generator, vec_axpy, vec_dot, vec_take
 from distributed_astra.ihvp.solvers import MinibatchSampler, ekfac_preconditioner, solve
-from distributed_astra.models.load import prepare_for_attribution
-from distributed_astra.models.modules import select_tracked_modules
-from tests.test_products import GPT2_TRACKED, random_vectors
+from tests.test_products import random_vectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def gpt2(tiny_gpt2_factory, batch_factory):
-    model = prepare_for_attribution(tiny_gpt2_factory(seed=3))
-    tracked = select_tracked_modules(model, GPT2_TRACKED)
-    batches = batch_factory(num_batches=3, batch_size=4, seq_len=12, seed=7, prompt_len=3, empty_row=True)
-    factors = fit_ekfac(model, tracked, lambda: batches, torch.float64, seed=1)
-    return model, tracked, batches, factors, default_damping(factors)
 
 
 def _solve(gpt2, product_kind: str, heldout: bool, **settings):

@@ -27,9 +27,9 @@ from distributed_astra.ihvp.products import (
 from distributed_astra.models.lm import IGNORE_INDEX
 from distributed_astra.models.load import prepare_for_attribution
 from distributed_astra.models.modules import select_tracked_modules
+from tests.conftest import GPT2_TRACKED, TinyClassifier
 
 # attn.c_proj is square (16 x 16+1): a forgotten Conv1D transpose would go unnoticed on a non-square module only.
-GPT2_TRACKED = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.1.mlp.*"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,8 +107,6 @@ def gpt2_setup(tiny_gpt2_factory, batch_factory):
 
 @pytest.fixture(scope="module")
 def mlp_setup(classifier_batch_factory):
-    from tests.conftest import TinyClassifier
-
     inputs = torch.randn(24, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     model = TinyClassifier(inputs, hidden=6, num_classes=4)
     tracked = select_tracked_modules(model, ["hidden", "head"])

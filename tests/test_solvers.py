@@ -22,10 +22,9 @@ from distributed_astra.ihvp.solvers import (
     solve,
     step_size,
 )
-from distributed_astra.models.load import prepare_for_attribution
 from distributed_astra.models.modules import select_tracked_modules
 from tests.conftest import TinyClassifier
-from tests.test_products import GPT2_TRACKED, dense_ggn, flatten, random_vectors, rel, unflatten
+from tests.test_products import dense_ggn, flatten, random_vectors, rel, unflatten
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,15 +46,6 @@ def mlp(classifier_batch_factory):
     g = dense_ggn(model, tracked, batch, vectorized=False)
     factors = fit_ekfac(model, tracked, lambda: classifier_batch_factory(24, 50, 400), torch.float64, seed=0)
     return model, tracked, batch, g, factors, default_damping(factors)
-
-
-@pytest.fixture(scope="module")
-def gpt2(tiny_gpt2_factory, batch_factory):
-    model = prepare_for_attribution(tiny_gpt2_factory(seed=3))
-    tracked = select_tracked_modules(model, GPT2_TRACKED)
-    batches = batch_factory(num_batches=3, batch_size=4, seq_len=12, seed=7, prompt_len=3, empty_row=True)
-    factors = fit_ekfac(model, tracked, lambda: batches, torch.float64, seed=1)
-    return model, tracked, batches, factors, default_damping(factors)
 
 
 def dense_operator(fn, tracked) -> torch.Tensor:

@@ -36,6 +36,7 @@ import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -49,13 +50,21 @@ CONVERGED = "converged"
 DIVERGED = "diverged"
 MAX_ITERATIONS = "max_iterations"
 EXACT = "exact"  # the EK-FAC solver: no iteration
-TRACE_COLUMNS = ("query", "query_id", "repeat", "iteration", "objective", "residual", "lr", "status")
-HELDOUT_COLUMNS = ("query", "query_id", "repeat", "iteration", "objective", "residual")
+# The Arrow type of every column of trace.parquet; heldout.parquet has the first six.
+COLUMN_TYPES = {
+    "query": "int64", "query_id": "string", "repeat": "int64", "iteration": "int64",
+    "objective": "float64", "residual": "float64", "lr": "float64", "status": "string",
+}
+TRACE_COLUMNS = tuple(COLUMN_TYPES)
+HELDOUT_COLUMNS = TRACE_COLUMNS[:6]
 
 
 @dataclass
-class Trace:
-    """Column-wise trace rows: one per (query, repeat, iteration) that was actually iterated."""
+class HeldoutTrace:
+    """Column-wise rows of the held-out evaluation: one per (query, repeat, iteration k) evaluated, k being the
+    number of steps taken (k = 0: the initial iterate; the last row of a query: its final iterate)."""
+
+    COLUMNS: ClassVar[tuple[str, ...]] = HELDOUT_COLUMNS
 
     query: list[int] = field(default_factory=list)
     query_id: list[str] = field(default_factory=list)
@@ -63,14 +72,23 @@ class Trace:
     iteration: list[int] = field(default_factory=list)
     objective: list[float] = field(default_factory=list)
     residual: list[float] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-    status: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.query)
 
     def columns(self) -> dict[str, list]:
-        return {name: getattr(self, name) for name in TRACE_COLUMNS}
+        return {name: getattr(self, name) for name in self.COLUMNS}
+
+
+@dataclass
+class Trace(HeldoutTrace):
+    """Column-wise trace rows: one per (query, repeat, iteration) that was actually iterated, with its step size
+    and status besides the held-out columns."""
+
+    COLUMNS: ClassVar[tuple[str, ...]] = TRACE_COLUMNS
+
+    lr: list[float] = field(default_factory=list)
+    status: list[str] = field(default_factory=list)
 
     def rows(self) -> list[dict]:
         cols = self.columns()
@@ -82,42 +100,19 @@ class Trace:
         return {k: [v[i] for i in keep] for k, v in self.columns().items()}
 
 
-@dataclass
-class HeldoutTrace:
-    """Column-wise rows of the held-out evaluation: one per (query, repeat, iteration k) evaluated, k being the
-    number of steps taken (k = 0: the initial iterate; the last row of a query: its final iterate)."""
-
-    query: list[int] = field(default_factory=list)
-    query_id: list[str] = field(default_factory=list)
-    repeat: list[int] = field(default_factory=list)
-    iteration: list[int] = field(default_factory=list)
-    objective: list[float] = field(default_factory=list)
-    residual: list[float] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.query)
-
-    def columns(self) -> dict[str, list]:
-        return {name: getattr(self, name) for name in HELDOUT_COLUMNS}
-
-
 def heldout_table(trace: HeldoutTrace | dict[str, list]):
     """A pyarrow.Table (query int64, query_id string, repeat, iteration int64, objective, residual float64) for
     `heldout.parquet`, from a `HeldoutTrace` or a dict of its columns."""
+    cols = trace.columns() if isinstance(trace, HeldoutTrace) else {k: list(trace.get(k, [])) for k in HELDOUT_COLUMNS}
+    return _typed_table(cols, HELDOUT_COLUMNS)
+
+
+def _typed_table(cols: Mapping[str, list], names: Sequence[str]):
+    """The named columns as a pyarrow.Table with their `COLUMN_TYPES`."""
     import pyarrow as pa
 
-    cols = trace.columns() if isinstance(trace, HeldoutTrace) else {k: list(trace.get(k, [])) for k in HELDOUT_COLUMNS}
-    schema = pa.schema(
-        [
-            ("query", pa.int64()),
-            ("query_id", pa.string()),
-            ("repeat", pa.int64()),
-            ("iteration", pa.int64()),
-            ("objective", pa.float64()),
-            ("residual", pa.float64()),
-        ]
-    )
-    return pa.table({k: cols[k] for k in HELDOUT_COLUMNS}, schema=schema)
+    schema = pa.schema([(name, getattr(pa, COLUMN_TYPES[name])()) for name in names])
+    return pa.table({name: cols[name] for name in names}, schema=schema)
 
 
 def heldout_summary(table, info: Mapping[str, object] | None = None) -> dict[str, object]:
@@ -160,8 +155,6 @@ def heldout_summary(table, info: Mapping[str, object] | None = None) -> dict[str
 def trace_table(trace: Trace | Sequence[dict] | dict[str, list]):
     """A pyarrow.Table with columns query (int64), query_id (string), repeat, iteration (int64), objective, residual,
     lr (float64), status (string), from a `Trace`, a list of row dicts, or a dict of columns."""
-    import pyarrow as pa
-
     if hasattr(trace, "trace") and isinstance(trace.trace, Trace):  # a SolveResult
         trace = trace.trace
     if isinstance(trace, Trace):
@@ -170,19 +163,7 @@ def trace_table(trace: Trace | Sequence[dict] | dict[str, list]):
         cols = {k: list(trace.get(k, [])) for k in TRACE_COLUMNS}
     else:
         cols = {k: [row[k] for row in trace] for k in TRACE_COLUMNS}
-    schema = pa.schema(
-        [
-            ("query", pa.int64()),
-            ("query_id", pa.string()),
-            ("repeat", pa.int64()),
-            ("iteration", pa.int64()),
-            ("objective", pa.float64()),
-            ("residual", pa.float64()),
-            ("lr", pa.float64()),
-            ("status", pa.string()),
-        ]
-    )
-    return pa.table({k: cols[k] for k in TRACE_COLUMNS}, schema=schema)
+    return _typed_table(cols, TRACE_COLUMNS)
 
 
 class ConvergenceMonitor:
