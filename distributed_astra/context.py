@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 from contextlib import nullcontext
 from collections.abc import Callable
@@ -336,10 +335,7 @@ def corpus_meta(ctx: Context) -> dict[str, object]:
     """What every artifact computed from the corpus depends on: the data settings that make its sequences (one field
     each, so that a mismatch is named) and a fingerprint of the corpus files (names, row counts, sizes)."""
     if "corpus_fingerprint" not in ctx.memo:
-        data = ctx.cfg.data
-        corpus = open_corpus(ctx.corpus, data.text_column, data.id_column, data.split)
-        files = [(Path(f.path).name, f.num_rows, os.path.getsize(f.path)) for f in corpus.files]
-        ctx.memo["corpus_fingerprint"] = hashlib.sha256(repr(files).encode()).hexdigest()[:16]
+        ctx.memo["corpus_fingerprint"] = ctx.open_corpus().fingerprint
     data = ctx.cfg.data
     settings = {f"data.{name}": getattr(data, name) for name in CORPUS_SETTINGS if hasattr(data, name)}
     return {**settings, "corpus_fingerprint": ctx.memo["corpus_fingerprint"]}
@@ -483,7 +479,7 @@ def topk_table(ctx: Context, query_ids: list[QueryId], scores: torch.Tensor, key
     ids as the queries file and the corpus give them; written atomically."""
     corpus = ctx.open_corpus()
     flat = keys.flatten().tolist()
-    texts, doc_ids = corpus.texts(flat), corpus.doc_ids(flat)
+    texts, doc_ids = corpus.texts_and_ids(flat)
     k = scores.shape[1]
     table = pa.table(
         {

@@ -280,6 +280,12 @@ class Corpus:
     def columns(self) -> list[str]:
         return [c for c in (self.id_column, self.text_column) if c is not None]
 
+    @property
+    def fingerprint(self) -> str:
+        """Changes when the corpus files do: their names, row counts and sizes, in order."""
+        files = [(Path(f.path).name, f.num_rows, Path(f.path).stat().st_size) for f in self.files]
+        return hashlib.sha256(repr(files).encode()).hexdigest()[:16]
+
     def shard_plan(self, rows_per_shard: int) -> ShardPlan:
         """Cut every file into consecutive shards of at most `rows_per_shard` rows (deterministic)."""
         if rows_per_shard <= 0:
@@ -290,7 +296,7 @@ class Corpus:
                 stop = min(start + rows_per_shard, f.num_rows)
                 shards.append(CorpusShard(len(shards), f.path, f.format, start, stop, f.row_offset + start))
         described = {
-            "files": [(Path(f.path).name, f.num_rows, Path(f.path).stat().st_size) for f in self.files],
+            "files": self.fingerprint,
             "columns": [self.text_column, self.id_column],
             "rows_per_shard": rows_per_shard,
         }
@@ -389,10 +395,15 @@ class Corpus:
 
     def doc_ids(self, keys: Iterable[int]) -> dict[int, int | str]:
         """Document key -> doc_id as the corpus gives it (a positional read of the id column for string ids)."""
+        return self.texts_and_ids(keys, texts=False)[1]
+
+    def texts_and_ids(self, keys: Iterable[int], texts: bool = True) -> tuple[dict[int, str], dict[int, int | str]]:
+        """(key -> text, key -> doc_id) of the given document keys, reading each document once."""
         wanted = sorted(set(int(k) for k in keys))
         if not self.keys_are_rows or self.id_column is None:
-            return {k: k for k in wanted}
-        return {row: doc.doc_id for row, doc in self.documents_at(wanted).items()}
+            return (self.texts(wanted) if texts else {}), {k: k for k in wanted}
+        documents = self.documents_at(wanted)
+        return {row: doc.text for row, doc in documents.items()}, {row: doc.doc_id for row, doc in documents.items()}
 
     def texts(self, keys: Iterable[int]) -> dict[int, str]:
         """Document key -> text: a positional read when keys are rows, else one streaming scan of the id column."""

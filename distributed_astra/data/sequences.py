@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from collections import Counter
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -302,7 +303,7 @@ def load_queries(queries_path: Path) -> list[Query]:
     completions = table.column("completion").to_pylist()
     has_targets = "fact_doc_id" in table.column_names
     targets = _id_column(table, "fact_doc_id", queries_path, nullable=True) if has_targets else [None] * len(ids)
-    duplicates = sorted({i for i in ids if ids.count(i) > 1}, key=str) if len(set(ids)) != len(ids) else []
+    duplicates = sorted((i for i, n in Counter(ids).items() if n > 1), key=str)
     if duplicates:
         shown = ", ".join(repr(i) for i in duplicates[:5])
         raise DastraError(f"queries {queries_path}: query_id values must be unique; repeated: {shown}")
