@@ -20,7 +20,13 @@ from typer.testing import CliRunner
 
 from distributed_astra.cli import app
 from distributed_astra.config import IndexConfig
-from distributed_astra.index.faiss_index import build_index, index_kind, load_index, save_index, search_index
+from distributed_astra.index.faiss_index import (
+    build_index,
+    index_kind,
+    load_index,
+    save_index,
+    search_index,
+)
 from distributed_astra.index.store import GradientStore, open_store
 from distributed_astra.models.tiny import build_tiny_gpt2
 from tests.conftest import corpus_rows, workspace_overrides, write_workspace
@@ -102,7 +108,7 @@ def _assert_search_is_exact_topk(run_dir: Path, dense, rel: float) -> list[dict]
 
 
 def test_store_layout_metadata_and_zero_copy_fp16(run, default_run):
-    run_dir, full, _ = run
+    run_dir, _, _ = run
     meta = json.loads((run_dir / "store" / "meta.json").read_text())
     assert meta["num_documents"] == NUM_DOCS - 1 and meta["skipped_rows"] == {"empty": 1, "non_utf8": 0}
     assert len(meta["shards"]) == 4  # 60 rows / shard_rows 16
@@ -138,6 +144,26 @@ def test_two_stage_search_equals_exhaustive_exact_topk(run, default_run, workspa
     assert result.exit_code == 0, result.output
     for r in _assert_search_is_exact_topk(other, dense, rel=1e-5):
         assert r["text"] and r["row"] == r["doc_id"] - 500
+    meta = json.loads((other / "search" / "meta.json").read_text())
+    assert meta["recall_estimate"] == 1.0 and meta["index_nprobe"] is None  # flat index
+
+
+def test_search_reports_its_recall_of_the_exhaustive_exact_topk(run, default_run, workspace):
+    """A shortlist of top_k (r = 1) at the default projection misses part of the exact top-k; search/meta.json
+    reports the recall estimated from its random sample, which on a store this small (59 documents, below
+    RECALL_SAMPLE_MIN) is every document: the estimate is then the true recall against exhaustive exact scoring."""
+    _, _, dense = run
+    result = invoke("search", *_args(workspace, default_run, "index.shortlist_factor=1"))
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(default_run / "search" / "topk.parquet").to_pylist()
+    meta = json.loads((default_run / "search" / "meta.json").read_text())
+    assert meta["recall_sample_documents"] == NUM_DOCS - 1 and meta["recall_estimate_stderr"] == 0.0
+    per_query = {}
+    for q in range(3):
+        got = {r["doc_id"] for r in table if r["query_id"] == q}
+        per_query[str(q)] = len(got & set(_exact_topk(dense, q, TOP_K))) / TOP_K
+    assert meta["recall_per_query"] == pytest.approx(per_query, abs=1e-12)
+    assert meta["recall_estimate"] == pytest.approx(np.mean(list(per_query.values())), abs=1e-12)
 
 
 def test_search_refuses_a_store_from_another_seed_or_model(run, workspace, tmp_path):

@@ -13,7 +13,10 @@
   vectors) but 0.71 on the 100k synthetic store, where the PQ ranking is the limit (finer sub-vectors: 0.84 at 4
   dims), and the refine copy is as large as the flat index: kept for when it is asked for. `index.pq_m` None: the
   largest divisor of D that is at most D / 8, i.e. 8-dimensional sub-vectors (256 for D = 2,048).
-- probing (both IVF kinds): `index.nprobe`, else max(`min_nprobe`, ceil(`probe_fraction` x nlist)) lists.
+- probing (both IVF kinds): `index.nprobe`, else the larger of the calibrated nprobe and the floor
+  max(`min_nprobe`, ceil(`probe_fraction` x nlist)). Calibrated at build time (`calibrate_nprobe`): the fewest lists
+  whose recall@10 against the exact top-10 reaches `TARGET_RECALL` on `CALIBRATION_QUERIES` stored vectors used as
+  leave-one-out queries; the chosen nprobe, the recall it reached and the sweep are in index/meta.json.
 - device: a GPU index when faiss has GPUs (`index.device: auto | gpu`); `gpu` without one warns and stays on CPU.
   Indexes are saved on CPU (`faiss.write_index`) and moved to the GPU after loading.
 """
@@ -21,6 +24,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import warnings
@@ -34,6 +38,10 @@ from distributed_astra.errors import DastraError
 from distributed_astra.index.store import GradientStore
 
 INDEX_FILE = "index.faiss"
+# Build-time calibration of the IVF probing (proposed config fields: index.target_recall, index.calibration_queries)
+TARGET_RECALL = 0.95
+CALIBRATION_QUERIES = 256
+CALIBRATION_K = 10
 # recorded in index/meta.json and checked by `search`: an index of an older layout is refused, naming this field
 INDEX_FORMATS = {"flat": "flat-ip/1", "ivfflat": "ivfflat-norm-bands/1", "ivfpq": "ivfpq-norm-bands/2"}
 
@@ -193,7 +201,6 @@ def _build_ivfflat(store: GradientStore, cfg: IndexConfig) -> tuple[faiss.Index,
     lists, quantizer = _ivf_lists(store, cfg, _training_sample(store, cfg.train_size), 1)
     index = faiss.IndexIVFFlat(quantizer, store.dim + 1, lists.nlist, faiss.METRIC_INNER_PRODUCT)
     _fill_lists(index, lists, store)
-    index.nprobe = nprobe_for(cfg, lists.nlist)
     return index, {"nlist": lists.nlist, "norm_bands": len(lists.directions)}
 
 
@@ -234,15 +241,86 @@ def _build_ivfpq(store: GradientStore, cfg: IndexConfig) -> tuple[faiss.Index, d
     _fill_lists(ivfpq, lists, store, refine)  # codes into their lists, exact copies for the refinement
     index = faiss.IndexRefine(ivfpq, refine)
     index.k_factor = float(cfg.refine_factor)
-    faiss.downcast_index(index.base_index).nprobe = nprobe_for(cfg, nlist)
     info = {"nlist": nlist, "pq_m": m, "pq_bits": cfg.pq_bits, "norm_bands": len(lists.directions)}
     return index, info
 
 
-def nprobe_for(cfg: IndexConfig, nlist: int) -> int:
-    """index.nprobe, or the fraction index.probe_fraction of the lists but at least index.min_nprobe (at most all)."""
-    wanted = cfg.nprobe if cfg.nprobe is not None else max(cfg.min_nprobe, math.ceil(cfg.probe_fraction * nlist))
+def nprobe_for(cfg: IndexConfig, nlist: int, calibrated: int = 1) -> int:
+    """index.nprobe, else max(`calibrated`, index.min_nprobe, ceil(index.probe_fraction x nlist)), at most all."""
+    floor = max(calibrated, cfg.min_nprobe, math.ceil(cfg.probe_fraction * nlist))
+    wanted = cfg.nprobe if cfg.nprobe is not None else floor
     return max(1, min(wanted, nlist))
+
+
+def sample_positions(count: int, size: int, seed: int) -> np.ndarray:
+    """`size` distinct positions of [0, count) drawn uniformly (sorted), all of them when size >= count."""
+    if size >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size, replace=False))
+
+
+def gather_vectors(store: GradientStore, positions: np.ndarray) -> np.ndarray:
+    """The stored vectors at sorted `positions` (shard order), float32 [len(positions), D]."""
+    parts, start = [], 0
+    for shard in store.iter_shards():
+        end = start + len(shard.vectors)
+        inside = positions[(positions >= start) & (positions < end)] - start
+        parts.append(np.asarray(shard.vectors[inside], dtype=np.float32))
+        start = end
+    return np.concatenate(parts) if parts else np.zeros((0, store.dim), np.float32)
+
+
+def exact_store_topk(store: GradientStore, queries: np.ndarray, k: int) -> np.ndarray:
+    """[Q, k] positions of the k largest <q, x> over every stored vector (float32 products, streamed by shard)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best = np.zeros((len(queries), 0), dtype=np.int64)
+    start = 0
+    for shard in store.iter_shards():
+        scores = queries @ np.asarray(shard.vectors, dtype=np.float32).T
+        both_scores = np.concatenate([best_scores, scores], axis=1)
+        both = np.concatenate([best, np.broadcast_to(np.arange(start, start + scores.shape[1]), scores.shape)], axis=1)
+        keep = np.argsort(-both_scores, axis=1, kind="stable")[:, :k]
+        best_scores, best = np.take_along_axis(both_scores, keep, 1), np.take_along_axis(both, keep, 1)
+        start += scores.shape[1]
+    return best
+
+
+def _without_self(positions: np.ndarray, own: np.ndarray, k: int) -> list[set[int]]:
+    return [set([int(p) for p in row if p >= 0 and p != me][:k]) for row, me in zip(positions, own)]
+
+
+def calibrate_nprobe(index: faiss.Index, store: GradientStore, target: float = TARGET_RECALL,
+                     num_queries: int = CALIBRATION_QUERIES, k: int = CALIBRATION_K) -> dict[str, object]:
+    """The fewest probed lists whose recall@k against the exact top-k reaches `target`, found by bisection.
+
+    Queries: `num_queries` stored vectors drawn at random (seed 0), each searched leave-one-out (its own position
+    removed from both the exact and the IVF top-k+1), so the calibration needs no query file. recall(nprobe) =
+    mean |IVF top-k ∩ exact top-k| / k, non-decreasing in nprobe for ivfflat (more lists, a superset of
+    candidates); where even every list misses the target (ivfpq, capped by PQ) all lists are chosen and the recall
+    reached is what is recorded.
+    """
+    own = sample_positions(store.num_documents, num_queries, seed=0)
+    queries = gather_vectors(store, own)
+    exact = _without_self(exact_store_topk(store, queries, k + 1), own, k)
+    ivf = faiss.extract_index_ivf(index)
+    measured: dict[int, float] = {}
+
+    def recall(nprobe: int) -> float:
+        if nprobe not in measured:
+            ivf.nprobe = nprobe
+            found = _without_self(search_index(index, queries, k + 1)[1], own, k)
+            measured[nprobe] = float(np.mean([len(f & e) / max(1, len(e)) for f, e in zip(found, exact)]))
+        return measured[nprobe]
+
+    low, high = 1, ivf.nlist
+    if recall(high) >= target:
+        while low < high:  # invariant: recall(high) >= target
+            middle = (low + high) // 2
+            low, high = (low, middle) if recall(middle) >= target else (middle + 1, high)
+    return {"calibrated_nprobe": high, "calibration": {
+        "target_recall": target, "recall_at_k": recall(high), "k": k, "queries": len(own),
+        "sweep": [{"nprobe": n, "recall": r} for n, r in sorted(measured.items())]}}
 
 
 def build_index(store: GradientStore, cfg: IndexConfig) -> tuple[faiss.Index, dict[str, object]]:
@@ -255,6 +333,8 @@ def build_index(store: GradientStore, cfg: IndexConfig) -> tuple[faiss.Index, di
     if kind in ("ivfflat", "ivfpq"):
         index, built = (_build_ivfflat if kind == "ivfflat" else _build_ivfpq)(store, cfg)
         info.update(built)
+        info.update(calibrate_nprobe(index, store))
+        info["nprobe"] = faiss.extract_index_ivf(index).nprobe = nprobe_for(cfg, built["nlist"], info["calibrated_nprobe"])
         return index, info
     index = faiss.IndexFlatIP(dim)
     for shard in store.iter_shards():
@@ -283,16 +363,28 @@ def save_index(index: faiss.Index, folder: Path) -> None:
 
 
 def load_index(folder: Path, cfg: IndexConfig) -> faiss.Index:
-    """Read the saved index, set the search parameters of `cfg` (nprobe, refine_factor), move it to the device."""
+    """Read the saved index, set the search parameters of `cfg` (nprobe, refine_factor), move it to the device.
+
+    The probing is `nprobe_for` with the calibrated nprobe of folder/meta.json (1 when the index has none)."""
     index = faiss.read_index(str(Path(folder) / INDEX_FILE))
+    meta_path = Path(folder) / "meta.json"
+    calibrated = json.loads(meta_path.read_text()).get("calibrated_nprobe", 1) if meta_path.is_file() else 1
     base = index
     if isinstance(index, faiss.IndexRefine):  # ivfpq
         index.k_factor = float(cfg.refine_factor)
         base = index.base_index
     if not isinstance(index, faiss.IndexFlat):  # ivfflat, ivfpq
         ivf = faiss.extract_index_ivf(base)
-        ivf.nprobe = nprobe_for(cfg, ivf.nlist)
+        ivf.nprobe = nprobe_for(cfg, ivf.nlist, int(calibrated))
     return to_device(index, cfg.device)
+
+
+def faiss_nprobe(index: faiss.Index) -> int | None:
+    """The lists an IVF index probes (None for the exact flat index, CPU or GPU)."""
+    try:
+        return int(faiss.extract_index_ivf(index).nprobe)
+    except RuntimeError:  # not an IVF index
+        return None
 
 
 def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,8 @@
     index:   corpus --(per token: (P_out Ds)(P_in ā)ᵀ, summed per document)--> store/ --> index/index.faiss
     search:  solved directions X_q (ihvp/<solver>/, EK-FAC or ASTRA) --> P_out X_q P_inᵀ --> faiss top k·r
              --> optional exact re-score of the candidates with full gradients --> search/topk.parquet
+             (with the re-score, search/meta.json reports the estimated recall of the exhaustive exact top-k from
+             an exact re-score of a random sample of the store in the same pass: index/retrieval.py)
 
 The store and the index record the projection (seed, dims), the model fingerprint and the tracked modules; search
 refuses a store or index whose record differs from the current run and names the field.
@@ -19,15 +21,40 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distributed_astra.artifacts import atomic_path, check_meta, read_directions, read_meta, write_json
+from distributed_astra.artifacts import (
+    atomic_path,
+    check_meta,
+    read_directions,
+    read_meta,
+    write_json,
+)
 from distributed_astra.config import SOURCE_SOLVERS
 from distributed_astra.context import Context, warn_skipped_rows
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.data.corpus import Corpus
 from distributed_astra.data.sequences import iter_document_batches, load_queries
 from distributed_astra.errors import DastraError
-from distributed_astra.index.faiss_index import INDEX_FORMATS, build_index, load_index, save_index, search_index
-from distributed_astra.index.store import GradientStore, StoreWriter, open_store, store_bytes, write_store
+from distributed_astra.index.faiss_index import (
+    INDEX_FORMATS,
+    build_index,
+    faiss_nprobe,
+    load_index,
+    sample_positions,
+    save_index,
+    search_index,
+)
+from distributed_astra.index.retrieval import (
+    RECALL_SAMPLE_SEED,
+    recall_estimate,
+    recall_sample_size,
+)
+from distributed_astra.index.store import (
+    GradientStore,
+    StoreWriter,
+    open_store,
+    store_bytes,
+    write_store,
+)
 from distributed_astra.progress import progress_bar
 from distributed_astra.scoring.gradients import captured_batches
 from distributed_astra.scoring.inner_products import sequence_scores
@@ -164,15 +191,19 @@ def search(ctx: Context, store: GradientStore) -> pa.Table:
     _, rows = store_ids(store)
     corpus = ctx.open_corpus()
     exact: dict[int, torch.Tensor] = {}
-    if cfg.rescore:
-        candidates = sorted({int(rows[p]) for p in positions.flatten() if p >= 0})
-        with progress_bar("exact re-score of the shortlist", len(candidates), "docs"):
+    shortlists = [{int(rows[p]) for p in row if p >= 0} for row in positions]
+    sample = [int(rows[p]) for p in sample_positions(len(rows), recall_sample_size(len(rows)), RECALL_SAMPLE_SEED)]
+    if cfg.rescore:  # the shortlists and the recall sample (index/retrieval.py) in one exact pass
+        candidates = sorted(set().union(*shortlists, sample))
+        with progress_bar("exact re-score of the shortlist and the recall sample", len(candidates), "docs"):
             exact = exact_document_scores(ctx, corpus, candidates, directions)
     records: dict[str, list] = {"query_id": [], "rank": [], "score": [], "projected_score": [], "row": []}
+    results = []
     for q, qid in enumerate(query_ids):
         found = [(int(p), float(s)) for p, s in zip(positions[q], projected[q]) if p >= 0]
         if cfg.rescore:
             found.sort(key=lambda item: -float(exact[int(rows[item[0]])][q]))
+        results.append([int(rows[p]) for p, _ in found[:k]])
         for rank, (position, projected_score) in enumerate(found[:k], start=1):
             row = int(rows[position])
             records["query_id"].append(qid)
@@ -188,12 +219,20 @@ def search(ctx: Context, store: GradientStore) -> pa.Table:
         **{column: records[column] for column in ("score", "projected_score", "row")},
         "text": [documents[r].text for r in records["row"]],
     })
+    recall: dict[str, object] = {"recall_estimate": None}  # no exact scores without index.rescore
+    if cfg.rescore:
+        scores = {row: value.numpy() for row, value in exact.items()}
+        recall = recall_estimate(query_ids, shortlists, results, scores, sample, len(rows), k)
     out = search_dir(ctx)
     with atomic_path(out) as tmp:
         tmp.mkdir()
         pq.write_table(table, tmp / "topk.parquet")
-        write_json(tmp / "meta.json", {**expected, "rescore": cfg.rescore, "shortlist": k * cfg.shortlist_factor})
-    ctx.tracker.log({"search/seconds": search_seconds, "search/num_queries": len(query_ids)})
+        write_json(tmp / "meta.json", {**expected, "rescore": cfg.rescore, "shortlist": k * cfg.shortlist_factor,
+                                       "index_nprobe": faiss_nprobe(faiss_index), **recall})
+    logged = {"search/seconds": search_seconds, "search/num_queries": len(query_ids)}
+    if recall["recall_estimate"] is not None:
+        logged["search/recall_estimate"] = recall["recall_estimate"]
+    ctx.tracker.log(logged)
     return table
 
 
