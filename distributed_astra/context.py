@@ -1,8 +1,8 @@
 """The run context every stage reads: the config, the run directory, the model, tokenizer and tracked modules, the
 tracker, and the artifacts stages share (their metadata, the query gradients, the solved directions, the top-k).
 
-It sits below every stage module (pipeline.py, distributed/stages.py, source/stages.py, index/stages.py,
-report/build.py) and imports none of them.
+It sits below every stage module (stages/, index/stages.py, report/build.py, pipeline.py) and imports none of
+them. It opens the run's executor (execution.py): in process, or a Ray worker group for a distributed config.
 
 Run directory layout (docs/design.md, "Artifacts"):
     data/corpus.parquet, data/queries.parquet   the demo corpus (data.corpus / data.queries = demo)
@@ -11,7 +11,7 @@ Run directory layout (docs/design.md, "Artifacts"):
     factors/                                    EK-FAC factors (safetensors) + meta.json
     queries/                                    query gradients + meta.json (query ids as given)
     trajectory/                                 the tiny GPT-2's training trajectory (SOURCE, source/trajectory.py)
-    source/segment_<ℓ>/                         SOURCE's segment-averaged EK-FAC factors (source/stages.py)
+    source/segment_<ℓ>/                         SOURCE's segment-averaged EK-FAC factors (stages/source.py)
     ihvp/<solver>/                              solved directions (G + λI)⁻¹∇f + meta.json (+ trace.parquet);
                                                 source | astra-source: directions_segment<ℓ>.safetensors
     topk.parquet, scores/                       solver.name's top-k (scores/: shard manifest, dense scores)
@@ -24,8 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,9 +64,9 @@ from distributed_astra.data.sequences import (
 )
 from distributed_astra.data.tokenizer import train_bpe_tokenizer
 from distributed_astra.distributed import is_distributed, validate_distributed
+from distributed_astra.distributed.memory import rank_memory
 from distributed_astra.errors import DastraError
-from distributed_astra.ihvp.products import FisherProduct, GGNProduct, label_generator
-from distributed_astra.ihvp.solvers import MinibatchSampler
+from distributed_astra.execution import Executor, InProcessExecutor
 from distributed_astra.models.load import check_context_length, context_length, load_causal_lm, load_tokenizer
 from distributed_astra.models.modules import TrackedModule, select_tracked_modules
 from distributed_astra.models.tiny import build_tiny_gpt2, tiny_optimizer_settings, train_tiny_gpt2
@@ -143,12 +143,12 @@ class Context:
     tracked: dict[str, TrackedModule]
     fingerprint: str
     tracker: Tracker
+    executor: Executor  # where the stages' rank functions run (execution.py): in process, or a Ray worker group
     memo: dict[str, object] = field(default_factory=dict)  # per command: the corpus fingerprint, notes printed
-    closers: list[Callable[[], None]] = field(default_factory=list)  # resources stages opened (`own`)
+    closers: list[Callable[[], None]] = field(default_factory=list)  # what `close` releases, last opened first
 
     def own(self, close: Callable[[], None]) -> None:
-        """Close `close` with this context (once): a stage that opens a resource (the Ray session and worker group
-        of distributed/stages.py) hands it over, so `with open_context(...)` releases everything in one place."""
+        """Close `close` with this context (once), so `with open_context(...)` releases everything in one place."""
         if close not in self.closers:
             self.closers.append(close)
 
@@ -208,10 +208,38 @@ class Context:
     def model_meta(self) -> dict[str, object]:
         return {"fingerprint": self.fingerprint, "tracked_modules": list(self.tracked)}
 
-    @property
-    def distributed(self) -> bool:
-        """fit, solve and score run on Ray workers under DeepSpeed (docs/distributed.md)."""
-        return is_distributed(self.cfg)
+
+def model_source(cfg: Config, paths: RunPaths) -> str:
+    """Where every worker loads the model from (the run's model folder or model.path; a hub id from the cache)."""
+    if cfg.model.source == "tiny":
+        return str(paths.model.resolve())
+    return str(Path(cfg.model.path).resolve()) if cfg.model.source == "path" else str(cfg.model.hub_id)
+
+
+def open_executor(
+    cfg: Config, paths: RunPaths, model: nn.Module, tracked: dict[str, TrackedModule],
+    tokenizer: PreTrainedTokenizerBase, fingerprint: str,
+) -> Executor:
+    """The run's executor: in process (one rank, this process's model), or a Ray worker group when the config is
+    distributed (`is_distributed`); the group starts on the first stage that uses it."""
+    if not is_distributed(cfg):
+        return InProcessExecutor(model, tracked, tokenizer)
+    from distributed_astra.distributed.executor import (
+        RayExecutor,  # deferred: Ray and DeepSpeed, for distributed runs only
+    )
+
+    return RayExecutor(model_source(cfg, paths), fingerprint)
+
+
+def log_rank_memory(ctx: Context, scope: str) -> None:
+    """`<scope>/ranks_peak_rss_mb` (max over ranks of each worker's lifetime peak) and, on GPUs,
+    `<scope>/ranks_cuda_max_allocated_mb` (max over ranks, this stage only): on a worker group the work runs on the
+    ranks, which the driver's own `<scope>/peak_rss_mb` (tracking.StageMeter) does not see."""
+    memory = ctx.executor.map(rank_memory, cfg=ctx.cfg, what="memory")
+    metrics = {f"{scope}/ranks_peak_rss_mb": max(m["peak_rss_mb"] for m in memory)}
+    if all("cuda_max_allocated_mb" in m for m in memory):
+        metrics[f"{scope}/ranks_cuda_max_allocated_mb"] = max(m["cuda_max_allocated_mb"] for m in memory)
+    ctx.tracker.log(metrics)
 
 
 def _prepare_demo_data(cfg: Config, paths: RunPaths) -> tuple[Path, Path]:
@@ -266,8 +294,9 @@ def _train_tiny_model(cfg: Config, paths: RunPaths, corpus: Path, tracker: Track
     console.print(f"tiny GPT-2 trained: final loss {losses[-1]:.3f}, saved to {paths.model}")
 
 
-def open_context(cfg: Config, job: str) -> Context:
-    """Resolve data and model (building the demo's corpus and tiny GPT-2 when absent), choose tracked modules."""
+def open_context(cfg: Config, job: str, executor: Executor | None = None) -> Context:
+    """Resolve data and model (building the demo's corpus and tiny GPT-2 when absent), choose tracked modules, open
+    the executor (`executor`, when given, is the caller's to close: one worker group serving several contexts)."""
     paths = RunPaths(Path(cfg.output.run_dir))
     ensure_writable_dir(paths.root)  # a read-only or unwritable run directory is refused before any work
     if is_distributed(cfg):
@@ -292,7 +321,12 @@ def open_context(cfg: Config, job: str) -> Context:
     with atomic_path(paths.root / "config.yaml") as tmp:  # what this command ran with, readable by --config
         tmp.write_text(config_yaml(cfg) + "\n")
     tracker = tracker or Tracker(paths.root, cfg.tracking, cfg.model_dump(mode="json"), job)
-    return Context(cfg, paths, corpus, queries, model, tokenizer, tracked, model_fingerprint(model, tracked), tracker)
+    fingerprint = model_fingerprint(model, tracked)
+    ctx = Context(cfg, paths, corpus, queries, model, tokenizer, tracked, fingerprint, tracker,
+                  executor or open_executor(cfg, paths, model, tracked, tokenizer, fingerprint))
+    if executor is None:
+        ctx.own(ctx.executor.close)
+    return ctx
 
 
 def warn_skipped_rows(corpus: Path | str, empty: int, non_utf8: int) -> None:
@@ -405,34 +439,7 @@ def solver_logger(ctx: Context, name: str | None = None) -> SolveLogger:
     return SolveLogger(ctx.tracker, name or ctx.cfg.solver.name)
 
 
-def heldout_batch(ctx: Context, sampler: MinibatchSampler | None) -> dict[str, torch.Tensor] | None:
-    """The fixed held-out curvature batch of the solvers' convergence signal: `solver.heldout_batch_size` rows of
-    the sampler's pool drawn once by a generator of its own (seed + 1), so the solve's minibatch stream is the same
-    with or without it; None when `solver.heldout_every` is 0 or the solver draws no minibatches."""
-    cfg = ctx.cfg.solver
-    if sampler is None or cfg.heldout_every == 0:
-        return None
-    return sampler.draw(cfg.heldout_batch_size, torch.Generator().manual_seed(cfg.seed + 1))
 
-
-def counted(batches, tracker: Tracker):
-    """The minibatches, each counted into the running stage's throughput (sequences, tokens)."""
-    for batch in batches:
-        tracker.count(sequences=int(batch["input_ids"].shape[0]), tokens=int(batch["attention_mask"].sum()))
-        yield batch
-
-
-def curvature_minibatches(ctx: Context) -> tuple[GGNProduct | FisherProduct, MinibatchSampler]:
-    """G̃·v of the iterative solvers (`solver.product`) at the model's current weights, and the minibatches it runs
-    on: `solver.minibatch_size` sequences drawn with replacement from the first `factors.max_sequences`."""
-    cfg = ctx.cfg.solver
-    product = (
-        GGNProduct(ctx.model, ctx.tracked)
-        if cfg.product == "ggn"
-        else FisherProduct(ctx.model, ctx.tracked, cfg.fisher_samples, label_generator(ctx.model, cfg.seed))
-    )
-    sequences = ctx.training_batches(ctx.cfg.factors.batch_size, ctx.cfg.factors.max_sequences)
-    return product, MinibatchSampler(sequences, cfg.minibatch_size, torch.Generator().manual_seed(cfg.seed))
 
 
 def heldout_meta(cfg, heldout_seconds: float, solve_seconds: float) -> dict[str, float | int]:
@@ -453,7 +460,7 @@ def write_directions(
 ) -> None:
     """`ihvp/<solver.name>/`, the one writer of solved directions (read by `load_directions`): the directions, the
     convergence trace and held-out evaluation of iterative solvers, and meta.json (settings, damping, statuses,
-    query ids as given), atomically. SOURCE's per-segment directions are written by source/stages.py."""
+    query ids as given), atomically. SOURCE's per-segment directions are written by stages/source.py."""
     with atomic_path(ctx.paths.ihvp(ctx.cfg.solver.name)) as tmp:
         tmp.mkdir()
         save_tensors(directions, tmp / DIRECTIONS_FILE)

@@ -1,6 +1,6 @@
-"""The pipeline: one function per stage, each reading the previous stage's artifacts through the run context
-(context.py). fit, solve and score run in this process, or on Ray workers under DeepSpeed when
-`ray.num_workers > 1` (distributed/stages.py).
+"""The pipeline: the stages in order, each one driver (stages/) reading the previous stage's artifacts through the
+run context (context.py) and running its rank functions on the context's executor (in process, or a Ray worker
+group under DeepSpeed when `ray.num_workers > 1`: execution.py).
 
     prepare -> fit -> query -> solve -> score -> report    (`run` does them all, plus solver.baselines)
     index / search                                        (projected gradient store + faiss, index/stages.py)
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,46 +17,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distributed_astra.artifacts import atomic_path, meta_matches, open_tensors, read_meta, save_tensors, write_json
+from distributed_astra.artifacts import meta_matches, open_tensors, read_meta, write_json
 from distributed_astra.config import SOURCE_SOLVERS, Config
-from distributed_astra.context import (
-    Context,
-    check_directions,
-    counted,
-    curvature_minibatches,
-    factor_meta,
-    heldout_batch,
-    heldout_meta,
-    load_directions,
-    load_query_gradients,
-    open_context,
-    query_meta,
-    solver_logger,
-    topk_table,
-    write_directions,
-)
-from distributed_astra.curvature.covariance import product_dtype
-from distributed_astra.curvature.factors import FACTORS_FILE, EkfacFactors, fit_ekfac, load_factors, save_factors
-from distributed_astra.data.sequences import QueryId, iter_query_batches, load_queries
+from distributed_astra.context import Context, factor_meta, open_context, query_meta
+from distributed_astra.curvature.factors import FACTORS_FILE, EkfacFactors, load_factors
+from distributed_astra.data.sequences import load_queries
 from distributed_astra.errors import DastraError
 from distributed_astra.eval.recall import fact_recall
-from distributed_astra.ihvp.ekfac import default_damping, mean_eigenvalue
 from distributed_astra.ihvp.monitor import heldout_summary
-from distributed_astra.ihvp.solvers import SolveResult, ekfac_preconditioner
-from distributed_astra.ihvp.solvers import solve as solve_ihvp
-from distributed_astra.progress import console, progress_bar
-from distributed_astra.scoring.gradients import captured_batches, query_gradients
-from distributed_astra.scoring.inner_products import sequence_scores
-from distributed_astra.scoring.topk import StreamingTopK
-from distributed_astra.source import stages as source_stages
+from distributed_astra.progress import console
+from distributed_astra.stages import solve as solve_stage
+from distributed_astra.stages import source as source_stage
+from distributed_astra.stages.fit import fit
+from distributed_astra.stages.query import query
+from distributed_astra.stages.score import score
 from distributed_astra.tracking import metered
 
-
-def distributed_stages():
-    """distributed/stages.py, imported on first use: Ray and DeepSpeed load only for distributed runs."""
-    from distributed_astra.distributed import stages  # deferred: Ray and DeepSpeed, for distributed runs only
-
-    return stages
+__all__ = ["fit", "query", "solve", "score", "index", "search", "report", "run"]
 
 
 def reused(ctx: Context, name: str) -> tuple[bool, object]:
@@ -81,178 +57,10 @@ def reused(ctx: Context, name: str) -> tuple[bool, object]:
     return False, None
 
 
-@metered("fit")
-def fit(ctx: Context) -> EkfacFactors:
-    """Two passes over the corpus: covariances A, S, then the eigenvalue correction Λ (seeds §3)."""
-    if ctx.distributed:
-        return distributed_stages().fit(ctx)
-    cfg = ctx.cfg.factors
-    num_sequences = sum(len(b["doc_id"]) for b in ctx.training_batches(cfg.batch_size, cfg.max_sequences))
-    if num_sequences == 0:
-        raise DastraError(f"data.corpus '{ctx.corpus}' yields no token sequences; give it non-empty documents")
-    with progress_bar("fit EK-FAC (2 passes)", 2 * num_sequences, "seq") as advance:
-        factors = fit_ekfac(
-            ctx.model,
-            ctx.tracked,
-            lambda: ctx.training_batches(cfg.batch_size, cfg.max_sequences),
-            ctx.stat_dtype,
-            cfg.seed,
-            on_batch=lambda part, rows, log=ctx.tracker.progress("fit", num_sequences): (advance(rows), log(part, rows)),
-        )
-    save_factors(factors, ctx.paths.factors, {**factor_meta(ctx), "dtype": cfg.dtype, "versions": ctx.versions()})
-    ctx.tracker.log({"fit/num_sequences": num_sequences, "fit/mean_lambda": mean_eigenvalue(factors)})
-    ctx.tracker.count(tokens=2 * factors.num_tokens, sequences=2 * num_sequences)  # two passes
-    return factors
-
-
-@metered("query")
-def query(ctx: Context) -> None:
-    """∇θ f(z_q) on the completion tokens of every query, saved per module."""
-    queries = load_queries(ctx.queries)
-    batches = counted(iter_query_batches(queries, ctx.tokenizer, ctx.cfg.solver.query_batch_size), ctx.tracker)
-    with progress_bar("query gradients", len(queries), "queries") as advance:
-        _, grads = query_gradients(ctx.model, ctx.tracked, batches, ctx.stat_dtype, on_batch=advance)
-    ids = [q.query_id for q in queries]
-    with atomic_path(ctx.paths.queries) as tmp:
-        tmp.mkdir()
-        save_tensors(grads, tmp / "gradients.safetensors")
-        write_json(
-            tmp / "meta.json",
-            {**query_meta(ctx), "num_queries": len(ids), "query_ids": ids},
-        )
-
-
-@metered(lambda ctx: f"solve/{ctx.cfg.solver.name}")
 def solve(ctx: Context) -> float:
-    """(G + λI)⁻¹∇f for every query with the configured solver (seeds §3-5); returns the damping λ used.
-
-    Iterative solvers share each curvature minibatch across a chunk of `solver.query_batch_size` queries; their
-    minibatches are drawn with replacement from the corpus sequences (the first `factors.max_sequences`).
-    `source` / `astra-source` solve per segment of the training trajectory (source/stages.py, seeds §6-7).
-    """
-    if ctx.distributed:
-        return distributed_stages().solve(ctx)
-    cfg = ctx.cfg.solver
-    if cfg.name in SOURCE_SOLVERS:
-        return source_stages.solve(ctx)
-    factors = load_factors(ctx.paths.factors, factor_meta(ctx))
-    ids, grads = load_query_gradients(ctx)
-    damping = default_damping(factors) if cfg.damping == "auto" else float(cfg.damping)
-    preconditioner = ekfac_preconditioner(factors, cfg, damping, ctx.cfg.factors.strategy)
-    product, sampler = None, None
-    if cfg.name != "ekfac":  # the iterative solvers need G̃·v on minibatches of the corpus
-        product, sampler = curvature_minibatches(ctx)
-    heldout = heldout_batch(ctx, sampler)
-    batches = counted(sampler, ctx.tracker) if sampler is not None else None
-    starts = range(0, len(ids), cfg.query_batch_size)
-    iterative = cfg.name != "ekfac"
-    steps_per_chunk = cfg.iterations * (cfg.lissa_repeats if cfg.name == "lissa" else 1) if iterative else 1
-    results: list[SolveResult] = []
-    logger = solver_logger(ctx) if iterative else None
-    solve_seconds = 0.0
-    with progress_bar(f"solve ({cfg.name})", len(starts) * steps_per_chunk, "it") as advance:
-        for start in starts:
-            chunk_ids = ids[start : start + cfg.query_batch_size]
-            log, log_heldout = logger.chunk(chunk_ids) if logger is not None else (None, None)
-            done = [0]
-
-            def on_iteration(iteration, objective, residual, lr, log=log, done=done):
-                log(iteration, objective, residual, lr)
-                ctx.tracker.count(query_iterations=int(torch.isfinite(objective).sum()))
-                done[0] += 1
-                advance(1)
-
-            started = time.perf_counter()
-            result = solve_ihvp(
-                {name: g[start : start + len(chunk_ids)] for name, g in grads.items()},
-                preconditioner,
-                product,
-                batches,
-                cfg,
-                damping,
-                query_ids=[str(q) for q in chunk_ids],
-                on_iteration=on_iteration,
-                heldout=heldout,
-                on_heldout=log_heldout,
-            )
-            solve_seconds += time.perf_counter() - started
-            for message in result.messages:
-                console.print(f"[yellow]warning:[/] {message}", highlight=False)
-            results.append(result)
-            advance(steps_per_chunk - done[0])  # the chunk's queries may all stop before the iteration cap
-    directions = {name: torch.cat([r.x[name] for r in results]) for name in grads}
-    statuses = [status for r in results for status in r.status]
-    trace = pa.concat_tables([r.table() for r in results]) if iterative else None
-    held = pa.concat_tables([r.heldout_table() for r in results]) if heldout is not None else None
-    heldout_info = heldout_meta(cfg, sum(r.heldout_seconds for r in results), solve_seconds) if held else None
-    write_directions(ctx, ids, directions, statuses, damping, trace, held, heldout_info)
-    if logger is not None:
-        logger.finish(trace, held)
-    ctx.tracker.log({
-        f"solve/{cfg.name}/damping": damping, **{f"solve/{cfg.name}/num_{s}": statuses.count(s) for s in set(statuses)},
-        **({f"solve/{cfg.name}/heldout/cost_fraction": heldout_info["cost_fraction"]} if heldout_info else {}),
-    })
-    return damping
-
-
-def _direction_scores(
-    ctx: Context, compute: torch.dtype, num_sequences: int
-) -> tuple[list[QueryId], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """(query ids, an iterator of (document keys, sequence scores [B, Q]) per corpus batch) for `solver.name`'s
-    directions at the loaded model: one streamed pass."""
-    query_ids, tensors = load_directions(ctx)
-    directions = {name: x.to(compute) for name, x in tensors.items()}
-
-    def stream():
-        with progress_bar("score corpus", num_sequences, "seq") as advance:
-            for batch, capture in captured_batches(
-                ctx.model, ctx.tracked, ctx.training_batches(ctx.cfg.scoring.batch_size), compute
-            ):
-                yield batch["doc_id"], sequence_scores(capture.output_grads, capture.activations, directions)
-                advance(len(batch["doc_id"]))
-
-    return query_ids, stream()
-
-
-@metered(lambda ctx: f"score/{ctx.cfg.solver.name}")
-def score(ctx: Context) -> pa.Table:
-    """Stream the corpus: τ(z_q, z_m) = X_qᵀ ∇L(z_m) per document, keeping the top-k per query (seeds §1, Eq 2).
-    `source` / `astra-source`: τ = Σ_ℓ mean_c w_ℓᵀ ∇L(θ_c, z_m), one pass per checkpoint (source/stages.py)."""
-    check_directions(ctx)  # before any work: directions of another corpus, data setting or queries are refused
-    if ctx.distributed:
-        return distributed_stages().score(ctx)
-    compute = product_dtype(ctx.model, ctx.stat_dtype)
-    num_sequences = num_tokens = 0
-    for batch in ctx.training_batches(ctx.cfg.scoring.batch_size):
-        num_sequences += len(batch["doc_id"])
-        num_tokens += int(batch["attention_mask"].sum())
-    started = time.perf_counter()
-    scope = f"score/{ctx.cfg.solver.name}"
-    ctx.tracker.define_axis(scope, f"{scope}/batch")
-    if ctx.cfg.solver.name in SOURCE_SOLVERS:
-        query_ids, scored = source_stages.summed_scores(ctx, compute, num_sequences)
-    else:
-        query_ids, scored = _direction_scores(ctx, compute, num_sequences)
-    top = StreamingTopK(len(query_ids), ctx.cfg.scoring.top_k, keep_all=ctx.cfg.scoring.dense)
-    for batch_number, (doc_ids, scores) in enumerate(scored, 1):
-        top.update(doc_ids, scores)
-        ctx.tracker.log({f"{scope}/batch": batch_number, f"{scope}/sequences": top.num_documents,
-                         f"{scope}/fraction": top.num_documents / max(1, num_sequences),
-                         f"{scope}/sequences_per_s_so_far": top.num_documents / max(time.perf_counter() - started, 1e-9)})
-    scores, doc_ids = top.finish()
-    table = topk_table(ctx, query_ids, scores, doc_ids)
-    if ctx.cfg.scoring.dense:
-        all_keys, all_scores = top.all_scores()
-        doc_ids = ctx.open_corpus().doc_ids(all_keys.tolist())
-        dense = pa.table({
-            "doc_id": [doc_ids[key] for key in all_keys.tolist()],
-            **{f"q{q}": all_scores[:, i].numpy() for i, q in enumerate(query_ids)},
-        })
-        with atomic_path(ctx.paths.scores / "dense.parquet") as tmp:
-            pq.write_table(dense, tmp)
-    ctx.tracker.log({f"{scope}/num_documents": top.num_documents, f"{scope}/num_queries": len(query_ids)})
-    ctx.tracker.count(sequences=num_sequences, tokens=num_tokens)
-    return table
+    """(G + λI)⁻¹∇f for every query with `solver.name` (stages/solve.py, seeds §3-5); `source` / `astra-source` per
+    segment of the training trajectory (stages/source.py, seeds §6-7). Returns the damping λ used."""
+    return (source_stage if ctx.cfg.solver.name in SOURCE_SOLVERS else solve_stage).solve(ctx)
 
 
 def print_topk(table: pa.Table, queries_path: Path, show: int) -> None:

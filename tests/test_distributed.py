@@ -29,7 +29,8 @@ from distributed_astra import context, pipeline
 from distributed_astra.cli import app
 from distributed_astra.config import load_config
 from distributed_astra.curvature.factors import load_factors
-from distributed_astra.distributed import cluster, stages
+from distributed_astra.distributed import cluster, is_distributed
+from distributed_astra.distributed.executor import RayExecutor
 from distributed_astra.distributed.collectives import balance_by_cost, slice_bounds
 from distributed_astra.distributed.deepspeed_config import load_ds_config
 from distributed_astra.distributed import solve_mode
@@ -68,10 +69,12 @@ def _overrides(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 DISTRIBUTED = ("ray.num_workers=2",)
+SHARED: list[RayExecutor] = []  # one executor, and so one worker group, for the module's distributed contexts
 
 
 def _context(workspace: Path, run_dir: Path, *extra: str) -> context.Context:
-    return context.open_context(load_config(None, _overrides(workspace, run_dir, *extra)), "test")
+    cfg = load_config(None, _overrides(workspace, run_dir, *extra))
+    return context.open_context(cfg, "test", executor=SHARED[0] if SHARED and is_distributed(cfg) else None)
 
 
 def _stages(ctx: context.Context, *names: str):
@@ -101,10 +104,11 @@ def single_fisher(workspace: Path, single: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_session():
+def ray_session(workspace: Path):
     cluster.connect(load_config(None, ["ray.num_cpus=2", "ray.object_store_mb=128"]).ray)
+    SHARED.append(RayExecutor(str(workspace / "model")))
     yield ray.get_runtime_context().gcs_address
-    stages.close_session()
+    SHARED.pop().close()
     cluster.shutdown()
 
 
@@ -171,7 +175,7 @@ def test_fit_on_two_ranks_equals_single_process(
 ):
     ctx = _context(workspace, tmp_path, *DISTRIBUTED, f"deepspeed.stage={stage}")
     _stages(ctx, "fit")
-    group = stages.group_for(ctx)
+    group = ctx.executor.group_for(ctx.cfg)
     if stage in (1, 2):
         assert "engines run as stage 0" in capsys.readouterr().err
     reports = group.reports
@@ -266,7 +270,7 @@ def test_every_rank_step_sees_the_drivers_current_config(ray_session, workspace:
     for product in ("ggn", "fisher", "ggn"):
         ctx = _context(workspace, tmp_path, *DISTRIBUTED, f"solver.product={product}")
         try:
-            seen = stages.group_for(ctx).call(lambda state: state.cfg.solver.product, what="config probe")
+            seen = ctx.executor.map(lambda rank: rank.cfg.solver.product, cfg=ctx.cfg, what="config probe")
         finally:
             ctx.tracker.close()
         assert seen == [product, product]
@@ -308,7 +312,7 @@ def test_two_scoring_workers_survive_a_killed_actor(ray_session, single: Path, w
 
     ctx = _context(workspace, tmp_path, *DISTRIBUTED)
     try:
-        stages.score(ctx, on_shard=kill_one)
+        pipeline.score(ctx, on_shard=kill_one)
     finally:
         ctx.tracker.close()
     _assert_same_topk(tmp_path, single)
@@ -324,9 +328,8 @@ DRIVER = textwrap.dedent(
     import sys, time
     from distributed_astra import context, pipeline
     from distributed_astra.config import load_config
-    from distributed_astra.distributed import stages
     ctx = context.open_context(load_config(None, sys.argv[1:]), "test")
-    stages.score(ctx, on_shard=lambda shard_id, pids: time.sleep(0.5))
+    pipeline.score(ctx, on_shard=lambda shard_id, pids: time.sleep(0.5))
     """
 )
 
@@ -353,7 +356,7 @@ def test_a_killed_driver_resumes_without_redoing_finished_shards(
 
     ctx = _context(workspace, tmp_path, *DISTRIBUTED)
     try:
-        stages.score(ctx)
+        pipeline.score(ctx)
     finally:
         ctx.tracker.close()
     after = json.loads(manifest_path.read_text())["shards"]

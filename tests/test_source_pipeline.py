@@ -9,12 +9,14 @@ the trajectory's own numbers.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from distributed_astra import context, pipeline
@@ -77,7 +79,7 @@ def _dense(root: Path, run_dir: Path, *extra: str) -> tuple[dict, torch.Tensor]:
         pipeline.solve(ctx)
         pipeline.score(ctx)
     finally:
-        ctx.tracker.close()
+        ctx.close()  # the tracker, and the Ray session and worker group of a distributed run
     meta = json.loads((ctx.paths.ihvp(cfg.solver.name) / "meta.json").read_text())
     dense = pq.read_table(run_dir / "scores" / "dense.parquet").sort_by("doc_id").to_pandas()
     return meta, torch.tensor(dense[[f"q{q['query_id']}" for q in QUERIES]].to_numpy())
@@ -90,7 +92,6 @@ def test_tiny_training_records_the_trajectory(run):
     assert traj.optimizer.name == "adamw" and traj.optimizer.momentum == 0.9
     assert all(c.preconditioner_rms > 0 for c in traj.checkpoints)
     assert all(0 < lr < 3e-3 for lr in traj.learning_rates)  # η × sequences/tokens of the batch (design.md)
-    from safetensors.torch import load_file
 
     final = load_file(str(run_dir / "model" / "model.safetensors"))
     last = traj.state(-1)
@@ -163,8 +164,32 @@ def test_missing_trajectory_names_the_field(run, tmp_path):
                     "source.trajectory", str(missing))
 
 
-def test_source_refuses_distributed_stages(run, tmp_path):
+def test_astra_source_on_two_ranks_equals_one_rank(run, tmp_path):
+    """The segment fits, the ASTRA-SOURCE directions and the dense scores of 2 Ray ranks (replicated models set to
+    each checkpoint's weights, or their segment's mean for G̃) equal one process's, from the same model,
+    trajectory and query gradients (SOURCE shares the segment fit and the scoring)."""
+    method = "astra-source"
+    root, run_dir = run
+    dirs = [tmp_path / "one", tmp_path / "two"]
+    for d in dirs:  # the model, its trajectory, factors and query gradients; the segment factors are fitted again
+        shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("source", "ihvp", "scores", "topk.parquet"))
+    settings = (f"solver.name={method}", "source.num_segments=2", "solver.iterations=6", "solver.baselines=[]")
+    one_meta, one = _dense(root, dirs[0], *settings)
+    two_meta, two = _dense(root, dirs[1], *settings, "ray.num_workers=2", "ray.num_cpus=2")
+    assert [s["damping"] for s in two_meta["segments"]] == [s["damping"] for s in one_meta["segments"]]
+    for seg in one_meta["segments"]:
+        name = f"directions_segment{seg['index']}.safetensors"
+        expected, got = (load_file(str(d / "ihvp" / method / name)) for d in dirs)
+        for module, x in expected.items():
+            assert float((got[module] - x).norm() / x.norm()) <= 1e-5
+    assert float((two - one).abs().max() / one.abs().max()) <= 1e-5
+    assert torch.equal(one.argsort(dim=0, descending=True)[:4], two.argsort(dim=0, descending=True)[:4])
+
+
+def test_source_refuses_zero3(run, tmp_path):
     root, run_dir = run
     result = _cli(root, tmp_path / "b", "solve", "--method", "source",
-                  extra=("ray.num_workers=2", "scoring.dense=false"))
-    assert_one_line_error(result, "ray.num_workers=1", "source")
+                  extra=("ray.num_workers=2", "deepspeed.stage=3", "model.dtype=float32"))
+    assert_one_line_error(result, "deepspeed.stage", "source")
+
+

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections import Counter
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path

@@ -2,9 +2,9 @@
 
 - `cluster`: connect to `ray.address` or start an embedded local Ray; resource checks; `ray.get` with deadlines.
 - `worker_group`: N actors forming a torch.distributed group, each holding the model under a DeepSpeed engine.
-- `fit`, `solve`: the rank-side EK-FAC fit and parallel iHVP solves, composing `curvature/` and `ihvp/` unchanged.
-- `score`: shards handed out to restartable scoring actors, a manifest for resume, the top-k merge.
-- `stages`: the driver side of fit/solve/score; `pipeline.py` dispatches to it when `is_distributed(cfg)`.
+- `executor`: execution.py's executor on Ray: rank functions on the worker group, shard functions on restartable
+  actors. The stage drivers (stages/) run on it unchanged; this package holds no stage logic.
+- `collectives`: all-reduce, broadcast, work balancing and the label-stream bookkeeping of the rank functions.
 
 Importing this package does not import Ray or DeepSpeed; its submodules do.
 """
@@ -39,13 +39,12 @@ def solve_mode(cfg: Config) -> str:
 
 
 def validate_distributed(cfg: Config) -> None:
-    """Checks that need no cluster (called when the context opens): the DeepSpeed JSON against the run config."""
+    """Checks that need no cluster (called when the context opens): the DeepSpeed JSON against the run config;
+    SOURCE sets the ranks' weights to its checkpoints', which needs whole parameters."""
     load_ds_config(cfg)
     source = [n for n in (cfg.solver.name, *cfg.solver.baselines) if n in SOURCE_SOLVERS]
-    if source:
+    if source and effective_stage(cfg.deepspeed.stage) == 3:
         raise DastraError(
-            f"solver '{source[0]}' runs single-process only: set ray.num_workers=1 (and ray.address=null, "
-            "deepspeed.stage=0), or pick another solver.name / solver.baselines"
+            f"solver '{source[0]}' loads each trajectory checkpoint's weights into the ranks' models, which "
+            "deepspeed.stage 3 partitions: use deepspeed.stage=0 (or 1, 2), or another solver.name / solver.baselines"
         )
-    if cfg.scoring.dense:
-        raise DastraError("scoring.dense: the dense N x Q matrix is written by single-process runs only; set it false")

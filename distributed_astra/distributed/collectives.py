@@ -1,6 +1,8 @@
 """torch.distributed helpers shared by the rank-side stages: flat all-reduce of tensor dicts, module-by-module
 broadcast, work balancing, and the bookkeeping that keeps N ranks bit-compatible with one process.
 
+Outside a process group (the in-process executor, a scoring actor) every collective is over one rank: the identity.
+
 Two rules make a distributed stage reproduce the single-process result:
 
 * Label sampling (true Fisher, `models.lm.sample_labels`) draws one float32 uniform per predicted position, row by
@@ -20,8 +22,15 @@ import torch.distributed as dist
 from distributed_astra.models.lm import IGNORE_INDEX
 
 
+def in_group() -> bool:
+    """This process is one of several ranks of a torch.distributed group."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Σ over ranks of every tensor, through ONE flat all-reduce per dtype (in place order: dict order)."""
+    if not in_group():
+        return dict(tensors)
     out: dict[str, torch.Tensor] = {}
     by_dtype: dict[torch.dtype, list[str]] = {}
     for name, t in tensors.items():
@@ -39,6 +48,8 @@ def all_reduce_sum(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def all_reduce_counts(*counts: int, op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[int]:
     """Integer counts reduced over ranks (sum by default)."""
+    if not in_group():
+        return list(counts)
     t = torch.tensor(counts, dtype=torch.float64)
     dist.all_reduce(t, op=op)
     return [int(round(v)) for v in t.tolist()]
@@ -46,6 +57,8 @@ def all_reduce_counts(*counts: int, op: dist.ReduceOp = dist.ReduceOp.SUM) -> li
 
 def broadcast_tensors(tensors: list[torch.Tensor], src: int) -> None:
     """Broadcast a list of tensors from rank `src`, in place, as one flat buffer."""
+    if not in_group():
+        return
     flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1).clone()
     dist.broadcast(flat, src=src)
     offset = 0

@@ -1,7 +1,7 @@
 """N Ray actors forming one torch.distributed group, each holding the model under a DeepSpeed engine (no optimizer).
 
-    group = WorkerGroup(cfg, model_source)           # placement group, actors, process group, engines
-    results = group.call(rank_fit, corpus, what="fit")  # `rank_fit(rank_state, corpus)` runs on every rank
+    group = WorkerGroup(cfg, model_source)                       # placement group, actors, process group, engines
+    results = group.call(rank_fit, corpus, cfg=cfg, what="fit")  # `rank_fit(rank, corpus)` runs on every rank
     group.close()
 
 The pattern is the one OpenRLHF and verl use for DeepSpeed inside Ray: a placement group of N bundles (1 GPU each on
@@ -24,7 +24,6 @@ import dataclasses
 import os
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -39,25 +38,9 @@ from distributed_astra.curvature.factors import model_fingerprint
 from distributed_astra.distributed.cluster import bundle, note, require_resources, wait_all, worker_env
 from distributed_astra.distributed.deepspeed_config import ds_config_path, effective_stage, load_ds_config
 from distributed_astra.errors import DastraError
+from distributed_astra.execution import Rank
 from distributed_astra.models.load import load_causal_lm, load_tokenizer
 from distributed_astra.models.modules import TrackedModule, select_tracked_modules
-
-
-@dataclass
-class RankState:
-    """What a function run on a rank sees: its rank, the group size, the run config and the model under DeepSpeed."""
-
-    rank: int
-    world_size: int
-    cfg: Config
-    model: nn.Module  # engine.module: call it directly (DeepSpeed's forward wrapper refuses plain backward)
-    tracked: dict[str, TrackedModule]
-    tokenizer: Any
-    stage: int  # the effective ZeRO stage (0 or 3)
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if self.cfg.ray.use_gpu else torch.device("cpu")
 
 
 def _free_port() -> int:
@@ -111,7 +94,7 @@ class RankWorker:
         self.rank = rank
         self.world_size = world_size
         torch.set_num_threads(threads)
-        self.state: RankState | None = None
+        self.state: Rank | None = None
         self._engine = None
         self._hf_ds_config = None  # must stay alive while a ZeRO-3 model is built (transformers keeps a weakref)
 
@@ -156,7 +139,7 @@ class RankWorker:
         module = engine.module
         modules = dict(module.named_modules())
         tracked = {name: dataclasses.replace(tm, module=modules[name]) for name, tm in tracked.items()}
-        self.state = RankState(
+        self.state = Rank(
             self.rank, self.world_size, cfg, module, tracked, load_tokenizer(source, None), stage
         )
         params = list(module.parameters())
@@ -177,7 +160,7 @@ class RankWorker:
         }
 
     def run(self, cfg: Config, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(rank_state, *args)`: every distributed step is a module-level function run like this on all ranks.
+        """`fn(rank, *args)`: every distributed step is a module-level function run like this on all ranks.
 
         `cfg` is the driver's config of this step: a group outlives stages (its key is the model and Ray settings),
         so the solver, data and factor settings come with every call, never from the load.
@@ -243,14 +226,14 @@ class WorkerGroup:
         self.cfg, self.stage, self.reports = cfg, effective_stage(cfg.deepspeed.stage), reports
         return reports
 
-    def call(self, fn: Callable[..., Any], *args: Any, what: str) -> list[Any]:
-        """`fn(rank_state, *args)` on every rank (same arguments); results in rank order.
+    def call(self, fn: Callable[..., Any], *args: Any, cfg: Config, what: str) -> list[Any]:
+        """`fn(rank, *args)` on every rank (same arguments) under the step's `cfg`; results in rank order.
 
         Arguments go through the object store once (`ray.put`), however many ranks read them.
         """
         refs = [a if isinstance(a, (str, int, float, bool, type(None))) else ray.put(a) for a in args]
-        cfg = ray.put(self.cfg)
-        return wait_all([a.run.remote(cfg, fn, *refs) for a in self.actors], self.cfg.ray.timeout_s, what)
+        step = ray.put(cfg)
+        return wait_all([a.run.remote(step, fn, *refs) for a in self.actors], cfg.ray.timeout_s, what)
 
     def close(self) -> None:
         for actor in self.actors:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import tempfile
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 import distributed_astra
-from distributed_astra.artifacts import atomic_path, check_meta, open_tensors, read_directions
-from distributed_astra.config import SOURCE_SOLVERS
+from distributed_astra.artifacts import atomic_path, check_meta, open_tensors
 from distributed_astra.context import Context
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import FACTORS_FILE, load_factors_meta
@@ -35,8 +33,8 @@ from distributed_astra.progress import progress_bar
 from distributed_astra.report import plots
 from distributed_astra.report.segments import Segment, best_window, token_segments
 from distributed_astra.scoring.tokens import document_token_scores
-from distributed_astra.source.stages import scoring_passes, weights
-from distributed_astra.source.trajectory import Trajectory
+from distributed_astra.source.trajectory import Trajectory, load_trajectory, weights
+from distributed_astra.stages.score import scoring_passes
 from distributed_astra.tracking import relative_to_start
 
 TEMPLATE = "template.html.j2"
@@ -76,17 +74,11 @@ def _load_directions(
     ctx: Context, query_ids: list[QueryId]
 ) -> tuple[Trajectory | None, list[tuple[int | None, dict[str, torch.Tensor]]]]:
     """The scoring solver's directions of `query_ids`, in that order, in the scoring compute dtype, as
-    (trajectory checkpoint, directions) passes whose terms add up: one pass at the loaded model (None), or one
-    per checkpoint for source | astra-source (source/stages.py), with their trajectory."""
+    (trajectory checkpoint, directions) passes whose terms add up (stages/score.py's `scoring_passes`): one pass at
+    the loaded model (None), or one per checkpoint for source | astra-source, with their trajectory."""
     compute = product_dtype(ctx.model, ctx.stat_dtype)
     solver_dir = ctx.paths.ihvp(ctx.cfg.solver.name)
-    if ctx.cfg.solver.name in SOURCE_SOLVERS:
-        ids, traj, passes = scoring_passes(ctx, compute)
-        sets = [(p.checkpoint, p.directions) for p in passes]
-    else:
-        ids, tensors = read_directions(solver_dir, ctx.model_meta())
-        traj = None
-        sets = [(None, {name: x.to(compute) for name, x in tensors.items()})]
+    ids, trajectory, passes, _ = scoring_passes(ctx)
     position = {q: i for i, q in enumerate(ids)}
     absent = [q for q in query_ids if q not in position]
     if absent:
@@ -95,7 +87,8 @@ def _load_directions(
             f"re-run `dastra score --solver {ctx.cfg.solver.name}`"
         )
     index = torch.tensor([position[q] for q in query_ids])
-    return traj, [(checkpoint, {name: x[index] for name, x in d.items()}) for checkpoint, d in sets]
+    traj = load_trajectory(trajectory) if trajectory is not None else None
+    return traj, [(checkpoint, {name: x[index].to(compute) for name, x in d.items()}) for checkpoint, d in passes]
 
 
 def attribute_tokens(ctx: Context, documents: list[ShownDocument], query_ids: list[QueryId]) -> pa.Table:
@@ -138,8 +131,7 @@ def attribute_tokens(ctx: Context, documents: list[ShownDocument], query_ids: li
                         seen.update(new)
                         advance(len(new))
 
-                at = nullcontext() if checkpoint is None else weights(ctx.model, traj.state(checkpoint))
-                with at:
+                with weights(ctx.model, traj.state(checkpoint) if traj is not None else None):
                     pairs = document_token_scores(
                         ctx.model, ctx.tracked, counted(), directions, wanted, product_dtype(ctx.model, ctx.stat_dtype)
                     )

@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,3 +242,18 @@ def load_trajectory(folder: str | os.PathLike) -> Trajectory:
         if not (folder / record.file).is_file():
             raise DastraError(f"trajectory checkpoint '{folder / record.file}' is missing: record the trajectory again")
     return traj
+
+
+@contextmanager
+def weights(model: nn.Module, state: Mapping[str, torch.Tensor] | None) -> Iterator[nn.Module]:
+    """The model with its weights set to `state` inside the block (a checkpoint's, or None: its own), its own
+    weights restored afterwards."""
+    if state is None:
+        yield model
+        return
+    own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    try:
+        yield model
+    finally:
+        model.load_state_dict(own)

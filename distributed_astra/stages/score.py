@@ -1,0 +1,260 @@
+"""The score stage: τ(z_q, z_m) = X_qᵀ ∇L(z_m) per document, the top-k per query (seeds §1, Eq 2), shard by shard
+on the executor, resumable. SOURCE / ASTRA-SOURCE: τ = Σ_ℓ mean_{c ∈ ℓ} w_ℓᵀ ∇L(θ_c, z_m), one pass per checkpoint
+over each shard (seeds §6-7).
+
+    corpus --shard_plan(data.shard_rows)--> shards 0..S-1 (stable ids: file + row range)
+    executor.map_shards(score_shard): every unfinished shard on a free worker (in process: one after another)
+    each finished shard --> scores/shards/shard-<id>.parquet (atomic) + an entry in scores/manifest.json (atomic)
+    all shards done --> merge the per-shard top-k --> topk.parquet
+
+A document is one corpus row and never spans two shards, so merging the per-shard top-k's gives the exact top-k. A
+re-run reads the manifest and skips every shard recorded there (when the directions, the corpus plan and the data
+and scoring settings are the same).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from distributed_astra.artifacts import atomic_path, check_meta, load_tensors, read_directions, read_meta, write_json
+from distributed_astra.config import SOURCE_SOLVERS
+from distributed_astra.context import Context, check_directions, topk_table
+from distributed_astra.curvature.covariance import STAT_DTYPES, batch_to_device, product_dtype
+from distributed_astra.data.corpus import CorpusShard
+from distributed_astra.data.sequences import QueryId
+from distributed_astra.errors import DastraError
+from distributed_astra.execution import Rank
+from distributed_astra.ihvp.products import Vectors
+from distributed_astra.progress import console, progress_bar
+from distributed_astra.scoring.gradients import captured_batches
+from distributed_astra.scoring.inner_products import sequence_scores
+from distributed_astra.scoring.topk import StreamingTopK
+from distributed_astra.source.trajectory import load_trajectory, weights
+from distributed_astra.tracking import metered
+
+MANIFEST = "manifest.json"
+
+
+def score_shard(
+    rank: Rank, shard: CorpusShard, corpus: str, passes: Sequence[tuple[int | None, Vectors]],
+    trajectory: str | None,
+) -> dict[str, Any]:
+    """The top-k documents of one shard per query: scores [Q, k'] and document keys [Q, k'] (k' = min(k, docs));
+    every document's scores too under `scoring.dense`. `passes` are (checkpoint of `trajectory` or None for the
+    model's own weights, directions); their sequence scores add up (SOURCE: w_ℓ / |C_ℓ| per checkpoint)."""
+    started = time.perf_counter()
+    cfg = rank.cfg
+    compute = product_dtype(rank.model, STAT_DTYPES[cfg.factors.dtype])
+    traj = load_trajectory(trajectory) if trajectory is not None else None
+    keys: list[torch.Tensor] = []
+    totals: list[torch.Tensor] = []
+    sequences = tokens = 0
+    for number, (checkpoint, directions) in enumerate(passes):
+        w = {n: x.to(device=rank.device, dtype=compute) for n, x in directions.items()}
+        with weights(rank.model, traj.state(checkpoint) if traj is not None else None):
+            batches = (
+                batch_to_device(b, rank.device)
+                for b in rank.training_batches(corpus, cfg.scoring.batch_size, shard=shard)
+            )
+            for j, (batch, capture) in enumerate(captured_batches(rank.model, rank.tracked, batches, compute)):
+                scores = sequence_scores(capture.output_grads, capture.activations, w).cpu()
+                if traj is not None:
+                    scores = scores.to(torch.float64)  # summed over the checkpoints' passes
+                if number == 0:
+                    keys.append(batch["doc_id"].cpu())
+                    totals.append(scores)
+                    sequences += len(batch["doc_id"])
+                    tokens += int(batch["attention_mask"].sum())
+                else:
+                    totals[j] += scores
+    num_queries = next(iter(passes[0][1].values())).shape[0]
+    top = StreamingTopK(num_queries, cfg.scoring.top_k, keep_all=cfg.scoring.dense)
+    for doc_keys, scores in zip(keys, totals):
+        top.update(doc_keys, scores)
+    best, doc_keys = top.finish()
+    result = {
+        "shard_id": shard.shard_id, "scores": best, "doc_keys": doc_keys, "num_documents": top.num_documents,
+        "num_sequences": sequences, "num_tokens": tokens, "seconds": time.perf_counter() - started, "pid": os.getpid(),
+    }
+    if cfg.scoring.dense:
+        result["all_keys"], result["all_scores"] = top.all_scores() if top.num_documents else (None, None)
+    return result
+
+
+def _shard_file(scores_dir: Path, shard_id: int, kind: str = "shard") -> Path:
+    return scores_dir / "shards" / f"{kind}-{shard_id:06d}.parquet"
+
+
+def _write_shard(scores_dir: Path, result: dict[str, Any]) -> Path:
+    """One shard's top-k: (query position, rank, document key, score) rows; topk_table turns them into ids. Under
+    `scoring.dense` every document's scores too (dense-<id>.parquet: doc_key, one column per query position)."""
+    if result.get("all_keys") is not None:
+        dense = pa.table({"doc_key": result["all_keys"].numpy(),
+                          **{f"q{i}": column.numpy() for i, column in enumerate(result["all_scores"].t())}})
+        with atomic_path(_shard_file(scores_dir, result["shard_id"], "dense")) as tmp:
+            pq.write_table(dense, tmp)
+    scores, doc_keys = result["scores"], result["doc_keys"]
+    num_queries, k = scores.shape
+    table = pa.table({
+        "query": torch.arange(num_queries).repeat_interleave(k).numpy(),
+        "rank": torch.arange(1, k + 1).repeat(num_queries).numpy(),
+        "doc_key": doc_keys.flatten().numpy(),
+        "score": scores.flatten().numpy(),
+    })
+    path = _shard_file(scores_dir, result["shard_id"])
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+def finished_shards(scores_dir: Path, meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Shards recorded in the manifest for the same inputs (`meta`) whose files are present; {} otherwise."""
+    path = scores_dir / MANIFEST
+    if not path.is_file():
+        return {}
+    manifest = json.loads(path.read_text())
+    if manifest.get("meta") != meta:
+        console.print(f"note: {path} was written for other directions, corpus or settings: scoring every shard again",
+                      highlight=False)
+        return {}
+    dense = bool(meta.get("dense"))
+    return {
+        sid: rec for sid, rec in manifest.get("shards", {}).items()
+        if _shard_file(scores_dir, int(sid)).is_file() and (not dense or _shard_file(scores_dir, int(sid), "dense").is_file()
+                                                            or rec["num_documents"] == 0)
+    }
+
+
+def merge_shards(scores_dir: Path, shard_ids: list[int], num_queries: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global top-k per query from the per-shard top-k files: (scores [Q, k], document keys [Q, k]), best first."""
+    table = pa.concat_tables([pq.read_table(_shard_file(scores_dir, sid)) for sid in sorted(shard_ids)])
+    per_query = table.num_rows // num_queries if num_queries else 0
+    queries, scores, doc_keys = (torch.tensor(table.column(c).to_numpy()) for c in ("query", "score", "doc_key"))
+    order = torch.argsort(queries, stable=True)  # shard order kept within each query
+    scores = scores[order].view(num_queries, per_query)
+    doc_keys = doc_keys[order].view(num_queries, per_query)
+    best, index = torch.topk(scores, min(k, per_query), dim=1)
+    return best, torch.gather(doc_keys, 1, index)
+
+
+def _write_dense(ctx: Context, query_ids: list[QueryId], shard_ids: list[int]) -> None:
+    """scores/dense.parquet: the N x Q matrix of every document's scores (`scoring.dense`), from the shards."""
+    files = [_shard_file(ctx.paths.scores, sid, "dense") for sid in sorted(shard_ids)]
+    table = pa.concat_tables([pq.read_table(f) for f in files if f.is_file()])
+    keys = table.column("doc_key").to_pylist()
+    doc_ids = ctx.open_corpus().doc_ids(keys)
+    dense = pa.table({"doc_id": [doc_ids[key] for key in keys],
+                      **{f"q{q}": table.column(f"q{i}") for i, q in enumerate(query_ids)}})
+    with atomic_path(ctx.paths.scores / "dense.parquet") as tmp:
+        pq.write_table(dense, tmp)
+
+
+def scoring_passes(ctx: Context) -> tuple[list[QueryId], str | None, list[tuple[int | None, Vectors]], list[Path]]:
+    """(query ids, trajectory or None, passes (checkpoint, directions), the directions files) of `solver.name`:
+    one pass at the model's weights, or SOURCE's one pass per checkpoint with w_ℓ / |C_ℓ|, checked against the
+    model and the trajectory they were solved for."""
+    name = ctx.cfg.solver.name
+    solver_dir = ctx.paths.ihvp(name)
+    if name not in SOURCE_SOLVERS:
+        query_ids, tensors = read_directions(solver_dir, ctx.model_meta())
+        return query_ids, None, [(None, tensors)], [solver_dir / "directions.safetensors"]
+    meta = read_meta(solver_dir, "solved directions", "solve")
+    check_meta(meta, ctx.model_meta(), "solved directions", "solve")
+    if "segments" not in meta:
+        raise DastraError(f"{solver_dir} holds no SOURCE directions: re-run `dastra solve --method {name}`")
+    traj = load_trajectory(meta["trajectory"])
+    passes: list[tuple[int | None, Vectors]] = []
+    files = []
+    for seg in meta["segments"]:
+        path = solver_dir / f"directions_segment{seg['index']}.safetensors"
+        files.append(path)
+        tensors = load_tensors(path, "solved SOURCE directions", f"solve --method {name}")
+        share = 1.0 / len(seg["checkpoints"])
+        w = {module: x * share for module, x in tensors.items()}
+        for c in seg["checkpoints"]:
+            if c["index"] >= len(traj.checkpoints) or traj.checkpoints[c["index"]].step != c["step"]:
+                raise DastraError(
+                    f"trajectory '{meta['trajectory']}' changed since the solve (no checkpoint at step {c['step']}): "
+                    f"re-run `dastra solve --method {name}`"
+                )
+            passes.append((c["index"], w))
+    return meta["query_ids"], meta["trajectory"], passes, files
+
+
+def _digest(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@metered(lambda ctx: f"score/{ctx.cfg.solver.name}")
+def score(ctx: Context, on_shard: Callable[[int, list[int]], None] | None = None) -> pa.Table:
+    """Every shard of the corpus scored (module docstring), resumable from scores/manifest.json, merged into
+    topk.parquet. `on_shard(shard_id, worker_pids)` runs after each shard is recorded (fault-injection tests)."""
+    check_directions(ctx)  # before any work: directions of another corpus, data setting or queries are refused
+    cfg = ctx.cfg
+    query_ids, trajectory, passes, files = scoring_passes(ctx)
+    plan = ctx.open_corpus().shard_plan(cfg.data.shard_rows)
+    meta = {
+        **ctx.model_meta(), "solver": cfg.solver.name, "directions": _digest(files), "plan": plan.fingerprint,
+        "config_hash": cfg.section_hash("data", "scoring"), "dense": cfg.scoring.dense,
+    }
+    scores_dir = ctx.paths.scores
+    done = finished_shards(scores_dir, meta)
+    todo = [s for s in plan.shards if str(s.shard_id) not in done]
+    if done:
+        console.print(f"note: resuming: {len(done)} of {len(plan.shards)} shards already scored (scores/{MANIFEST}), "
+                      f"{len(todo)} to go", highlight=False)
+    manifest = {"meta": meta, "plan": plan.to_json(), "shards": dict(done)}
+    write_json(scores_dir / MANIFEST, manifest)
+    scope = f"score/{cfg.solver.name}"
+    ctx.tracker.define_axis(scope, f"{scope}/shard")
+    started = time.perf_counter()
+    totals = {"documents": 0, "sequences": 0, "tokens": 0}
+
+    with progress_bar("score shards", len(plan.shards), "shards") as advance:
+        advance(len(done))
+
+        def record(shard: CorpusShard, result: dict[str, Any]) -> None:
+            path = _write_shard(scores_dir, result)
+            manifest["shards"][str(shard.shard_id)] = {
+                "file": str(path.relative_to(scores_dir)), "path": shard.path,
+                "rows": [shard.row_start, shard.row_stop], "num_documents": result["num_documents"],
+                "num_sequences": result["num_sequences"], "seconds": round(result["seconds"], 4),
+                "worker_pid": result["pid"], "finished_at": time.time(),
+            }
+            write_json(scores_dir / MANIFEST, manifest)
+            for unit in totals:
+                totals[unit] += result[f"num_{unit}"]
+            ctx.tracker.log({f"{scope}/shard": len(manifest["shards"]), f"{scope}/sequences": totals["sequences"],
+                             f"{scope}/fraction": len(manifest["shards"]) / max(1, len(plan.shards)),
+                             f"{scope}/sequences_per_s_so_far": totals["sequences"] / max(time.perf_counter() - started, 1e-9)})
+            advance(1)
+            if on_shard is not None:
+                on_shard(shard.shard_id, ctx.executor.worker_pids())
+
+        ctx.executor.map_shards(score_shard, todo, str(ctx.corpus), passes, trajectory, cfg=cfg, what="scoring",
+                                on_result=record)
+    shard_ids = [int(s) for s in manifest["shards"]]
+    scores, doc_keys = merge_shards(scores_dir, shard_ids, len(query_ids), cfg.scoring.top_k)
+    table = topk_table(ctx, query_ids, scores, doc_keys)
+    if cfg.scoring.dense:
+        _write_dense(ctx, query_ids, shard_ids)
+    num_documents = sum(rec["num_documents"] for rec in manifest["shards"].values())
+    ctx.tracker.log({
+        f"{scope}/num_documents": num_documents, f"{scope}/num_queries": len(query_ids),
+        f"{scope}/num_shards": len(manifest["shards"]), f"{scope}/num_workers": ctx.executor.world_size,
+    })
+    ctx.tracker.count(sequences=totals["sequences"], tokens=totals["tokens"])
+    return table
