@@ -1,15 +1,17 @@
 """Pass 1 of the EK-FAC fit: the uncentered Kronecker factors A = E[ā āᵀ] and S = E[Ds Dsᵀ] (seeds §3).
 
-Labels are sampled from the model's own predictive distribution (true Fisher = GGN for softmax-CE, seeds §2), one
-per predicted token, and the loss is the sum over tokens and sequences, so Ds_t is the gradient of the sampled
-sequence loss with respect to the module output at position t.
+What the loss is comes from a `task.Task` (default: `CAUSAL_LM`): its `sampled_loss` draws targets from the model's
+own predictive distribution (true Fisher = GGN, seeds §2), and the loss is summed over examples, so Ds_t is the
+gradient of the sampled example loss with respect to the module output at position t. For the causal LM, labels
+are sampled one per predicted token and a sequence's loss is the sum over its tokens.
 
-Token set (used for A, S and `num_tokens` alike): every position with attention_mask == 1. This is kronfluence's
+Token set of the causal LM (used for A, S and `num_tokens` alike): every position with attention_mask == 1. This is kronfluence's
 convention and docs/design.md's ("padding positions have ā = 0 and do not count as tokens"). Positions without a
 label of their own are kept on purpose: for attention and for every layer below it, an unlabelled position (a
 masked prompt, the last token) still feeds later positions' losses, so its Ds is not zero and its ā Ds pair is part
 of the sequence gradient Σ_t Ds_t ā_tᵀ. Only positions whose Ds is exactly zero (e.g. the last real token) add to
-A without adding to S. A and S are normalised by the same count.
+A without adding to S. A and S are normalised by the same count (`Task.num_positions`; one per example for the
+supervised tasks).
 
 Everything here is a SUM with counts, mergeable with `+` (and all-reducible tensor by tensor), so that shards of
 the data can be processed anywhere and combined before normalising.
@@ -23,10 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distributed_astra.curvature.hooks import GradientCapture, loss_sequence_mask
+from distributed_astra.curvature.hooks import GradientCapture
 from distributed_astra.errors import DastraError
-from distributed_astra.models.lm import forward_logits, sample_labels, summed_token_loss
 from distributed_astra.models.modules import TrackedModule
+from distributed_astra.task import CAUSAL_LM, Task
 
 OnBatch = Callable[[int], None]
 
@@ -60,26 +62,25 @@ def sampled_fisher_capture(
     batch: dict[str, torch.Tensor],
     dtype: torch.dtype,
     generator: torch.Generator | None,
-) -> tuple[GradientCapture, torch.Tensor]:
-    """One forward, labels drawn from the model, one backward of the summed loss: (capture, attention mask).
+    *,
+    task: Task = CAUSAL_LM,
+) -> tuple[GradientCapture, torch.Tensor | None]:
+    """One forward, targets drawn from the model, one backward of Σ_n `task.sampled_loss`: (capture, mask).
 
-    `batch` must already be on the model's device. The returned capture holds ā and Ds of every tracked module.
+    `batch` must already be on the model's device. The returned capture holds ā and Ds of every tracked module;
+    mask is the task's attention mask (None: every position is real).
     """
-    for key in ("input_ids", "attention_mask", "labels"):
-        if key not in batch:
-            raise DastraError(f"batch has no '{key}' (keys: {sorted(batch)}): build batches with the data loader")
-    mask = batch["attention_mask"]
+    task.check_batch(batch)
+    mask = task.attention_mask(batch)
     with torch.enable_grad(), GradientCapture(tracked, mask, dtype) as capture:
-        logits = forward_logits(model, batch)
-        labels = sample_labels(logits, batch["labels"], generator)
-        loss = summed_token_loss(logits, labels).sum()
+        loss = task.sampled_loss(task.output(model, batch), batch, generator).sum()
         capture.backward(loss)
     return capture, mask
 
 
 @dataclass
 class CovarianceStats:
-    """Σ ā āᵀ and Σ Ds Dsᵀ per module over `num_tokens` positions drawn from `num_sequences` sequences."""
+    """Σ ā āᵀ and Σ Ds Dsᵀ per module over `num_tokens` positions drawn from `num_sequences` sequences (examples)."""
 
     a_sum: dict[str, torch.Tensor]  # [in+1, in+1]
     s_sum: dict[str, torch.Tensor]  # [out, out]
@@ -138,11 +139,13 @@ def collect_covariances(
     dtype: torch.dtype = torch.float64,
     generator: torch.Generator | None = None,
     on_batch: OnBatch | None = None,
+    *,
+    task: Task = CAUSAL_LM,
 ) -> CovarianceStats:
-    """Accumulate A and S sums over `batches` (labels sampled with `generator`).
+    """Accumulate A and S sums over `batches` (targets sampled with `generator` by `task.sampled_loss`).
 
-    `on_batch(n)` is called after each batch with its number of rows n (progress reporting). `num_sequences` counts
-    only rows that carry a loss (`loss_sequence_mask`).
+    `on_batch(n)` is called after each batch with its number of rows n (progress reporting). `num_tokens` counts
+    `task.num_positions`, `num_sequences` only the rows that carry a loss (`task.num_examples`).
 
     The generator must live on the model's device (torch.multinomial's requirement).
     """
@@ -151,15 +154,15 @@ def collect_covariances(
     compute = product_dtype(model, dtype)
     for batch in batches:
         batch = batch_to_device(batch, device)
-        capture, mask = sampled_fisher_capture(model, tracked, batch, compute, generator)
+        capture, _ = sampled_fisher_capture(model, tracked, batch, compute, generator, task=task)
         for name in tracked:  # ā and Ds are zero at padding, so padded rows add nothing
             a = capture.activation(name).flatten(0, -2)
             stats.a_sum[name] += (a.T @ a).to(dtype)
             ds = capture.output_grad(name).flatten(0, -2)
             stats.s_sum[name] += (ds.T @ ds).to(dtype)
-        stats.num_tokens += int((mask != 0).sum())
-        stats.num_sequences += int(loss_sequence_mask(batch["labels"]).sum())
+        stats.num_tokens += task.num_positions(batch)
+        stats.num_sequences += task.num_examples(batch)
         del capture
         if on_batch is not None:
-            on_batch(int(batch["input_ids"].shape[0]))
+            on_batch(task.num_rows(batch))
     return stats

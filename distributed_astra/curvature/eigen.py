@@ -1,10 +1,11 @@
 """Eigenbases of A and S, and pass 2 of the EK-FAC fit: the eigenvalue correction Λ (seeds §3, Eq 28).
 
     A = Q_A diag(d_A) Q_Aᵀ,   S = Q_S diag(d_S) Q_Sᵀ                    (eigh of 0.5(C + Cᵀ), ascending)
-    Λ[b, a] = (1/N_seq) Σ_n (q_S,bᵀ DW̄_n q_A,a)²                        (per-SEQUENCE gradients, sampled labels)
+    Λ[b, a] = (1/N_seq) Σ_n (q_S,bᵀ DW̄_n q_A,a)²                        (per-SEQUENCE gradients, sampled targets)
 
 DW̄_n = Σ_t Ds_t ā_tᵀ is the gradient of sequence n's summed loss, so Λ has the scale of the GGN of the mean over
-sequences (kronfluence's convention; docs/design.md, "Loss scale"). It is computed from the rotated factors
+sequences (kronfluence's convention; docs/design.md, "Loss scale"); for a `task.Task` other than the causal LM a
+"sequence" is one example of the task (`Task.num_examples`). It is computed from the rotated factors
 (Ds Q_S)ᵀ(ā Q_A) and never forms an [out*(in+1)]² matrix.
 
 `eigendecompose_module` works on one module so that the eigendecompositions can be sharded by module; `LambdaStats`
@@ -27,9 +28,9 @@ from distributed_astra.curvature.covariance import (
     product_dtype,
     sampled_fisher_capture,
 )
-from distributed_astra.curvature.hooks import loss_sequence_mask
 from distributed_astra.errors import DastraError
 from distributed_astra.models.modules import TrackedModule
+from distributed_astra.task import CAUSAL_LM, Task
 
 # Largest number of elements of the rotated per-sequence gradient block materialised at once in pass 2.
 _CHUNK_ELEMENTS = 1 << 25
@@ -127,8 +128,11 @@ def collect_eigenvalue_correction(
     dtype: torch.dtype = torch.float64,
     generator: torch.Generator | None = None,
     on_batch: OnBatch | None = None,
+    *,
+    task: Task = CAUSAL_LM,
 ) -> LambdaStats:
-    """Accumulate Σ_n (Q_Sᵀ DW̄_n Q_A)² with freshly sampled labels. `on_batch(rows)` after each batch.
+    """Accumulate Σ_n (Q_Sᵀ DW̄_n Q_A)² with freshly sampled targets (`task.sampled_loss`). `on_batch(rows)` after
+    each batch; `num_sequences` counts `task.num_examples`.
 
     Only modules present in `eigens` are processed (all of `tracked` are still hooked, so pass a sub-dict of
     `tracked` too when sharding by module to save the hooks' memory).
@@ -142,13 +146,13 @@ def collect_eigenvalue_correction(
     compute = product_dtype(model, dtype)
     for batch in batches:
         batch = batch_to_device(batch, device)
-        capture, _ = sampled_fisher_capture(model, tracked, batch, compute, generator)
+        capture, _ = sampled_fisher_capture(model, tracked, batch, compute, generator, task=task)
         for name in tracked:
             stats.lambda_sum[name] += rotated_squared_gradients(
                 capture.output_grad(name), capture.activation(name), eigens[name]
             ).to(dtype)
-        stats.num_sequences += int(loss_sequence_mask(batch["labels"]).sum())
+        stats.num_sequences += task.num_examples(batch)
         del capture
         if on_batch is not None:
-            on_batch(int(batch["input_ids"].shape[0]))
+            on_batch(task.num_rows(batch))
     return stats

@@ -8,10 +8,10 @@ s = W̄ ā (docs/design.md, "Gradient capture"):
     Ds [B, T, out]    ∂loss/∂s, zero at padding
     DW̄_n = Σ_t Ds_{n,t} ā_{n,t}ᵀ   [out, in+1]   the gradient of sequence n's loss (the loss is a sum over sequences)
 
-Usage, one capture per batch:
+Usage, one capture per batch (`task` a `task.Task`, e.g. `CAUSAL_LM`):
 
-    with GradientCapture(tracked, batch["attention_mask"], torch.float64) as capture:
-        loss = summed_token_loss(forward_logits(model, batch), labels).sum()
+    with GradientCapture(tracked, task.attention_mask(batch), torch.float64) as capture:
+        loss = task.loss(task.output(model, batch), batch).sum()
         capture.backward(loss)
     grads = capture.per_sequence_gradients()
 
@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 
 from distributed_astra.errors import DastraError
-from distributed_astra.models.lm import IGNORE_INDEX
+from distributed_astra.models.lm import loss_sequence_mask  # noqa: F401  (re-exported: ihvp/solvers.py, curvature)
 from distributed_astra.models.modules import TrackedModule
 
 
@@ -196,11 +196,3 @@ class GradientCapture:
     def _iter_captured(self) -> Iterator[str]:
         return (name for name in self.tracked if name in self._inputs)
 
-
-def loss_sequence_mask(labels: torch.Tensor) -> torch.Tensor:
-    """[B] bool: sequences with at least one predicted token (a label other than -100 after the shift).
-
-    Only these count as sequences for the per-sequence normalisation; rows that carry no loss (padding rows added
-    to even out batches, one-token sequences) contribute zero gradient and are not counted.
-    """
-    return (labels[:, 1:] != IGNORE_INDEX).any(dim=1)

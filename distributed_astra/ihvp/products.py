@@ -9,14 +9,16 @@ For a minibatch B, both products return
     G̃_B v = (1/N_B) Σ_{n ∈ B} J_nᵀ H_n J_n v
 
 restricted to the tracked parameters (every other parameter held fixed), where N_B is the number of sequences of
-the batch that carry a loss (`loss_sequence_mask`), J_n the Jacobian of sequence n's logits and H_n the softmax-CE
-output Hessian summed over the sequence's labelled positions, H u = p ⊙ u − p (pᵀu) per token. This is the scale of
-EK-FAC's Λ (per sequence, summed over tokens; docs/design.md), so (P + λI)⁻¹ and (G̃ + λI) are consistent.
+the batch that carry a loss (`Task.num_examples`), J_n the Jacobian of sequence n's output z_n and H_n the task's
+output Hessian (`Task.output_hessian`, seeds §2 Eq 12). For the causal LM (`task.CAUSAL_LM`, the default) H_n is
+the softmax-CE Hessian summed over the sequence's labelled positions, H u = p ⊙ u − p (pᵀu) per token; for
+`task.RegressionTask` it is the identity. This is the scale of EK-FAC's Λ (per sequence, summed over tokens;
+docs/design.md), so (P + λI)⁻¹ and (G̃ + λI) are consistent.
 
 * `GGNProduct`: exact, with `torch.func.functional_call` (tracked weights replaced by the [out, in+1] matrices).
   J v by the double-VJP trick (the default, measured 1.5x cheaper than forward-mode here) or by forward-mode AD,
   then H, then Jᵀ.
-* `FisherProduct`: the true Fisher with labels sampled from the model, from module hooks and an ordinary
+* `FisherProduct`: the true Fisher with targets sampled from the model, from module hooks and an ordinary
   forward/backward only: what runs where parameters are sharded (ZeRO-3). Unbiased but noisy (E = GGN).
 
 Both expose `product_sum(v, batch) -> (Σ_n J_nᵀ H_n J_n v, N_B)` so a distributed caller can all-reduce the sums and
@@ -34,11 +36,15 @@ from torch.autograd import forward_ad
 from torch.func import functional_call
 
 from distributed_astra.curvature.covariance import batch_to_device, model_device, product_dtype, sampled_fisher_capture
-from distributed_astra.curvature.hooks import loss_sequence_mask
 from distributed_astra.errors import DastraError
-from distributed_astra.models.lm import IGNORE_INDEX
 from distributed_astra.models.modules import TrackedModule
 from distributed_astra.scoring.inner_products import sequence_scores
+from distributed_astra.task import (  # noqa: F401  (_loss_weights, softmax_ce_hessian: re-exported for plan/simulate.py)
+    CAUSAL_LM,
+    Task,
+    _loss_weights,
+    softmax_ce_hessian,
+)
 
 Vectors = dict[str, torch.Tensor]
 Batch = Mapping[str, torch.Tensor]
@@ -170,41 +176,32 @@ class CurvatureProduct(ABC):
     __call__ = product
 
 
-def _loss_weights(batch: Batch, logits_shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """[B, T] weights of the output Hessian: 1 where position t predicts a label (labels[t+1] != -100), 0 at the
-    last position (it predicts nothing)."""
-    targets = batch["labels"][:, 1:]
-    if tuple(targets.shape) != (logits_shape[0], logits_shape[1] - 1):
-        raise DastraError(
-            f"labels of shape {tuple(batch['labels'].shape)} do not match logits of shape {tuple(logits_shape)}"
-        )
-    weights = torch.zeros(logits_shape[0], logits_shape[1], dtype=dtype, device=targets.device)
-    weights[:, :-1] = (targets != IGNORE_INDEX).to(dtype)
-    return weights
+class _TaskOutput(nn.Module):
+    """`task.output(model, batch)` as a module of its own, so that `functional_call` can swap the model's weights."""
 
+    def __init__(self, task: Task, model: nn.Module) -> None:
+        super().__init__()
+        self.task = task
+        self.model = model
 
-def softmax_ce_hessian(probs: torch.Tensor, u: torch.Tensor, weighted_probs: torch.Tensor) -> torch.Tensor:
-    """H u = w ⊙ (p ⊙ u − p (pᵀu)) per position, the CE Hessian in the logits, IN PLACE on u [..., B, T, V].
-
-    probs p [B, T, V]; weighted_probs = w[..., None] · p (w: 1 on labelled positions). Three passes over u.
-    """
-    pu = (u * probs).sum(dim=-1, keepdim=True)
-    return u.sub_(pu).mul_(weighted_probs)
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.task.output(self.model, batch)
 
 
 class GGNProduct(CurvatureProduct):
     """Exact minibatch GGN·v by `functional_call` (torch.func), for replicated models (not ZeRO-3 partitioned).
 
-    Per minibatch, one forward builds logits(W̄) with the tracked weights replaced by leaf [out, in+1] matrices
-    (`TrackedModule.to_parameter_layout`, which transposes for Conv1D), plus Jᵀu (u a dummy logits cotangent) with
-    `create_graph=True`. Then for every chunk of queries, batched with `is_grads_batched` (vmap):
+    Per minibatch, one forward builds the output z(W̄) = `task.output` (logits for the LM) with the tracked weights
+    replaced by leaf [out, in+1] matrices (`TrackedModule.to_parameter_layout`, which transposes for Conv1D), plus
+    Jᵀu (u a dummy output cotangent) with `create_graph=True`. Then for every chunk of queries, batched with
+    `is_grads_batched` (vmap):
 
         J v   = ∂⟨Jᵀu, v⟩/∂u     ("vjp": the double-VJP trick, reusing the graph; default)
               or forward-mode AD  ("jvp": one dual forward per query; the HF input-grad hook rules out torch.func.jvp)
-        H J v   analytically (float32 at least), weights 1 on labelled positions
+        H J v   `task.output_hessian` (float32 at least); for the LM, weights 1 on labelled positions
         Jᵀ H J v   one batched backward through the saved graph
 
-    `max_tangent_elements` bounds Q_chunk·B·T·V, the size of one logits tangent block.
+    `max_tangent_elements` bounds Q_chunk·(elements of z), the size of one output tangent block (Q_chunk·B·T·V).
 
     Measured on this project's CPU (tiny GPT-2: V 4096, 2 layers, width 128, T 64, B 16, float32, 1 thread): the
     set-up (forward + Jᵀu graph) costs about one forward+backward, then each query about 1.3x a forward+backward
@@ -218,11 +215,15 @@ class GGNProduct(CurvatureProduct):
         tracked: dict[str, TrackedModule],
         jv_mode: str = "vjp",
         max_tangent_elements: int = DEFAULT_TANGENT_ELEMENTS,
+        *,
+        task: Task = CAUSAL_LM,
     ) -> None:
         if jv_mode not in ("vjp", "jvp"):
             raise DastraError(f"GGNProduct jv_mode '{jv_mode}' is not one of: vjp, jvp")
         self.model = model
         self.tracked = tracked
+        self.task = task
+        self._output = _TaskOutput(task, model)
         self.jv_mode = jv_mode
         self.max_tangent_elements = int(max_tangent_elements)
         if model.training:
@@ -233,26 +234,25 @@ class GGNProduct(CurvatureProduct):
         params = {}
         for name, matrix in matrices.items():
             for key, t in self.tracked[name].to_parameter_layout(matrix).items():
-                params[f"{name}.{key}"] = t
+                params[f"model.{name}.{key}"] = t
         return params
 
     def _logits(self, matrices: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        out = functional_call(
-            self.model,
+        """The task's output z (the LM's logits) with the tracked weights replaced by `matrices`."""
+        return functional_call(
+            self._output,
             self._param_dict(matrices),
-            args=(),
-            kwargs={"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False},
+            args=(batch,),
             # a tracked module's parameters are those of ITS use only (as for the hooks): tracking a tied lm_head
             # must not also perturb the input embedding
             tie_weights=False,
         )
-        return out.logits
 
     def product_sum(self, vectors: Vectors, batch: Batch) -> tuple[Vectors, int]:
         num_queries = check_vectors(vectors, self.tracked)
         device = model_device(self.model)
         batch = batch_to_device(dict(batch), device)
-        count = int(loss_sequence_mask(batch["labels"]).sum())
+        count = self.task.num_examples(batch)
         names = list(self.tracked)
         model_dtype = next(iter(self.model.parameters())).dtype
         out_dtype = next(iter(vectors.values())).dtype
@@ -265,9 +265,7 @@ class GGNProduct(CurvatureProduct):
             if self.jv_mode == "vjp":
                 dummy = torch.zeros_like(logits, requires_grad=True)
                 jt_dummy = torch.autograd.grad(logits, leaves, grad_outputs=dummy, create_graph=True)
-        h_dtype = torch.promote_types(logits.dtype, torch.float32)
-        probs = torch.softmax(logits.detach().to(h_dtype), dim=-1)
-        weighted_probs = probs * _loss_weights(batch, logits.shape, h_dtype)[..., None]
+        hessian = self.task.output_hessian(logits.detach(), batch)
 
         per_query = logits.numel()
         chunk = max(1, self.max_tangent_elements // max(1, per_query))
@@ -281,7 +279,7 @@ class GGNProduct(CurvatureProduct):
             else:
                 jv = torch.stack([self._forward_jv(names, leaves, [v[q] for v in v_chunk], batch)
                                   for q in range(v_chunk[0].shape[0])])
-            hjv = softmax_ce_hessian(probs, jv.to(h_dtype), weighted_probs).to(logits.dtype)
+            hjv = hessian(jv).to(logits.dtype)
             del jv
             out = torch.autograd.grad(logits, leaves, grad_outputs=hjv, retain_graph=True, is_grads_batched=True)
             for n, t in zip(names, out):
@@ -298,7 +296,7 @@ class GGNProduct(CurvatureProduct):
 
 
 def label_generator(model: nn.Module, seed: int) -> torch.Generator:
-    """The generator of FisherProduct's sampled labels: on the model's device (where `sample_labels` draws), seeded
+    """The generator of FisherProduct's sampled targets: on the model's device (where `sample_labels` draws), seeded
     apart from the CPU generator of the minibatch indices so that the two streams never interleave."""
     return torch.Generator(device=model_device(model)).manual_seed(seed + 1)
 
@@ -306,14 +304,15 @@ def label_generator(model: nn.Module, seed: int) -> torch.Generator:
 class FisherProduct(CurvatureProduct):
     """Sampled-label (true) Fisher·v from module hooks and an ordinary forward/backward: ZeRO-3 compatible.
 
-    Per label sample s (labels drawn from the model with `sample_labels`, one per predicted token, with
-    `generator`), one forward and one `autograd.grad` of the summed loss give ā and Ds of every tracked module; then
+    Per label sample s (targets drawn from the model by `task.sampled_loss`: for the LM one label per predicted
+    token, with `generator`), one forward and one `autograd.grad` of the summed loss give ā and Ds of every tracked
+    module; then
 
         c_{n,q} = Σ_l Σ_t Ds_{n,t}ᵀ V_{q,l} ā_{n,t}            (scoring.inner_products.sequence_scores)
         G̃ v_q  += Σ_n c_{n,q} DW̄_n,   DW̄_n = Σ_t Ds_{n,t} ā_{n,t}ᵀ
 
-    and the sum is divided by num_samples (and by N_B in `product`). E_labels[DW̄_n DW̄_nᵀ] = J_nᵀ H_n J_n for
-    softmax-CE (seeds §2), so the product is unbiased for the GGN product; its noise falls as 1/sqrt(num_samples).
+    and the sum is divided by num_samples (and by N_B in `product`). E_labels[DW̄_n DW̄_nᵀ] = J_nᵀ H_n J_n
+    (seeds §2, `Task.sampled_loss`), so the product is unbiased for the GGN product; its noise falls as 1/sqrt(num_samples).
     No weight is read and no parameter gradient is formed. Products run in `product_dtype(model, vectors' dtype)`.
     """
 
@@ -323,11 +322,14 @@ class FisherProduct(CurvatureProduct):
         tracked: dict[str, TrackedModule],
         num_samples: int = 1,
         generator: torch.Generator | None = None,
+        *,
+        task: Task = CAUSAL_LM,
     ) -> None:
         if num_samples < 1:
             raise DastraError(f"FisherProduct num_samples must be >= 1, got {num_samples}")
         self.model = model
         self.tracked = tracked
+        self.task = task
         self.num_samples = int(num_samples)
         self.generator = generator
 
@@ -335,14 +337,16 @@ class FisherProduct(CurvatureProduct):
         check_vectors(vectors, self.tracked)
         device = model_device(self.model)
         batch = batch_to_device(dict(batch), device)
-        count = int(loss_sequence_mask(batch["labels"]).sum())
+        count = self.task.num_examples(batch)
         out_dtype = next(iter(vectors.values())).dtype
         target = next(iter(vectors.values())).device
         compute = product_dtype(self.model, out_dtype)
         v = vec_to(vectors, device=device, dtype=compute)
         total = vec_zeros_like(v)
         for _ in range(self.num_samples):
-            capture, _mask = sampled_fisher_capture(self.model, self.tracked, batch, compute, self.generator)
+            capture, _mask = sampled_fisher_capture(
+                self.model, self.tracked, batch, compute, self.generator, task=self.task
+            )
             ds = {n: capture.output_grad(n) for n in self.tracked}
             abar = {n: capture.activation(n) for n in self.tracked}
             coeff = sequence_scores(ds, abar, v)  # [B, Q]

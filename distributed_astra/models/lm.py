@@ -40,18 +40,33 @@ def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return (token_loss * mask).sum(dim=1)
 
 
-def sample_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Labels drawn from the model's own predictive distribution, one per predicted token (true Fisher, seeds §2-3).
+def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One class per row of logits [..., V], drawn from softmax(logits) (true Fisher, seeds §2): LongTensor[...].
 
-    Inverse-CDF sampling (one uniform per token, a cumulative sum, `searchsorted`): an order of magnitude faster
+    Inverse-CDF sampling (one uniform per row, a cumulative sum, `searchsorted`): an order of magnitude faster
     than `torch.multinomial` over a large vocabulary. The float32 cumulative sum shifts each class probability by
-    at most ~1e-7 × vocabulary size, far below the Monte-Carlo noise of one draw per token. Returned in the
-    unshifted HF layout, with -100 kept wherever `labels` has it.
+    at most ~1e-7 × vocabulary size, far below the Monte-Carlo noise of one draw per row.
     """
-    logits, targets = shifted(logits, labels)
     cdf = torch.softmax(logits.detach().float(), dim=-1).reshape(-1, logits.shape[-1]).cumsum_(dim=-1)
     uniform = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-    drawn = torch.searchsorted(cdf, uniform, right=True).clamp_(max=cdf.shape[1] - 1).view_as(targets)
+    return torch.searchsorted(cdf, uniform, right=True).clamp_(max=cdf.shape[1] - 1).view(logits.shape[:-1])
+
+
+def sample_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Labels drawn from the model's own predictive distribution, one per predicted token (true Fisher, seeds §2-3),
+    by `sample_categorical`. Returned in the unshifted HF layout, with -100 kept wherever `labels` has it.
+    """
+    logits, targets = shifted(logits, labels)
+    drawn = sample_categorical(logits, generator)
     sampled = labels.clone()
     sampled[:, 1:] = torch.where(targets == IGNORE_INDEX, targets, drawn)
     return sampled
+
+
+def loss_sequence_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[B] bool: sequences with at least one predicted token (a label other than -100 after the shift).
+
+    Only these count as sequences for the per-sequence normalisation; rows that carry no loss (padding rows added
+    to even out batches, one-token sequences) contribute zero gradient and are not counted.
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=1)

@@ -1,4 +1,8 @@
-"""Per-sequence gradients of the summed token loss for the tracked modules, from hooks (no weight gradients)."""
+"""Per-example gradients of a task's loss or measurement for the tracked modules, from hooks (no weight gradients).
+
+The task (`task.Task`, default the causal LM) says what the objective of an example is: for the LM, the summed
+token loss of a sequence with its own labels.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ import torch
 from torch import nn
 
 from distributed_astra.curvature.hooks import GradientCapture
-from distributed_astra.models.lm import forward_logits, summed_token_loss
 from distributed_astra.models.modules import TrackedModule
+from distributed_astra.task import CAUSAL_LM, Task
+
+Objective = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
 
 def captured_batches(
@@ -17,16 +23,42 @@ def captured_batches(
     tracked: dict[str, TrackedModule],
     batches: Iterable[dict[str, torch.Tensor]],
     dtype: torch.dtype,
+    *,
+    task: Task = CAUSAL_LM,
+    objective: Objective | None = None,
 ) -> Iterator[tuple[dict[str, torch.Tensor], GradientCapture]]:
-    """For each batch, run forward and backward of Σ_sequences Σ_tokens loss and yield (batch, capture).
+    """For each batch, run forward and backward of Σ_n objective(z_n) and yield (batch, capture).
 
-    The loss uses the batch's own labels, so prompt tokens of a query (label -100) carry no loss (seeds §1).
+    objective(output, batch) -> [B] defaults to the task's training loss `task.loss`; for the LM it uses the
+    batch's own labels, so prompt tokens of a query (label -100) carry no loss (seeds §1).
     """
+    objective = task.loss if objective is None else objective
     for batch in batches:
-        with GradientCapture(tracked, batch["attention_mask"], dtype) as capture:
-            loss = summed_token_loss(forward_logits(model, batch), batch["labels"]).sum()
-            capture.backward(loss)
+        with torch.enable_grad(), GradientCapture(tracked, task.attention_mask(batch), dtype) as capture:
+            capture.backward(objective(task.output(model, batch), batch).sum())
         yield batch, capture
+
+
+def example_gradients(
+    model: nn.Module,
+    tracked: dict[str, TrackedModule],
+    batches: Iterable[dict[str, torch.Tensor]],
+    dtype: torch.dtype,
+    *,
+    task: Task = CAUSAL_LM,
+    objective: Objective | None = None,
+    on_batch: Callable[[dict[str, torch.Tensor]], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """∇θ objective(z_n) of every example of `batches`, in order: {module: [N, out, in+1]} (`captured_batches`).
+
+    `on_batch(batch)` is called after each batch."""
+    grads: dict[str, list[torch.Tensor]] = {name: [] for name in tracked}
+    for batch, capture in captured_batches(model, tracked, batches, dtype, task=task, objective=objective):
+        for name, grad in capture.per_sequence_gradients().items():
+            grads[name].append(grad)
+        if on_batch is not None:
+            on_batch(batch)
+    return {name: torch.cat(chunks) for name, chunks in grads.items()}
 
 
 def query_gradients(
@@ -35,14 +67,17 @@ def query_gradients(
     batches: Iterable[dict[str, torch.Tensor]],
     dtype: torch.dtype,
     on_batch: Callable[[int], None] | None = None,
+    *,
+    task: Task = CAUSAL_LM,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """∇θ f(z_q) for every query: (query_index [Q], {module: [Q, out, in+1]}); f is the completion's summed loss."""
+    """∇θ f(z_q) for every query: (query_index [Q], {module: [Q, out, in+1]}); f is `task.measurement` (for the
+    LM, the completion's summed loss)."""
     ids: list[torch.Tensor] = []
-    grads: dict[str, list[torch.Tensor]] = {name: [] for name in tracked}
-    for batch, capture in captured_batches(model, tracked, batches, dtype):
+
+    def seen(batch: dict[str, torch.Tensor]) -> None:
         ids.append(batch["query_index"])
-        for name, grad in capture.per_sequence_gradients().items():
-            grads[name].append(grad)
         if on_batch is not None:
             on_batch(len(batch["query_index"]))
-    return torch.cat(ids), {name: torch.cat(chunks) for name, chunks in grads.items()}
+
+    grads = example_gradients(model, tracked, batches, dtype, task=task, objective=task.measurement, on_batch=seen)
+    return torch.cat(ids), grads
