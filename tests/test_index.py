@@ -19,7 +19,10 @@ import pytest
 from typer.testing import CliRunner
 
 from distributed_astra.cli import app
-from distributed_astra.config import IndexConfig
+from distributed_astra.config import IndexConfig, load_config
+from distributed_astra.context import open_context
+from distributed_astra.index import stages
+from distributed_astra.index.calibration import preconditioned_queries
 from distributed_astra.index.faiss_index import (
     build_index,
     index_kind,
@@ -46,8 +49,8 @@ def workspace(tmp_path_factory) -> Path:
     return write_workspace(tmp_path_factory.mktemp("index"), rows, queries, row_group_size=16)
 
 
-def _args(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
-    overrides = [
+def _overrides(workspace: Path, *extra: str) -> list[str]:
+    return [
         *workspace_overrides(workspace),
         "data.max_length=16",  # documents of up to 50 words span several sequences
         "data.shard_rows=16",
@@ -58,7 +61,10 @@ def _args(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
         "tracking.wandb_mode=disabled",
         *extra,
     ]
-    return ["--run-dir", str(run_dir), *[a for o in overrides for a in ("--set", o)]]
+
+
+def _args(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--run-dir", str(run_dir), *[a for o in _overrides(workspace, *extra) for a in ("--set", o)]]
 
 
 def invoke(*args: str):
@@ -323,3 +329,32 @@ def test_search_refuses_source_directions_and_names_the_command_to_use(run, work
     result = invoke("search", *_args(workspace, run_dir, *full, "solver.name=source"))
     assert result.exit_code == 2
     assert "solver.name=source" in result.output and "dastra score --method source" in result.output
+
+
+def test_ivf_index_calibrates_its_probing_on_preconditioned_training_gradients(run, workspace, tmp_path):
+    """`dastra index` with an IVF kind: the probing is calibrated on sampled documents' EK-FAC-preconditioned
+    gradients (index/calibration.py), recorded in index/meta.json and used by `dastra search`. At full dimension
+    the projection is the identity, so those queries x_m = (G + λI)⁻¹ ∇L(z_m) against the stored gradients ∇L(z_j)
+    form the matrix ∇L(z_j)ᵀ (G + λI)⁻¹ ∇L(z_m), which must be symmetric."""
+    run_dir, full, _ = run
+    copy = tmp_path / "ivf"
+    shutil.copytree(run_dir, copy)
+    result = invoke("index", *_args(workspace, copy, *full, "index.store_dtype=float32", "index.kind=ivfflat"))
+    assert result.exit_code == 0, result.output
+    meta = json.loads((copy / "index" / "meta.json").read_text())
+    assert meta["kind"] == "ivfflat" and meta["calibration"]["queries_kind"] == "ekfac-preconditioned training gradients"
+    assert meta["calibration"]["queries"] == NUM_DOCS - 1 and meta["calibration"]["recall_at_k"] >= 0.95
+    assert meta["nprobe"] >= meta["calibrated_nprobe"] and meta["calibration"]["damping"] > 0
+    result = invoke("search", *_args(workspace, copy, *full, "index.rescore=false"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((copy / "search" / "meta.json").read_text())["index_nprobe"] == meta["nprobe"]
+
+    with open_context(load_config(None, [*_overrides(workspace, *full), f"output.run_dir={copy}"]), "index") as ctx:
+        projection = stages.run_projection(ctx)
+        store = open_store(stages.store_dir(ctx), stages.expected_meta(ctx, projection))
+        rows = stages.store_ids(store)[1][:12].tolist()
+        queries, _ = preconditioned_queries(ctx, projection, rows)
+    stored = np.concatenate([s.vectors for s in store.iter_shards()])[:12].astype(np.float64)
+    cross = stored @ queries.astype(np.float64).T  # [j, m]
+    np.testing.assert_allclose(cross, cross.T, rtol=0, atol=1e-4 * np.abs(cross).max())
+    assert np.all(np.diag(cross) > 0)  # self-influence gᵀ(G + λI)⁻¹g of a positive-definite inverse

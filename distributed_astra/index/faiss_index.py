@@ -15,8 +15,9 @@
   largest divisor of D that is at most D / 8, i.e. 8-dimensional sub-vectors (256 for D = 2,048).
 - probing (both IVF kinds): `index.nprobe`, else the larger of the calibrated nprobe and the floor
   max(`min_nprobe`, ceil(`probe_fraction` x nlist)). Calibrated at build time (`calibrate_nprobe`): the fewest lists
-  whose recall@10 against the exact top-10 reaches `TARGET_RECALL` on `CALIBRATION_QUERIES` stored vectors used as
-  leave-one-out queries; the chosen nprobe, the recall it reached and the sweep are in index/meta.json.
+  whose recall@10 against the exact top-10 reaches `TARGET_RECALL` on `CALIBRATION_QUERIES` sampled documents used
+  as leave-one-out queries (EK-FAC-preconditioned like real queries: index/calibration.py); the chosen nprobe, the
+  recall it reached and the sweep are in index/meta.json.
 - device: a GPU index when faiss has GPUs (`index.device: auto | gpu`); `gpu` without one warns and stays on CPU.
   Indexes are saved on CPU (`faiss.write_index`) and moved to the GPU after loading.
 """
@@ -290,18 +291,21 @@ def _without_self(positions: np.ndarray, own: np.ndarray, k: int) -> list[set[in
     return [set([int(p) for p in row if p >= 0 and p != me][:k]) for row, me in zip(positions, own)]
 
 
-def calibrate_nprobe(index: faiss.Index, store: GradientStore, target: float = TARGET_RECALL,
-                     num_queries: int = CALIBRATION_QUERIES, k: int = CALIBRATION_K) -> dict[str, object]:
+def calibrate_nprobe(index: faiss.Index, store: GradientStore, calibration: tuple[np.ndarray, np.ndarray] | None = None,
+                     target: float = TARGET_RECALL, k: int = CALIBRATION_K) -> dict[str, object]:
     """The fewest probed lists whose recall@k against the exact top-k reaches `target`, found by bisection.
 
-    Queries: `num_queries` stored vectors drawn at random (seed 0), each searched leave-one-out (its own position
-    removed from both the exact and the IVF top-k+1), so the calibration needs no query file. recall(nprobe) =
-    mean |IVF top-k ∩ exact top-k| / k, non-decreasing in nprobe for ivfflat (more lists, a superset of
-    candidates); where even every list misses the target (ivfpq, capped by PQ) all lists are chosen and the recall
-    reached is what is recorded.
+    calibration: (store positions [S], query vectors [S, D]) of sampled documents, each searched leave-one-out (its
+    own position removed from both the exact and the IVF top-k+1): index/calibration.py makes them EK-FAC-
+    preconditioned like real queries; None: `CALIBRATION_QUERIES` stored vectors drawn at random (seed 0).
+    recall(nprobe) = mean |IVF top-k ∩ exact top-k| / k, non-decreasing in nprobe for ivfflat (more lists, a
+    superset of candidates); where even every list misses the target (ivfpq, capped by PQ) all lists are chosen
+    and the recall reached is what is recorded.
     """
-    own = sample_positions(store.num_documents, num_queries, seed=0)
-    queries = gather_vectors(store, own)
+    if calibration is None:
+        own = sample_positions(store.num_documents, CALIBRATION_QUERIES, seed=0)
+        calibration = (own, gather_vectors(store, own))
+    own, queries = calibration
     exact = _without_self(exact_store_topk(store, queries, k + 1), own, k)
     ivf = faiss.extract_index_ivf(index)
     measured: dict[int, float] = {}
@@ -323,8 +327,10 @@ def calibrate_nprobe(index: faiss.Index, store: GradientStore, target: float = T
         "sweep": [{"nprobe": n, "recall": r} for n, r in sorted(measured.items())]}}
 
 
-def build_index(store: GradientStore, cfg: IndexConfig) -> tuple[faiss.Index, dict[str, object]]:
-    """The index over every stored vector (in shard order) and what was built (kind, format, nlist, pq_m...)."""
+def build_index(store: GradientStore, cfg: IndexConfig, calibration: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> tuple[faiss.Index, dict[str, object]]:
+    """The index over every stored vector (in shard order) and what was built (kind, format, nlist, pq_m...);
+    an IVF kind's probing is calibrated on `calibration` (see `calibrate_nprobe`)."""
     dim, count = store.dim, store.num_documents
     if count == 0:
         raise DastraError("the gradient store holds no document: check data.corpus")
@@ -333,7 +339,7 @@ def build_index(store: GradientStore, cfg: IndexConfig) -> tuple[faiss.Index, di
     if kind in ("ivfflat", "ivfpq"):
         index, built = (_build_ivfflat if kind == "ivfflat" else _build_ivfpq)(store, cfg)
         info.update(built)
-        info.update(calibrate_nprobe(index, store))
+        info.update(calibrate_nprobe(index, store, calibration))
         info["nprobe"] = faiss.extract_index_ivf(index).nprobe = nprobe_for(cfg, built["nlist"], info["calibrated_nprobe"])
         return index, info
     index = faiss.IndexFlatIP(dim)

@@ -34,10 +34,13 @@ from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.data.corpus import Corpus
 from distributed_astra.data.sequences import iter_document_batches, load_queries
 from distributed_astra.errors import DastraError
+from distributed_astra.index.calibration import preconditioned_queries
 from distributed_astra.index.faiss_index import (
+    CALIBRATION_QUERIES,
     INDEX_FORMATS,
     build_index,
     faiss_nprobe,
+    index_kind,
     load_index,
     sample_positions,
     save_index,
@@ -114,7 +117,15 @@ def index(ctx: Context) -> dict[str, Any]:
         warn_skipped_rows(ctx.corpus, skipped["empty"], skipped["non_utf8"])  # the line of every corpus pass
     store = open_store(store_dir(ctx), expected_meta(ctx, projection))
     start = time.perf_counter()
-    faiss_index, info = build_index(store, ctx.cfg.index)
+    calibration, calibration_info = None, {}
+    if index_kind(ctx.cfg.index, store.num_documents) != "flat":
+        positions = sample_positions(store.num_documents, CALIBRATION_QUERIES, seed=0)
+        made = preconditioned_queries(ctx, projection, store_ids(store)[1][positions].tolist())
+        if made is not None:
+            calibration, calibration_info = (positions, made[0]), made[1]
+    faiss_index, info = build_index(store, ctx.cfg.index, calibration)
+    if calibration_info:
+        info["calibration"].update(calibration_info)
     with atomic_path(index_dir(ctx)) as tmp:
         tmp.mkdir()
         save_index(faiss_index, tmp)
