@@ -18,7 +18,6 @@ from distributed_astra.eval.methods import (
     register_method,
     trak_projection,
 )
-from distributed_astra.eval.mse import MSEGGNProduct
 from distributed_astra.eval.tasks import build_task
 from tests.conftest import assert_close_rel
 
@@ -114,7 +113,7 @@ def test_mse_curvature_matches_dense_jacobians(tmp_path):
                for n, t in ctx.tracked.items()}
     flat = torch.cat([v.flatten(1) for v in vectors.values()], 1)
     batch = ctx.sampler(1).full_batch()
-    out = MSEGGNProduct(ctx.model, ctx.tracked).product(vectors, batch)
+    out = ctx.product().product(vectors, batch)  # GGNProduct with the regression task (H = 1)
     assert_close_rel(torch.cat([v.flatten(1) for v in out.values()], 1), flat @ g, 1e-10, "G v")
     # EK-FAC's Λ is the diagonal of G in each module's Kronecker eigenbasis (seeds §3, Eq 28)
     offset = 0

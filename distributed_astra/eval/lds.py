@@ -29,12 +29,7 @@ from distributed_astra.artifacts import atomic_path
 from distributed_astra.config import Config, EvalConfig, SolverConfig, eval_solver
 from distributed_astra.errors import DastraError
 from distributed_astra.eval import source_methods  # noqa: F401  (registers source and astra-source)
-from distributed_astra.eval.methods import (
-    Method,
-    MethodSettings,
-    ModelAttribution,
-    get_method,
-)
+from distributed_astra.eval.methods import Method, MethodSettings, ModelAttribution, get_method
 from distributed_astra.eval.retrain import RetrainCache, run_jobs
 from distributed_astra.eval.tasks import TASKS, build_task
 from distributed_astra.progress import console, progress_bar

@@ -23,12 +23,11 @@ model (TRAK has no LM recipe; the paper omits it there).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-from torch import nn
 
 from distributed_astra.config import (
     Config,
@@ -37,36 +36,22 @@ from distributed_astra.config import (
     SourceConfig,
     eval_solver,
 )
-from distributed_astra.curvature.factors import EkfacFactors, fit_ekfac
-from distributed_astra.curvature.hooks import GradientCapture
+from distributed_astra.curvature.covariance import collect_covariances, model_device
+from distributed_astra.curvature.eigen import (
+    collect_eigenvalue_correction,
+    eigendecompose,
+)
+from distributed_astra.curvature.factors import EkfacFactors, build_factors
 from distributed_astra.errors import DastraError
-from distributed_astra.eval.mse import MSEGGNProduct, fit_ekfac_mse
 from distributed_astra.eval.tasks import State, Task, TrainedModel
 from distributed_astra.ihvp.ekfac import ekfac_inverse, mean_eigenvalue
 from distributed_astra.ihvp.products import CurvatureProduct, GGNProduct, Vectors
-from distributed_astra.ihvp.solvers import MinibatchSampler, ekfac_preconditioner, solve
-from distributed_astra.models.lm import forward_logits
-from distributed_astra.models.modules import TrackedModule, select_tracked_modules
+from distributed_astra.ihvp.solvers import ekfac_preconditioner, solve
+from distributed_astra.models.modules import select_tracked_modules
+from distributed_astra.scoring.gradients import Objective, example_gradients
 
 STAT_DTYPE = torch.float64
 GRADIENT_BATCH = 64
-
-
-def example_gradients(
-    model: nn.Module,
-    tracked: dict[str, TrackedModule],
-    batches: Iterable[dict[str, torch.Tensor]],
-    objective: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
-    dtype: torch.dtype = STAT_DTYPE,
-) -> Vectors:
-    """∇θ objective(z_n) of every example, {module: [N, out, in+1]}, from hooks (no parameter gradients)."""
-    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in tracked}
-    for batch in batches:
-        with torch.enable_grad(), GradientCapture(tracked, batch["attention_mask"], dtype) as capture:
-            capture.backward(objective(forward_logits(model, batch), batch).sum())
-        for name, grad in capture.per_sequence_gradients().items():
-            chunks[name].append(grad)
-    return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
 def pair_scores(directions: Vectors, train: Vectors) -> torch.Tensor:
@@ -91,23 +76,32 @@ class ModelAttribution:
     def at_checkpoint(self, state: State) -> ModelAttribution:
         return ModelAttribution(self.task, TrainedModel([state], [1.0], self.trained.final_loss), self.seed)
 
+    def gradients(self, batches: list[dict[str, torch.Tensor]], objective: Objective) -> Vectors:
+        """∇θ objective(z_n) of every example of `batches`, {module: [N, out, in+1]} (`scoring.example_gradients`)."""
+        task = self.task.attribution_task
+        return example_gradients(self.model, self.tracked, batches, STAT_DTYPE, task=task, objective=objective)
+
     @cached_property
     def train_gradients(self) -> Vectors:
         """∇L(z_m) of every training example at θ^s."""
-        return example_gradients(self.model, self.tracked, self.task.train_batches(GRADIENT_BATCH), self.task.training_loss)
+        return self.gradients(self.task.train_batches(GRADIENT_BATCH), self.task.attribution_task.loss)
 
     @cached_property
     def query_gradients(self) -> Vectors:
         """∇f(z_q) of every query at θ^s (f = the task's measurement)."""
-        return example_gradients(self.model, self.tracked, self.task.query_batches(GRADIENT_BATCH), self.task.measurement)
+        return self.gradients(self.task.query_batches(GRADIENT_BATCH), self.task.attribution_task.measurement)
 
     @cached_property
     def factors(self) -> EkfacFactors:
-        """EK-FAC over the whole training set: sampled labels for softmax tasks, the exact J Jᵀ for regression."""
-        make = lambda: self.task.train_batches(GRADIENT_BATCH)  # noqa: E731
-        if self.task.curvature == "mse":
-            return fit_ekfac_mse(self.model, self.tracked, make, STAT_DTYPE)
-        return fit_ekfac(self.model, self.tracked, make, STAT_DTYPE, seed=self.seed)
+        """EK-FAC over the whole training set with targets sampled by the attribution task (seeds §3): the two
+        passes of `curvature.fit_ekfac`, labels from one generator seeded with the model's seed."""
+        task = self.task.attribution_task
+        generator = torch.Generator(device=model_device(self.model)).manual_seed(self.seed)
+        batches = self.task.train_batches(GRADIENT_BATCH)
+        cov = collect_covariances(self.model, self.tracked, batches, STAT_DTYPE, generator, task=task)
+        eigens = eigendecompose(cov)
+        lam = collect_eigenvalue_correction(self.model, self.tracked, eigens, batches, STAT_DTYPE, generator, task=task)
+        return build_factors(cov, eigens, lam)
 
     def damping(self, scale: float) -> float:
         """λ = scale × mean(Λ) (scale 0.1 = the solver's `auto`), or the task's exact λ (ridge)."""
@@ -131,13 +125,12 @@ class ModelAttribution:
         return self.sampler(1).full_batch()
 
     def product(self) -> CurvatureProduct:
-        if self.task.curvature == "mse":
-            return MSEGGNProduct(self.model, self.tracked)
-        return GGNProduct(self.model, self.tracked)
+        """The exact GGN product with the attribution task's output Hessian."""
+        return GGNProduct(self.model, self.tracked, task=self.task.attribution_task)
 
-    def sampler(self, minibatch_size: int) -> MinibatchSampler:
+    def sampler(self, minibatch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         generator = torch.Generator().manual_seed(self.seed)
-        return MinibatchSampler(self.task.train_batches(GRADIENT_BATCH), minibatch_size, generator)
+        return self.task.curvature_sampler(self.task.train_batches(GRADIENT_BATCH), minibatch_size, generator)
 
 
 @dataclass(frozen=True)
@@ -211,9 +204,7 @@ def trak_projection(dim: int, k: int, seed: int, dtype: torch.dtype) -> torch.Te
 def trak_scores(ctx: ModelAttribution, settings: MethodSettings) -> torch.Tensor:
     """TRAK with one random projection per model: k = min(eval.trak_dim, N // 2) keeps ΦᵀΦ well posed; no damping."""
     task = ctx.task
-    out_grads = flatten(
-        example_gradients(ctx.model, ctx.tracked, task.train_batches(GRADIENT_BATCH), task.model_output)
-    )
+    out_grads = flatten(ctx.gradients(task.train_batches(GRADIENT_BATCH), task.model_output))
     k = max(1, min(settings.eval.trak_dim, task.num_train // 2))
     projection = trak_projection(out_grads.shape[1], k, ctx.seed, out_grads.dtype)
     phi = out_grads @ projection

@@ -23,9 +23,9 @@ from distributed_astra.eval.methods import (
     Method,
     MethodSettings,
     ModelAttribution,
-    solver_config,
     pair_scores,
     register_method,
+    solver_config,
 )
 from distributed_astra.eval.tasks import TabularTask
 from distributed_astra.ihvp.ekfac import ekfac_inverse

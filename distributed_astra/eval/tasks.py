@@ -1,13 +1,14 @@
 """LDS tasks: a train/query split, a reproducible training recipe, the measurement f, and what attribution needs.
 
-Every task exposes its examples in the batch layout of `models/lm.py`, so that the package's EK-FAC fit, GGN
-products and solvers run on it unchanged:
+Every LDS setting names the core `task.Task` its model is attributed with (`attribution_task`), so that the
+package's EK-FAC fit, GGN products and solvers run on it unchanged:
 
-* tabular tasks (digits, diabetes, ridge): one-token "sequences" over a table of inputs held by the model as a
-  buffer (rows 0..N-1 the training set, then the queries). input_ids [B, 2] hold the example's row twice; position
-  0's output predicts the target at position 1 (attention_mask [1, 0], labels [-100, y]); regression targets travel
-  as the float column `targets`. Each example is one sequence, so per-sequence = per-example.
-* gpt2: sequences of at most 32 tokens cut from the demo corpus (Python stdlib text, `data/demo_corpus.py`).
+* tabular tasks (digits, diabetes, ridge): an MLP over a table of inputs held by the model as a buffer (rows 0..N-1
+  the training set, then the queries); a batch is {"example": rows [B], "targets": [B]} and the model maps the rows
+  to outputs [B, C] (`TableClassification`, `TableRegression`: `task.ClassificationTask` and `task.RegressionTask`
+  with that calling convention and the setting's measurement).
+* gpt2: sequences of at most 32 tokens cut from the demo corpus (Python stdlib text, `data/demo_corpus.py`), in the
+  batch layout of `models/lm.py` (`task.CAUSAL_LM`).
 
 Measurements (seeds §9.1, ASTRA App. F.1), all "loss-like" so that a positive IF score (seeds Eq 2) is helpful:
     classification   f = −margin = −z_t + log Σ_{i≠t} exp z_i
@@ -24,13 +25,13 @@ import json
 import math
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
+from functools import cached_property
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distributed_astra.artifacts import atomic_path
@@ -38,9 +39,17 @@ from distributed_astra.data.demo_corpus import build_demo_corpus
 from distributed_astra.data.sequences import collate_sequences, iter_document_sequences
 from distributed_astra.data.tokenizer import train_bpe_tokenizer
 from distributed_astra.errors import DastraError
-from distributed_astra.models.lm import IGNORE_INDEX, summed_token_loss
+from distributed_astra.ihvp.solvers import MinibatchSampler
+from distributed_astra.models.lm import IGNORE_INDEX
 from distributed_astra.models.load import prepare_for_attribution
 from distributed_astra.models.tiny import build_tiny_gpt2, train_tiny_gpt2
+from distributed_astra.task import (
+    CAUSAL_LM,
+    ClassificationTask,
+    RegressionTask,
+    negative_margin,
+)
+from distributed_astra.task import Task as AttributionTask
 
 Kind = Literal["classification", "regression", "language_model"]
 State = dict[str, torch.Tensor]
@@ -73,22 +82,12 @@ def _load_sklearn(name: str):
     return getattr(sklearn.datasets, name)()
 
 
-def negative_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """−margin = −z_t + log Σ_{i≠t} exp z_i per row (seeds §9.1; the negative TRAK margin)."""
-    correct = logits.gather(1, target[:, None]).squeeze(1)
-    is_target = torch.arange(logits.shape[1], device=logits.device) == target[:, None]
-    others = logits.masked_fill(is_target, float("-inf"))
-    return torch.logsumexp(others, dim=1) - correct
-
-
 class Task(ABC):
     """One LDS setting. Instances are cheap to build (Ray workers rebuild them from the name and data folder)."""
 
     name: str
     kind: Kind
     description: str
-    # "softmax": the package's sampled-label EK-FAC and exact GGN products; "mse": eval/mse.py (scalar output, H = 1)
-    curvature: Literal["softmax", "mse"]
     tracked_modules: list[str]
     # λ at which the influence function is exact (ridge: the ridge coefficient); None: λ from eval.damping_scale
     exact_damping: float | None = None
@@ -138,29 +137,34 @@ class Task(ABC):
     def attribution_model(self, state: State) -> nn.Module:
         """The model with weights `state`, in eval mode, parameters frozen, ready for the hooks."""
 
+    @property
+    @abstractmethod
+    def attribution_task(self) -> AttributionTask:
+        """The core task: the training loss L(z_m), the measurement f(z_q) and the output Hessian (`task.Task`)."""
+
     @abstractmethod
     def train_batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
-        """Every training example once, in index order, in the `models/lm.py` layout."""
+        """Every training example once, in index order, in the layout `attribution_task` reads."""
 
     @abstractmethod
     def query_batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]: ...
 
     @abstractmethod
-    def training_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-example training loss L(z_m) [B] (the loss the recipe minimises, summed over tokens)."""
+    def curvature_sampler(
+        self, batches: list[dict[str, torch.Tensor]], minibatch_size: int, generator: torch.Generator
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless minibatches of `minibatch_size` examples of `batches` drawn with replacement by `generator`,
+        with `full_batch()` (every example once)."""
 
     @abstractmethod
-    def measurement(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-query f(z_q) [B], differentiable (the query gradient is its gradient)."""
-
-    @abstractmethod
-    def model_output(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """TRAK's model-output function per example [B]: margin, regression output, or sequence loss."""
+    def model_output(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """TRAK's model-output function per example [B] of the model output: margin, regression output, or
+        sequence loss."""
 
 
 # ==================================================================================================== tabular
 class TableMLP(nn.Module):
-    """x -> MLP(x) (ReLU) over a table of inputs, shaped like a causal LM for attribution (module docstring)."""
+    """rows -> MLP(inputs[rows]) (ReLU) over a table of inputs held as a buffer (module docstring)."""
 
     def __init__(self, inputs: torch.Tensor, widths: list[int], out_dim: int, seed: int) -> None:
         super().__init__()
@@ -178,11 +182,56 @@ class TableMLP(nn.Module):
                 x = torch.relu(x)
         return x
 
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
-        x = self.inputs[input_ids]
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        x = self.inputs[rows]
         if torch.is_grad_enabled():
             x.requires_grad_(True)  # attribution: parameters frozen, gradients flow through activations
-        return SimpleNamespace(logits=self.net(x))
+        return self.net(x)
+
+
+Pointwise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _TableOutputs:
+    """A `TableMLP` on {"example": rows, "targets": t}, with the LDS setting's pointwise measurement f(z, t)."""
+
+    def __init__(self, measurement: Pointwise) -> None:
+        self._measurement = measurement
+
+    def output(self, model: nn.Module, batch) -> torch.Tensor:
+        return model(batch["example"])
+
+    def measurement(self, output: torch.Tensor, batch) -> torch.Tensor:
+        return self._measurement(output, batch["targets"])
+
+
+class TableClassification(_TableOutputs, ClassificationTask):
+    """Softmax cross-entropy over the table's rows (`task.ClassificationTask`)."""
+
+
+class TableRegression(_TableOutputs, RegressionTask):
+    """Squared error over the table's rows (`task.RegressionTask`)."""
+
+
+class ExampleSampler:
+    """Minibatches of `minibatch_size` examples drawn uniformly WITH replacement from the rows of `batches`: the
+    tabular counterpart of `ihvp.solvers.MinibatchSampler` (whose rows are LM sequences), with the same draws."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]], minibatch_size: int, generator: torch.Generator) -> None:
+        self.rows = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        self.num_sequences = int(self.rows["targets"].shape[0])
+        self.minibatch_size = int(minibatch_size)
+        self.generator = generator
+
+    def full_batch(self) -> dict[str, torch.Tensor]:
+        return dict(self.rows)
+
+    def __iter__(self) -> ExampleSampler:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        index = torch.randint(self.num_sequences, (self.minibatch_size,), generator=self.generator)
+        return {k: t.index_select(0, index) for k, t in self.rows.items()}
 
 
 @dataclass(frozen=True)
@@ -246,8 +295,14 @@ class TabularTask(Task):
     def mean_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.pointwise_loss(outputs, targets).mean()
 
-    @abstractmethod
-    def pointwise_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+    @cached_property
+    def attribution_task(self) -> AttributionTask:
+        table = TableClassification if self.kind == "classification" else TableRegression
+        return table(self.pointwise_measurement)
+
+    def pointwise_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss L(z, t) per row: the attribution task's (cross-entropy or ½(z − t)²)."""
+        return self.attribution_task.loss(outputs, {"targets": targets})
 
     @abstractmethod
     def pointwise_measurement(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
@@ -291,22 +346,7 @@ class TabularTask(Task):
         return model.eval().requires_grad_(False)
 
     def _batches(self, rows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
-        out = []
-        for start in range(0, len(rows), batch_size):
-            index = rows[start : start + batch_size]
-            n = len(index)
-            target = self.targets[index]
-            label = target if self.kind == "classification" else torch.zeros(n, dtype=torch.long)
-            batch = {
-                "input_ids": torch.stack([index, index], dim=1),
-                "attention_mask": torch.tensor([[1, 0]]).repeat(n, 1),
-                "labels": torch.stack([torch.full((n,), IGNORE_INDEX), label], dim=1),
-                "example": index,
-            }
-            if self.kind == "regression":
-                batch["targets"] = target
-            out.append(batch)
-        return out
+        return [{"example": index, "targets": self.targets[index]} for index in rows.split(batch_size)]
 
     def train_batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
         return self._batches(torch.arange(self.num_train), batch_size)
@@ -314,20 +354,13 @@ class TabularTask(Task):
     def query_batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
         return self._batches(torch.arange(self.num_train, self.num_train + self.num_queries), batch_size)
 
-    def _target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return batch["labels"][:, 1] if self.kind == "classification" else batch["targets"]
-
-    def training_loss(self, logits, batch):
-        return self.pointwise_loss(logits[:, 0], self._target(batch))
-
-    def measurement(self, logits, batch):
-        return self.pointwise_measurement(logits[:, 0], self._target(batch))
+    def curvature_sampler(self, batches, minibatch_size, generator):
+        return ExampleSampler(batches, minibatch_size, generator)
 
 
 class DigitsTask(TabularTask):
     name = "digits"
     kind = "classification"
-    curvature = "softmax"
     description = "scikit-learn load_digits, MLP 64-32-10 (ReLU), SGD-momentum, f = −margin"
     recipe_spec = TabularRecipe(
         widths=(32,), epochs=20, batch_size=64, lr=0.03, momentum=0.9, weight_decay=1e-3, num_checkpoints=4,
@@ -342,33 +375,26 @@ class DigitsTask(TabularTask):
     def out_dim(self) -> int:
         return 10
 
-    def pointwise_loss(self, outputs, targets):
-        return F.cross_entropy(outputs, targets, reduction="none")
-
     def pointwise_measurement(self, outputs, targets):
         return negative_margin(outputs, targets)
 
-    def model_output(self, logits, batch):
-        return -negative_margin(logits[:, 0], batch["labels"][:, 1])
+    def model_output(self, output, batch):
+        return -negative_margin(output, batch["targets"])
 
 
 class RegressionTask(TabularTask):
     kind = "regression"
-    curvature = "mse"
 
     def load_arrays(self):
         data = _load_sklearn("load_diabetes")
         y = torch.tensor(data.target, dtype=torch.float64)
         return torch.tensor(data.data, dtype=torch.float64), (y - y.mean()) / y.std()
 
-    def pointwise_loss(self, outputs, targets):
-        return 0.5 * (outputs[..., 0] - targets) ** 2
-
     def pointwise_measurement(self, outputs, targets):
         return (outputs[..., 0] - targets).abs()
 
-    def model_output(self, logits, batch):
-        return logits[:, 0, 0]
+    def model_output(self, output, batch):
+        return output[:, 0]
 
 
 class DiabetesTask(RegressionTask):
@@ -462,7 +488,7 @@ class TinyGPT2Task(Task):
 
     name = "gpt2"
     kind = "language_model"
-    curvature = "softmax"
+    attribution_task = CAUSAL_LM
     tracked_modules = ["transformer.h.*.mlp.c_fc", "transformer.h.*.mlp.c_proj"]
     def __init__(self, data_dir: Path, overrides: dict | None = None) -> None:
         super().__init__(data_dir, overrides)
@@ -563,7 +589,7 @@ class TinyGPT2Task(Task):
         batch = self._rows(torch.arange(self.num_train, self.num_train + self.num_queries))
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return summed_token_loss(logits.float(), batch["labels"]).double()
+            return CAUSAL_LM.measurement(logits.float(), batch).double()
 
     def attribution_model(self, state: State) -> nn.Module:
         model = self.build(0)
@@ -578,11 +604,11 @@ class TinyGPT2Task(Task):
         rows = torch.arange(self.num_train, self.num_train + self.num_queries)
         return [self._rows(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
 
-    def training_loss(self, logits, batch):
-        return summed_token_loss(logits, batch["labels"])
+    def curvature_sampler(self, batches, minibatch_size, generator):
+        return MinibatchSampler(batches, minibatch_size, generator)
 
-    measurement = training_loss
-    model_output = training_loss
+    def model_output(self, output, batch):
+        return CAUSAL_LM.loss(output, batch)
 
 
 # ==================================================================================================== registry

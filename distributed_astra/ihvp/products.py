@@ -35,7 +35,12 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.func import functional_call
 
-from distributed_astra.curvature.covariance import batch_to_device, model_device, product_dtype, sampled_fisher_capture
+from distributed_astra.curvature.covariance import (
+    batch_to_device,
+    model_device,
+    product_dtype,
+    sampled_fisher_capture,
+)
 from distributed_astra.errors import DastraError
 from distributed_astra.models.modules import TrackedModule
 from distributed_astra.scoring.inner_products import sequence_scores
