@@ -78,7 +78,7 @@ def net(theta: torch.Tensor, tracked, x: torch.Tensor) -> tuple[torch.Tensor, li
 
 def per_example_grads(theta, tracked, x, targets, loss) -> torch.Tensor:
     """[N, D]: ∇θ loss(z_n, t_n) of every example."""
-    one = lambda th, xi, ti: loss(net(th, tracked, xi[None])[0], ti[None])[0]  # noqa: E731
+    one = lambda th, xi, ti: loss(net(th, tracked, xi[None])[0], ti[None])[0]
     return vmap(grad(one), in_dims=(None, 0, 0))(theta, x, targets)
 
 
@@ -183,7 +183,7 @@ def test_classification_sampled_statistics_match_a_replayed_reference():
     def sampled_grads(seed: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
         labels = torch.cat([sample_categorical(net(theta, tracked, b["inputs"])[0], generator) for b in train])
-        ce = lambda z, t: F.cross_entropy(z, t, reduction="none")  # noqa: E731
+        ce = lambda z, t: F.cross_entropy(z, t, reduction="none")
         return module_blocks(per_example_grads(theta, tracked, x, labels, ce), tracked)
 
     _, abars = net(theta, tracked, x)
@@ -201,7 +201,7 @@ def test_classification_sampled_statistics_match_a_replayed_reference():
     full = {"inputs": x, "targets": y}
     generator = torch.Generator().manual_seed(0)
     labels = sample_categorical(net(theta, tracked, x)[0], generator)
-    ce = lambda z, t: F.cross_entropy(z, t, reduction="none")  # noqa: E731
+    ce = lambda z, t: F.cross_entropy(z, t, reduction="none")
     dw = per_example_grads(theta, tracked, x, labels, ce)
     assert_close_rel(flat(fisher.product(v, full)), (flat(v) @ dw.T) @ dw / N, 1e-11, "F v")
 
@@ -222,10 +222,10 @@ def test_training_and_query_gradients_are_the_tasks_loss_and_measurement(case):
     task, model, tracked, x, y, classification = setup(case)
     theta = theta_of(tracked)
     if classification:
-        loss = lambda z, t: F.cross_entropy(z, t, reduction="none")  # noqa: E731
+        loss = lambda z, t: F.cross_entropy(z, t, reduction="none")
         measure = negative_margin
     else:
-        loss = lambda z, t: 0.5 * (z[:, 0] - t) ** 2  # noqa: E731
+        loss = lambda z, t: 0.5 * (z[:, 0] - t) ** 2
         measure = loss  # RegressionTask's default measurement is the training loss
     for objective, reference in ((task.loss, loss), (task.measurement, measure)):
         got = example_gradients(model, tracked, batches(x, y), F64, task=task, objective=objective)
@@ -240,7 +240,7 @@ def test_supervised_batches_need_targets():
 
 def test_python_api_example_runs():
     """docs/python-api.md's first example, as written: EK-FAC IF scores of an MLP, and a finite residual."""
-    code = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)[0]
+    code = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.DOTALL)[0]
     namespace: dict = {}
     exec(compile(code, str(DOCS), "exec"), namespace)  # noqa: S102
     scores = namespace["scores"]
