@@ -193,9 +193,7 @@ class Context:
             stats=stats,
         )
         yield from batches
-        if stats.skipped and not self.memo.get("skipped_reported"):
-            self.memo["skipped_reported"] = True
-            warn_skipped_rows(self.corpus, stats.skipped_empty, stats.skipped_non_utf8)
+        note_skipped_rows(self, stats.skipped_empty, stats.skipped_non_utf8)
 
     def versions(self) -> dict[str, str]:
         return {
@@ -327,6 +325,13 @@ def open_context(cfg: Config, job: str, executor: Executor | None = None) -> Con
     if executor is None:
         ctx.own(ctx.executor.close)
     return ctx
+
+
+def note_skipped_rows(ctx: Context, empty: int, non_utf8: int) -> None:
+    """`warn_skipped_rows` once per command, for the first corpus pass (on any rank) that skipped rows."""
+    if (empty or non_utf8) and not ctx.memo.get("skipped_reported"):
+        ctx.memo["skipped_reported"] = True
+        warn_skipped_rows(ctx.corpus, empty, non_utf8)
 
 
 def warn_skipped_rows(corpus: Path | str, empty: int, non_utf8: int) -> None:

@@ -15,7 +15,7 @@ with W&B's `define_metric` (`define_axis`), so its series are continuous and nev
     train/*          against train/step         the tiny GPT-2's loss, lr, grad norm, tokens/s
     fit/*            against fit/batch          covariance and Λ passes: rows, fraction, sequences/s
     solve/<method>/* against solve/<method>/iteration (one counter over all query chunks)
-    score/<method>/* against score/<method>/batch
+    score/<method>/* against score/<method>/shard (shards scored)
 
 `stage(scope)` (or the `metered` decorator) measures a stage: `<scope>/seconds`, `<scope>/peak_rss_mb` (this
 process, sampled), `<scope>/cuda_max_allocated_mb` and, from what the stage `count`s, `<scope>/<unit>_per_s`.

@@ -61,7 +61,7 @@ def check_demo_run(run_dir: Path, output: str) -> None:
     for key, axis in (("train/loss", "train/step"), ("fit/covariance/rows", "fit/batch"),
                       ("solve/astra/objective_change_median", "solve/astra/iteration"),
                       ("solve/astra/heldout/objective_change_median", "solve/astra/iteration"),
-                      ("score/astra/sequences", "score/astra/batch"), ("score/ekfac/sequences", "score/ekfac/batch")):
+                      ("score/astra/sequences", "score/astra/shard"), ("score/ekfac/sequences", "score/ekfac/shard")):
         assert key in keys and wandb_run.step_metric(key) == axis, key
     assert len([r for r in wandb_run.history if "train/loss" in r]) == 1300  # the tiny GPT-2's loss curve
     steps = [r["solve/astra/iteration"] for r in wandb_run.history if "solve/astra/objective_mean" in r]

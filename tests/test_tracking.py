@@ -199,7 +199,7 @@ def test_a_run_logs_one_chart_per_stage_metric_on_continuous_axes(small_run: Pat
     for key, axis in (("train/loss", "train/step"), ("fit/covariance/rows", "fit/batch"),
                       ("solve/astra/objective_change_median", "solve/astra/iteration"),
                       ("solve/astra/heldout/objective_change_median", "solve/astra/iteration"),
-                      ("score/astra/sequences", "score/astra/batch"), ("score/ekfac/sequences", "score/ekfac/batch")):
+                      ("score/astra/sequences", "score/astra/shard"), ("score/ekfac/sequences", "score/ekfac/shard")):
         assert key in keys and run.step_metric(key) == axis, key
     assert [row["train/step"] for row in run.history if "train/loss" in row] == list(range(20))
     assert len(run.series("train/tokens_per_s")) == 2  # every 10 steps

@@ -19,11 +19,12 @@ Rank 0 returns the factors; the driver saves them once. N ranks equal one rank u
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
 
-from distributed_astra.context import Context, factor_meta, log_rank_memory, warn_skipped_rows
+from distributed_astra.context import Context, factor_meta, log_rank_memory, note_skipped_rows
 from distributed_astra.curvature.covariance import STAT_DTYPES, CovarianceStats, collect_covariances, model_device
 from distributed_astra.curvature.eigen import (
     KroneckerEigen,
@@ -43,7 +44,7 @@ from distributed_astra.distributed.collectives import (
 from distributed_astra.errors import DastraError
 from distributed_astra.execution import Rank
 from distributed_astra.ihvp.ekfac import mean_eigenvalue
-from distributed_astra.progress import progress_bar
+from distributed_astra.progress import console, progress_bar
 from distributed_astra.source.trajectory import load_trajectory, weights
 from distributed_astra.tracking import metered
 
@@ -145,9 +146,7 @@ def fit_factors(ctx: Context, label: str, trajectory: str | None = None, checkpo
             rank_fit, str(ctx.corpus), trajectory, tuple(checkpoints), cfg=ctx.cfg, what="fit",
             progress=lambda part, n: (advance(n), log(part, n)),
         )[0]
-    if any(out["skipped"]) and not ctx.memo.get("skipped_reported"):
-        ctx.memo["skipped_reported"] = True
-        warn_skipped_rows(ctx.corpus, *out["skipped"])
+    note_skipped_rows(ctx, *out["skipped"])
     factors: EkfacFactors | None = out["factors"]
     if factors is None:
         raise DastraError(f"data.corpus '{ctx.corpus}' yields no token sequences; give it non-empty documents")
@@ -157,7 +156,13 @@ def fit_factors(ctx: Context, label: str, trajectory: str | None = None, checkpo
 @metered("fit")
 def fit(ctx: Context) -> EkfacFactors:
     """Two passes over the corpus: covariances A, S, then the eigenvalue correction Λ (seeds §3); saved once."""
+    started = time.perf_counter()
     factors, out = fit_factors(ctx, "fit EK-FAC (2 passes)")
+    console.print(
+        f"[cyan]note:[/] fit on {ctx.executor.world_size} rank(s) (ZeRO stage {ctx.executor.stage}): "
+        f"{out['num_batches']} batches, {factors.num_sequences} sequences, {time.perf_counter() - started:.1f} s",
+        highlight=False,
+    )
     save_factors(factors, ctx.paths.factors, {**factor_meta(ctx), "dtype": ctx.cfg.factors.dtype, "versions": ctx.versions()})
     ctx.tracker.log({
         "fit/num_sequences": factors.num_sequences, "fit/mean_lambda": mean_eigenvalue(factors),

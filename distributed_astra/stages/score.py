@@ -28,9 +28,9 @@ import torch
 
 from distributed_astra.artifacts import atomic_path, check_meta, load_tensors, read_directions, read_meta, write_json
 from distributed_astra.config import SOURCE_SOLVERS
-from distributed_astra.context import Context, check_directions, topk_table
+from distributed_astra.context import Context, check_directions, note_skipped_rows, topk_table
 from distributed_astra.curvature.covariance import STAT_DTYPES, batch_to_device, product_dtype
-from distributed_astra.data.corpus import CorpusShard
+from distributed_astra.data.corpus import CorpusShard, CorpusStats
 from distributed_astra.data.sequences import QueryId
 from distributed_astra.errors import DastraError
 from distributed_astra.execution import Rank
@@ -59,12 +59,14 @@ def score_shard(
     keys: list[torch.Tensor] = []
     totals: list[torch.Tensor] = []
     sequences = tokens = 0
+    stats = CorpusStats()
     for number, (checkpoint, directions) in enumerate(passes):
         w = {n: x.to(device=rank.device, dtype=compute) for n, x in directions.items()}
         with weights(rank.model, traj.state(checkpoint) if traj is not None else None):
             batches = (
                 batch_to_device(b, rank.device)
-                for b in rank.training_batches(corpus, cfg.scoring.batch_size, shard=shard)
+                for b in rank.training_batches(corpus, cfg.scoring.batch_size, shard=shard,
+                                               stats=stats if number == 0 else None)
             )
             for j, (batch, capture) in enumerate(captured_batches(rank.model, rank.tracked, batches, compute)):
                 scores = sequence_scores(capture.output_grads, capture.activations, w).cpu()
@@ -85,6 +87,7 @@ def score_shard(
     result = {
         "shard_id": shard.shard_id, "scores": best, "doc_keys": doc_keys, "num_documents": top.num_documents,
         "num_sequences": sequences, "num_tokens": tokens, "seconds": time.perf_counter() - started, "pid": os.getpid(),
+        "skipped": (stats.skipped_empty, stats.skipped_non_utf8),
     }
     if cfg.scoring.dense:
         result["all_keys"], result["all_scores"] = top.all_scores() if top.num_documents else (None, None)
@@ -232,11 +235,12 @@ def score(ctx: Context, on_shard: Callable[[int, list[int]], None] | None = None
                 "file": str(path.relative_to(scores_dir)), "path": shard.path,
                 "rows": [shard.row_start, shard.row_stop], "num_documents": result["num_documents"],
                 "num_sequences": result["num_sequences"], "seconds": round(result["seconds"], 4),
-                "worker_pid": result["pid"], "finished_at": time.time(),
+                "worker_pid": result["pid"], "finished_at": time.time(), "skipped_rows": list(result["skipped"]),
             }
             write_json(scores_dir / MANIFEST, manifest)
             for unit in totals:
                 totals[unit] += result[f"num_{unit}"]
+
             ctx.tracker.log({f"{scope}/shard": len(manifest["shards"]), f"{scope}/sequences": totals["sequences"],
                              f"{scope}/fraction": len(manifest["shards"]) / max(1, len(plan.shards)),
                              f"{scope}/sequences_per_s_so_far": totals["sequences"] / max(time.perf_counter() - started, 1e-9)})
@@ -246,6 +250,7 @@ def score(ctx: Context, on_shard: Callable[[int, list[int]], None] | None = None
 
         ctx.executor.map_shards(score_shard, todo, str(ctx.corpus), passes, trajectory, cfg=cfg, what="scoring",
                                 on_result=record)
+    note_skipped_rows(ctx, *(sum(rec["skipped_rows"][i] for rec in manifest["shards"].values()) for i in (0, 1)))
     shard_ids = [int(s) for s in manifest["shards"]]
     scores, doc_keys = merge_shards(scores_dir, shard_ids, len(query_ids), cfg.scoring.top_k)
     table = topk_table(ctx, query_ids, scores, doc_keys)

@@ -12,7 +12,9 @@ exactly, so their directions equal one rank's, in either mode (`distributed.solv
   After a chunk, the ranks agree on the longest run (all-reduce max of minibatches drawn) and fast-forward to it,
   where one process would be. (One exception: LiSSA with several repeats, when some queries of a chunk stop early
   in a repeat (divergence, `solver.tolerance`), starts their piece's next repeat earlier in the stream than one
-  process would; the estimate is as valid, its minibatches differ.)
+  process would; and with the Fisher product and `solver.heldout_every`, the held-out evaluations' label draws are
+  not replayed by the fast-forward, so later chunks draw other labels than one process: as valid, not equal.
+  One rank with one piece per chunk is one process exactly: it just continues its streams.)
 * mode `data` (ZeRO-3 or replicated; `FisherProduct` under ZeRO-3, the GGN where parameters are whole): every rank
   runs every chunk; the sampler draws the same minibatch on every rank, and rank r takes the fixed contiguous slice
   `slice_bounds(B, N, r)` of it (`SlicedProduct`). Each rank computes Σ_{n in slice} J_nᵀ H_n J_n v and its count of
@@ -113,14 +115,17 @@ class CountingSampler:
 
     def __init__(self, sampler: MinibatchSampler) -> None:
         self.sampler = sampler
-        self.drawn = 0
+        self.drawn = self.sequences = self.tokens = 0
 
     def __iter__(self) -> CountingSampler:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        batch = self.sampler.sample()
         self.drawn += 1
-        return self.sampler.sample()
+        self.sequences += int(batch["input_ids"].shape[0])
+        self.tokens += int(batch["attention_mask"].sum())
+        return batch
 
 
 def fast_forward(sampler: MinibatchSampler, draws: int, label_samples: int, generator: torch.Generator | None) -> None:
@@ -206,8 +211,10 @@ def _rank_solve(
                     "iterations": result.iterations, "messages": result.messages, "trace": result.trace.columns(),
                     "heldout": result.heldout.columns(), "heldout_seconds": result.heldout_seconds,
                     "seconds": seconds, "heldout_batch_size": 0 if heldout is None else int(heldout["input_ids"].shape[0]),
+                    "sequences": counting.sequences if counting is not None else 0,
+                    "tokens": counting.tokens if counting is not None else 0,
                 })
-        if mode == "queries" and cfg.name != "ekfac":
+        if mode == "queries" and cfg.name != "ekfac" and (rank.world_size > 1 or len(parts) > 1):
             generator.set_state(start_state)
             if labels is not None:
                 labels.set_state(label_state)
@@ -290,7 +297,8 @@ def solve_directions(
             "batch_size": max(p["heldout_batch_size"] for p in pieces),
         }
     _log_trace(ctx, logger_name, pieces, trace, heldout)
-    ctx.tracker.count(query_iterations=trace.num_rows)
+    ctx.tracker.count(query_iterations=trace.num_rows, sequences=sum(p["sequences"] for p in pieces),
+                      tokens=sum(p["tokens"] for p in pieces))
     return directions, statuses, trace, heldout, heldout_info
 
 
