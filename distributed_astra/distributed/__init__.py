@@ -20,7 +20,7 @@ def is_distributed(cfg: Config) -> bool:
 
 
 def solve_mode(cfg: Config) -> str:
-    """How an iterative solve is split over ranks (distributed/solve.py), the rule the runtime and the planner share:
+    """How an iterative solve is split over ranks (stages/solve.py), the rule the runtime and the planner share:
     `queries` (replicated model, queries split) in one process and, under `ray.solve_mode: auto`, on replicated
     models with the exact GGN product; `data` (every minibatch split) otherwise. ZeRO-3 with the exact GGN product
     (or `queries`) is refused: the product needs whole parameters."""

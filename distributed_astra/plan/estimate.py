@@ -242,7 +242,7 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
         return measure(lambda: simulate.query_step(model, tracked, meta_batch(b, seq_len), stat, num_queries))
 
     # mode `queries`: every GPU runs the whole minibatch for its share of a chunk's queries; mode `data`: every GPU
-    # runs every query of the chunk on its slice of the minibatch (distributed/solve.py)
+    # runs every query of the chunk on its slice of the minibatch (stages/solve.py)
     rank_minibatch = mb if mode == "queries" else math.ceil(mb / gpus)
     rank_queries = math.ceil(chunk_q / gpus) if mode == "queries" else chunk_q
 

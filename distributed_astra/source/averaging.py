@@ -71,7 +71,7 @@ def fit_segment_ekfac(
 
     `checkpoints()` yields (model, tracked modules) at each checkpoint of the segment, in the same order on each of
     its two calls: a list's iterator, or a generator that loads each checkpoint's weights into one model in turn
-    (source/stages.py). `make_batches()` must yield the same data on every call (it is called twice per
+    (stages/source.py). `make_batches()` must yield the same data on every call (it is called twice per
     checkpoint). Sums over checkpoints divided by the total counts are the means over checkpoints because every
     checkpoint sees the same data.
     """
