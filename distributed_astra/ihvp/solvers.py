@@ -77,26 +77,27 @@ from distributed_astra.ihvp.products import (
     Vectors,
     vec_axpy,
     vec_clone,
-    vec_dot,
     vec_norm,
     vec_num_queries,
     vec_put,
     vec_scale,
-    vec_sub,
     vec_take,
     vec_to,
-    vec_zeros_like,
 )
 from distributed_astra.models.lm import IGNORE_INDEX
 
 Preconditioner = Callable[[Vectors], Vectors]
 SOLVERS = ("ekfac", "sni", "lissa", "astra")
 
-# Live [Q, D] vectors of the iterative solver at its fullest (`solve` and `_iterate`): v, the EK-FAC solution
-# (initial iterate and fallback), the running total, x, x_k, v_k, G̃x, (G̃ + λI)x, the gradient, its preconditioned
-# image, and the old and new momentum buffers. The distributed solve sizes its query pieces by it, the planner its
-# memory column.
-LIVE_VECTORS_PER_QUERY = 12
+# [Q, D] vectors (a tensor per tracked module, every module) the iterative solver holds at its fullest besides v,
+# the query gradients (counted by tests/test_solver_memory.py): the iterate x and the momentum b of Eq 5 (the
+# solver's state, kept across iterations), and the curvature product's result, two at the product's end (its
+# per-chunk results and their concatenation, or the sum and its normalised copy) and one after, which the
+# iteration turns in place into (G̃_k + λI)x_k, the gradient, its preconditioned image and the momentum's increment.
+# Everything else the solver allocates is one module's block at a time (the EK-FAC rotations, rows of v). The
+# distributed solve sizes its query pieces by LIVE_VECTORS_PER_QUERY, the planner its memory column.
+STATE_VECTORS_PER_QUERY = 2
+LIVE_VECTORS_PER_QUERY = STATE_VECTORS_PER_QUERY + 2
 
 
 # ============================================================================================ settings
@@ -293,8 +294,8 @@ class SolveResult:
 class HeldoutEvaluator:
     """h and the residual of iterates on one fixed curvature batch (module docstring), into a `HeldoutTrace`.
 
-    `evaluate(x, v, index, iteration, repeat, step)` measures the rows `index` (queries of the chunk) of the given
-    iterates x / right-hand sides v (restricted to `index`), records them at `iteration` (steps taken) and calls
+    `evaluate(x, v, index, iteration, repeat, step)` measures the iterates x of the queries `index` (one row of x per
+    entry of `index`, ascending) against their rows of the right-hand sides v (all Q rows), records them at `iteration` (steps taken) and calls
     `on_heldout(step, h[Q], r[Q])` with NaN for the queries not measured.
     """
 
@@ -331,9 +332,13 @@ class HeldoutEvaluator:
         if index.numel() == 0:
             return
         started = time.perf_counter()
-        ax = vec_axpy(self.damping, x, self._product(x))
-        h = (0.5 * vec_dot(x, ax) - vec_dot(v, x)).detach().double().cpu()
-        r = vec_norm(vec_sub(ax, v)).detach().double().cpu()
+        ax = self._product(x)
+        for name, t in ax.items():  # in place: (G̃_h + λI) x, then its residual against v
+            t.add_(x[name] * self.damping)
+        h = (0.5 * _dot(x, ax) - _dot_rows(v, index, x)).detach().double().cpu()
+        _sub_rows(ax, v, index)
+        r = _norm(ax).detach().double().cpu()
+        del ax
         self.seconds += time.perf_counter() - started
         for j, q in enumerate(index.cpu().tolist()):
             self.trace.query.append(q)
@@ -347,6 +352,48 @@ class HeldoutEvaluator:
             full_r = torch.full_like(full_h, math.nan)
             full_h[index.cpu()], full_r[index.cpu()] = h, r
             self.on_heldout(step, full_h, full_r)
+
+
+# ============================================================================================ in-place arithmetic
+def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` (ascending, distinct) of one module's block: a view when they are the first len(index) rows."""
+    count = index.numel()
+    if count == 0 or int(index[-1]) == count - 1:
+        return t[:count]
+    return t.index_select(0, index.to(t.device))
+
+
+def _accumulate(t: torch.Tensor) -> torch.Tensor:
+    """t in float32 at least: dot products of bfloat16 storage are summed in float32 (a no-op otherwise)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _dot(x: Vectors, y: Vectors) -> torch.Tensor:
+    """Per-query Σ_modules ⟨x_q, y_q⟩ (`vec_dot`'s sum, in float32 at least)."""
+    total = None
+    for name, t in x.items():
+        d = (_accumulate(t) * _accumulate(y[name])).flatten(1).sum(dim=1)
+        total = d if total is None else total + d
+    return total
+
+
+def _dot_rows(v: Vectors, index: torch.Tensor, x: Vectors) -> torch.Tensor:
+    """Per-query ⟨v_q, x_q⟩ for the queries `index` of v and the rows of x, one module's rows of v at a time."""
+    total = None
+    for name, t in v.items():
+        d = (_accumulate(_rows(t, index)) * _accumulate(x[name])).flatten(1).sum(dim=1)
+        total = d if total is None else total + d
+    return total
+
+
+def _norm(x: Vectors) -> torch.Tensor:
+    return _dot(x, x).clamp_min(0).sqrt()
+
+
+def _sub_rows(x: Vectors, v: Vectors, index: torch.Tensor) -> None:
+    """In place: x ← x − v[index], one module's rows of v at a time."""
+    for name, t in x.items():
+        t.sub_(_rows(v[name], index))
 
 
 # ============================================================================================ solve
@@ -363,6 +410,7 @@ def solve(
     on_iteration: OnIteration | None = None,
     heldout: Mapping[str, torch.Tensor] | None = None,
     on_heldout: OnHeldout | None = None,
+    vector_dtype: torch.dtype | None = None,
 ) -> SolveResult:
     """Solve (G + λI) x = v for every query (see the module docstring); λ = `damping` (a number: resolve "auto"
     with `default_damping(factors)` first).
@@ -374,6 +422,14 @@ def solve(
     heldout: a fixed curvature batch (`MinibatchSampler.draw`) on which the iterates are measured at the start,
     every cfg.heldout_every iterations and at the end (module docstring; nothing when cfg.heldout_every is 0);
     on_heldout(iteration, h[Q], residual[Q]) receives each evaluation (NaN for queries not measured).
+    vector_dtype: the storage of v, of the iterate, of the momentum and of the product's result (default: v's
+    dtype); torch.bfloat16 halves the solver's LIVE_VECTORS_PER_QUERY [Q, D] vectors against float32. The
+    preconditioner still runs in the factors' dtype and the dot products (h, residuals) are summed in float32 at
+    least; each update rounds to vector_dtype, so the answer is as accurate as that dtype holds it.
+
+    Memory: the updates are in place; besides v the iterative solvers hold at most LIVE_VECTORS_PER_QUERY [Q, D]
+    vectors (the x and b of Eq 5 and the product's result), plus one module's block at a time; LiSSA with
+    cfg.lissa_repeats > 1 also keeps the running total of Alg 1.
     """
     if cfg.name not in SOLVERS:
         raise DastraError(f"solver.name '{cfg.name}' is not one of: {', '.join(SOLVERS)}")
@@ -381,37 +437,50 @@ def solve(
     if not damping >= 0:
         raise DastraError(f"solver.damping must be a non-negative number, got {damping}")
     num_queries = vec_num_queries(v)
+    if vector_dtype is not None:
+        v = vec_to(v, dtype=vector_dtype)
     dtype = next(iter(v.values())).dtype
     device = next(iter(v.values())).device
 
-    def precondition(g: Vectors) -> Vectors:
-        return vec_to(preconditioner(g), device=device, dtype=dtype)
+    def precondition_into(g: Vectors, out: Vectors) -> Vectors:
+        """out ← (P + λ̃I)⁻¹ g module by module (P is block-diagonal over the modules, Eq 26), in out's dtype;
+        out may be g itself."""
+        for name, t in g.items():
+            out[name].copy_(preconditioner({name: t})[name])
+        return out
+
+    def ekfac_solution() -> Vectors:
+        return precondition_into(v, {name: torch.empty_like(t) for name, t in v.items()})
 
     if cfg.name in ("ekfac", "astra") and preconditioner is None:
         raise DastraError(f"solver '{cfg.name}' needs the EK-FAC preconditioner: fit the factors first (`dastra fit`)")
-    ekfac_x = precondition(v) if preconditioner is not None else None
 
     if cfg.name == "ekfac":
         return SolveResult(
-            ekfac_x, [EXACT] * num_queries, torch.zeros(num_queries, dtype=torch.bool), [0] * num_queries, Trace(), []
+            ekfac_solution(), [EXACT] * num_queries, torch.zeros(num_queries, dtype=torch.bool), [0] * num_queries,
+            Trace(), [],
         )
     if product is None or batches is None:
         raise DastraError(f"solver '{cfg.name}' needs a curvature product and minibatches")
 
+    repeats = cfg.lissa_repeats if cfg.name == "lissa" else 1
     if x0 is not None:
         init = vec_to(x0, device=device, dtype=dtype)
     elif cfg.name == "astra":
-        init = ekfac_x
+        init = ekfac_solution()
     else:
         init = v
-    fallback = ekfac_x if ekfac_x is not None else init
+    owned = x0 is None and cfg.name == "astra"  # the iterate may start in init's own storage
+    # the fallback of diverged queries is the EK-FAC solution, recomputed at the end; init only without one
+    keep_init = repeats > 1 or preconditioner is None
 
     iterator = iter(batches)
-    precond_step = precondition if cfg.name == "astra" else None
+    precond_step = (lambda g: precondition_into(g, g)) if cfg.name == "astra" else None
     mu_max = None
     if cfg.lr_mode == "auto":
         probe = torch.Generator().manual_seed(cfg.seed)
-        mu_max = largest_eigenvalue(product, precond_step, iterator, damping, v, probe)
+        precond_probe = (lambda g: vec_to(preconditioner(g), device=device, dtype=dtype)) if precond_step else None
+        mu_max = largest_eigenvalue(product, precond_probe, iterator, damping, v, probe)
     alpha = step_size(cfg, damping, mu_max)
     lr_setting = {
         "relative": f" (now solver.lr = {cfg.lr:g}, α = lr × λ = {alpha:.3g})",
@@ -428,14 +497,13 @@ def solve(
         query_ids=query_ids,
         on_iteration=on_iteration,
     )
-    repeats = cfg.lissa_repeats if cfg.name == "lissa" else 1
     evaluator = None
     if heldout is not None and cfg.heldout_every > 0:
         evaluator = HeldoutEvaluator(
             product, heldout, damping, cfg.heldout_every, num_queries, monitor.query_ids, cfg.seed, on_heldout
         )
 
-    total = vec_zeros_like(v)
+    total: Vectors | None = None  # Alg 1's sum over the repeats (the iterate itself when R = 1)
     for repeat in range(repeats):
         monitor.start_repeat(repeat)
         alive = [q for q in range(num_queries) if monitor.status[q] != DIVERGED]
@@ -443,7 +511,9 @@ def solve(
             monitor.status[q] = RUNNING
         if not alive:
             break
-        x = vec_clone(init)
+        x = init if owned else vec_clone(init)
+        if not keep_init:
+            del init
         ran_before = list(monitor.iterations)
         if cfg.iterations == 0:
             for q in alive:
@@ -461,14 +531,22 @@ def solve(
                     by_steps.setdefault(monitor.iterations[q] - ran_before[q], []).append(q)
             for steps, members in sorted(by_steps.items()):
                 index = torch.tensor(members, dtype=torch.long)
-                evaluator.evaluate(vec_take(x, index), vec_take(v, index), index, steps, repeat, offset + steps)
-        total = vec_axpy(1.0, x, total)
+                evaluator.evaluate(vec_take(x, index), v, index, steps, repeat, offset + steps)
+        if total is None:
+            total = x
+        else:
+            for name, t in total.items():
+                t.add_(x[name])
+        del x
 
     diverged = torch.tensor([s == DIVERGED for s in monitor.status], dtype=torch.bool)
-    x = vec_scale(1.0 / repeats, total)
+    x = total
+    if repeats > 1:
+        for t in x.values():
+            t.mul_(1.0 / repeats)
     if bool(diverged.any()):
         index = diverged.nonzero().squeeze(1)
-        vec_put(x, index, vec_take(fallback, index))
+        vec_put(x, index, vec_take(ekfac_solution() if preconditioner is not None else init, index))
     return SolveResult(
         x, list(monitor.status), diverged, list(monitor.iterations), monitor.trace, monitor.messages,
         evaluator.trace if evaluator is not None else HeldoutTrace(), evaluator.seconds if evaluator is not None else 0.0,
@@ -481,7 +559,7 @@ def _iterate(
     index: torch.Tensor,
     product: CurvatureProduct,
     batches: Iterator[Mapping[str, torch.Tensor]],
-    precondition: Preconditioner | None,
+    precondition: Callable[[Vectors], Vectors] | None,
     cfg: SolverConfig,
     damping: float,
     alpha: float,
@@ -490,13 +568,26 @@ def _iterate(
     evaluator: HeldoutEvaluator | None = None,
     repeat: int = 0,
 ) -> None:
-    """Run up to cfg.iterations SGD steps on the queries `index` of x, in place; the monitor stops queries.
-    `evaluator` measures the iterates of the running queries on its held-out batch when `evaluator.due(k)`."""
+    """Run up to cfg.iterations SGD steps (Eq 3 / Eq 5 with heavy ball) on the queries `index` (ascending) of x, in
+    place; the monitor stops queries; `precondition` maps a direction dict onto (P + λ̃I)⁻¹ of it in its own storage.
+    `evaluator` measures the iterates of the running queries on its held-out batch when `evaluator.due(k)`.
+
+    The running queries occupy the first rows of x (their relative order kept), so the product reads them as a
+    view: `order[p]` is the query in row p, and x is put back in query order at the end. Per iteration the product's
+    result w becomes, in place, (G̃_k + λI)x_k, then ∇h = (G̃_k + λI)x_k − v, then d_k = (P + λ̃I)⁻¹∇h (astra);
+    b_k = μ b_{k−1} + d_k (b_0 = d_0) and x ← x − α_k b_k.
+    """
     momentum = float(cfg.momentum)
+    num_queries = vec_num_queries(x)
+    order = torch.cat([index, _complement(index, num_queries)])
+    running = index.numel()
+    if running < num_queries:  # the running queries first
+        _permute_rows(x, order)
     buf: Vectors | None = None
     for k in range(cfg.iterations):
-        if index.numel() == 0:
-            return
+        if running == 0:
+            break
+        index = order[:running]
         lr = alpha * cfg.lr_decay ** (k // cfg.lr_decay_every)
         try:
             batch = next(batches)
@@ -505,21 +596,49 @@ def _iterate(
                 f"the curvature minibatches ran out after {step_offset + k} iterations: pass an endless sampler "
                 "(MinibatchSampler) or enough minibatches for solver.iterations"
             ) from None
-        xk = vec_take(x, index)
-        vk = vec_take(v, index)
+        xk = {name: t[:running] for name, t in x.items()}
         if evaluator is not None and evaluator.due(k):
-            evaluator.evaluate(xk, vk, index, k, repeat, step_offset + k)
-        gx = product.product(xk, batch)
-        ax = vec_axpy(damping, xk, gx)  # (G̃_k + λI) x_k
-        grad = vec_sub(ax, vk)  # ∇h(x_k) on minibatch k
-        h = 0.5 * vec_dot(xk, ax) - vec_dot(vk, xk)
+            evaluator.evaluate(xk, v, index, k, repeat, step_offset + k)
+        w = product.product(xk, batch)
+        for name, t in w.items():
+            t.add_(xk[name] * damping)  # (G̃_k + λI) x_k
+        h = 0.5 * _dot(xk, w) - _dot_rows(v, index, xk)
+        _sub_rows(w, v, index)  # ∇h(x_k) on minibatch k
         stop = monitor.update(
-            k, index, h, vec_norm(grad), lr, step=step_offset + k, last=(k == cfg.iterations - 1)
+            k, index, h, _norm(w), lr, step=step_offset + k, last=(k == cfg.iterations - 1)
         )
-        d = precondition(grad) if precondition is not None else grad
-        buf = d if buf is None or momentum == 0 else vec_axpy(momentum, buf, d)
-        vec_put(x, index, vec_axpy(-lr, buf, xk))
+        if precondition is not None:
+            w = precondition(w)
+        if buf is None or momentum == 0:
+            buf = w
+        else:
+            for name, t in buf.items():
+                t.mul_(momentum).add_(w[name])
+        del w
+        for name, t in xk.items():
+            t.add_(buf[name] * -lr)
         if bool(stop.any()):
             keep = (~stop).nonzero().squeeze(1)
-            index = index.index_select(0, keep)
-            buf = vec_take(buf, keep)
+            perm = torch.cat([keep, stop.nonzero().squeeze(1)])
+            for name, t in xk.items():
+                t.copy_(t.index_select(0, perm))
+            order[:running] = order[:running].index_select(0, perm)
+            for name, t in buf.items():
+                buf[name] = t.index_select(0, keep)
+            running = keep.numel()
+    del buf
+    if not bool(order.eq(torch.arange(num_queries)).all()):  # back in query order
+        _permute_rows(x, torch.argsort(order))
+
+
+def _complement(index: torch.Tensor, size: int) -> torch.Tensor:
+    """0..size−1 without `index`, ascending."""
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[index] = False
+    return mask.nonzero().squeeze(1)
+
+
+def _permute_rows(x: Vectors, order: torch.Tensor) -> None:
+    """In place, one module at a time: row p of x becomes its row order[p]."""
+    for t in x.values():
+        t.copy_(t.index_select(0, order.to(t.device)))
