@@ -53,6 +53,11 @@ def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def softmax_probabilities(output: torch.Tensor) -> torch.Tensor:
+    """softmax(z) over the last dimension of the detached output, in at least float32 (the CE Hessian's dtype)."""
+    return torch.softmax(output.detach().to(torch.promote_types(output.dtype, torch.float32)), dim=-1)
+
+
 def softmax_ce_hessian(probs: torch.Tensor, u: torch.Tensor, weighted_probs: torch.Tensor) -> torch.Tensor:
     """H u = w ⊙ (p ⊙ u − p (pᵀu)) per position, the CE Hessian in the logits (seeds §2), IN PLACE on u [..., *p].
 
@@ -142,10 +147,9 @@ class CausalLMTask(Task):
 
     def output_hessian(self, output: torch.Tensor, batch: Batch) -> OutputHessian:
         """The softmax-CE Hessian per position, weight 1 where the position predicts a label (0 elsewhere)."""
-        dtype = torch.promote_types(output.dtype, torch.float32)
-        probs = torch.softmax(output.detach().to(dtype), dim=-1)
-        weighted_probs = probs * _loss_weights(batch, output.shape, dtype)[..., None]
-        return lambda u: softmax_ce_hessian(probs, u.to(dtype), weighted_probs)
+        probs = softmax_probabilities(output)
+        weighted_probs = probs * _loss_weights(batch, output.shape, probs.dtype)[..., None]
+        return lambda u: softmax_ce_hessian(probs, u.to(probs.dtype), weighted_probs)
 
     def check_batch(self, batch: Batch) -> None:
         for key in ("input_ids", "attention_mask", "labels"):
@@ -203,9 +207,8 @@ class ClassificationTask(SupervisedTask):
 
     def output_hessian(self, output: torch.Tensor, batch: Batch) -> OutputHessian:
         """H u = p ⊙ u − p (pᵀu) per example."""
-        dtype = torch.promote_types(output.dtype, torch.float32)
-        probs = torch.softmax(output.detach().to(dtype), dim=-1)
-        return lambda u: softmax_ce_hessian(probs, u.to(dtype), probs)
+        probs = softmax_probabilities(output)
+        return lambda u: softmax_ce_hessian(probs, u.to(probs.dtype), probs)
 
 
 class RegressionTask(SupervisedTask):
@@ -227,6 +230,6 @@ class RegressionTask(SupervisedTask):
         return -((2 * sign - 1) * output).flatten(1).sum(dim=1)
 
     def output_hessian(self, output: torch.Tensor, batch: Batch) -> OutputHessian:
-        """H u = u."""
+        """H u = u (in at least float32)."""
         dtype = torch.promote_types(output.dtype, torch.float32)
         return lambda u: u.to(dtype)
