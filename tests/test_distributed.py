@@ -18,6 +18,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -35,7 +36,7 @@ from distributed_astra.distributed.collectives import balance_by_cost, slice_bou
 from distributed_astra.distributed.deepspeed_config import load_ds_config
 from distributed_astra.distributed import solve_mode
 from distributed_astra.errors import DastraError
-from tests.conftest import QUERIES, assert_same_eigendecomposition, corpus_rows, workspace_overrides, write_workspace
+from tests.conftest import QUERIES, WORDS, assert_same_eigendecomposition, corpus_rows, workspace_overrides, write_workspace
 
 RTOL = 1e-5
 
@@ -402,3 +403,36 @@ def test_data_split_is_read_by_every_path_on_two_ranks(ray_session, workspace: P
         rows = table.to_pylist()
         assert rows and all(r["doc_id"] in texts and r["text"] == texts[r["doc_id"]] for r in rows)
     assert [r["doc_id"] for r in one[3].to_pylist()] == [r["doc_id"] for r in two[3].to_pylist()]
+
+
+def test_100_queries_are_scored_in_one_pass_on_two_ranks_as_on_one(
+    ray_session, single: Path, workspace: Path, tmp_path: Path
+):
+    """Every query in one corpus pass: one forward per sequence (scoring.batch_size=1) whatever the number of
+    queries, counted by a forward hook on the scoring model, and 2 workers give 1 rank's top-k."""
+    queries = [{"query_id": i, "prompt": f"{WORDS[i % len(WORDS)]} {WORDS[(7 * i) % len(WORDS)]}",
+                "completion": f" {WORDS[(3 * i + 1) % len(WORDS)]}"} for i in range(100)]
+    queries_file = tmp_path / "queries-100.parquet"
+    pq.write_table(pa.Table.from_pylist(queries), queries_file)
+    extra = (f"data.queries={queries_file}", "solver.name=ekfac", "scoring.batch_size=1", "solver.query_batch_size=50")
+    dirs = [tmp_path / "one", tmp_path / "two"]
+    for run_dir, ranks in zip(dirs, ((), DISTRIBUTED)):
+        shutil.copytree(single / "factors", run_dir / "factors")
+        ctx = _context(workspace, run_dir, *extra, *ranks)
+        forwards = [0]
+        hook = ctx.model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+        try:
+            pipeline.query(ctx)
+            pipeline.solve(ctx)
+            before = forwards[0]
+            pipeline.score(ctx)
+        finally:
+            hook.remove()
+            ctx.tracker.close()
+        shards = json.loads((run_dir / "scores" / "manifest.json").read_text())["shards"].values()
+        sequences = sum(s["num_sequences"] for s in shards)
+        assert sequences >= 48 and sum(s["num_forwards"] for s in shards) == sequences
+        if not ranks:  # in process the scoring model is the context's: the hook saw every forward
+            assert forwards[0] - before == sequences
+    _assert_same_topk(dirs[1], dirs[0])
+    assert pq.read_table(dirs[1] / "topk.parquet").num_rows == 100 * 5

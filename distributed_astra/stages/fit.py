@@ -163,7 +163,8 @@ def fit(ctx: Context) -> EkfacFactors:
         f"{out['num_batches']} batches, {factors.num_sequences} sequences, {time.perf_counter() - started:.1f} s",
         highlight=False,
     )
-    save_factors(factors, ctx.paths.factors, {**factor_meta(ctx), "dtype": ctx.cfg.factors.dtype, "versions": ctx.versions()})
+    meta = {**factor_meta(ctx), "dtype": ctx.cfg.factors.dtype, "versions": ctx.versions()}
+    save_factors(factors, ctx.paths.factors, meta)
     ctx.tracker.log({
         "fit/num_sequences": factors.num_sequences, "fit/mean_lambda": mean_eigenvalue(factors),
         "fit/num_ranks": ctx.executor.world_size, "fit/num_batches": out["num_batches"],

@@ -60,25 +60,30 @@ def score_shard(
     totals: list[torch.Tensor] = []
     sequences = tokens = 0
     stats = CorpusStats()
-    for number, (checkpoint, directions) in enumerate(passes):
-        w = {n: x.to(device=rank.device, dtype=compute) for n, x in directions.items()}
-        with weights(rank.model, traj.state(checkpoint) if traj is not None else None):
-            batches = (
-                batch_to_device(b, rank.device)
-                for b in rank.training_batches(corpus, cfg.scoring.batch_size, shard=shard,
-                                               stats=stats if number == 0 else None)
-            )
-            for j, (batch, capture) in enumerate(captured_batches(rank.model, rank.tracked, batches, compute)):
-                scores = sequence_scores(capture.output_grads, capture.activations, w).cpu()
-                if traj is not None:
-                    scores = scores.to(torch.float64)  # summed over the checkpoints' passes
-                if number == 0:
-                    keys.append(batch["doc_id"].cpu())
-                    totals.append(scores)
-                    sequences += len(batch["doc_id"])
-                    tokens += int(batch["attention_mask"].sum())
-                else:
-                    totals[j] += scores
+    forwards = [0]  # the model's forward calls: one per batch per pass, whatever the number of queries
+    counter = rank.model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    try:
+        for number, (checkpoint, directions) in enumerate(passes):
+            w = {n: x.to(device=rank.device, dtype=compute) for n, x in directions.items()}
+            with weights(rank.model, traj.state(checkpoint) if traj is not None else None):
+                batches = (
+                    batch_to_device(b, rank.device)
+                    for b in rank.training_batches(corpus, cfg.scoring.batch_size, shard=shard,
+                                                   stats=stats if number == 0 else None)
+                )
+                for j, (batch, capture) in enumerate(captured_batches(rank.model, rank.tracked, batches, compute)):
+                    scores = sequence_scores(capture.output_grads, capture.activations, w).cpu()
+                    if traj is not None:
+                        scores = scores.to(torch.float64)  # summed over the checkpoints' passes
+                    if number == 0:
+                        keys.append(batch["doc_id"].cpu())
+                        totals.append(scores)
+                        sequences += len(batch["doc_id"])
+                        tokens += int(batch["attention_mask"].sum())
+                    else:
+                        totals[j] += scores
+    finally:
+        counter.remove()
     num_queries = next(iter(passes[0][1].values())).shape[0]
     top = StreamingTopK(num_queries, cfg.scoring.top_k, keep_all=cfg.scoring.dense)
     for doc_keys, scores in zip(keys, totals):
@@ -87,7 +92,7 @@ def score_shard(
     result = {
         "shard_id": shard.shard_id, "scores": best, "doc_keys": doc_keys, "num_documents": top.num_documents,
         "num_sequences": sequences, "num_tokens": tokens, "seconds": time.perf_counter() - started, "pid": os.getpid(),
-        "skipped": (stats.skipped_empty, stats.skipped_non_utf8),
+        "skipped": (stats.skipped_empty, stats.skipped_non_utf8), "num_forwards": forwards[0],
     }
     if cfg.scoring.dense:
         result["all_keys"], result["all_scores"] = top.all_scores() if top.num_documents else (None, None)
@@ -130,12 +135,11 @@ def finished_shards(scores_dir: Path, meta: dict[str, Any]) -> dict[str, dict[st
         console.print(f"note: {path} was written for other directions, corpus or settings: scoring every shard again",
                       highlight=False)
         return {}
-    dense = bool(meta.get("dense"))
-    return {
-        sid: rec for sid, rec in manifest.get("shards", {}).items()
-        if _shard_file(scores_dir, int(sid)).is_file() and (not dense or _shard_file(scores_dir, int(sid), "dense").is_file()
-                                                            or rec["num_documents"] == 0)
-    }
+    def present(sid: str, rec: dict[str, Any]) -> bool:
+        dense = not meta["dense"] or rec["num_documents"] == 0 or _shard_file(scores_dir, int(sid), "dense").is_file()
+        return _shard_file(scores_dir, int(sid)).is_file() and dense
+
+    return {sid: rec for sid, rec in manifest.get("shards", {}).items() if present(sid, rec)}
 
 
 def merge_shards(scores_dir: Path, shard_ids: list[int], num_queries: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,14 +240,16 @@ def score(ctx: Context, on_shard: Callable[[int, list[int]], None] | None = None
                 "rows": [shard.row_start, shard.row_stop], "num_documents": result["num_documents"],
                 "num_sequences": result["num_sequences"], "seconds": round(result["seconds"], 4),
                 "worker_pid": result["pid"], "finished_at": time.time(), "skipped_rows": list(result["skipped"]),
+                "num_forwards": result["num_forwards"],
             }
             write_json(scores_dir / MANIFEST, manifest)
             for unit in totals:
                 totals[unit] += result[f"num_{unit}"]
 
+            elapsed = max(time.perf_counter() - started, 1e-9)
             ctx.tracker.log({f"{scope}/shard": len(manifest["shards"]), f"{scope}/sequences": totals["sequences"],
                              f"{scope}/fraction": len(manifest["shards"]) / max(1, len(plan.shards)),
-                             f"{scope}/sequences_per_s_so_far": totals["sequences"] / max(time.perf_counter() - started, 1e-9)})
+                             f"{scope}/sequences_per_s_so_far": totals["sequences"] / elapsed})
             advance(1)
             if on_shard is not None:
                 on_shard(shard.shard_id, ctx.executor.worker_pids())

@@ -136,7 +136,8 @@ def fast_forward(sampler: MinibatchSampler, draws: int, label_samples: int, gene
 
 
 def memory_query_chunk(tracked: Mapping, dtype: torch.dtype, device: torch.device) -> int:
-    """Queries one rank can iterate at once: half its free memory over LIVE_VECTORS_PER_QUERY direction-sized tensors."""
+    """Queries one rank can iterate at once: half its free memory over LIVE_VECTORS_PER_QUERY direction-sized
+    tensors."""
     elements = sum(t.out_features * t.in_dim for t in tracked.values())
     per_query = LIVE_VECTORS_PER_QUERY * elements * torch.empty((), dtype=dtype).element_size()
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
@@ -210,7 +211,8 @@ def _rank_solve(
                     "start": lo, "stop": hi, "chunk_start": chunk_start, "x": result.x, "status": result.status,
                     "iterations": result.iterations, "messages": result.messages, "trace": result.trace.columns(),
                     "heldout": result.heldout.columns(), "heldout_seconds": result.heldout_seconds,
-                    "seconds": seconds, "heldout_batch_size": 0 if heldout is None else int(heldout["input_ids"].shape[0]),
+                    "seconds": seconds,
+                    "heldout_batch_size": 0 if heldout is None else int(heldout["input_ids"].shape[0]),
                     "sequences": counting.sequences if counting is not None else 0,
                     "tokens": counting.tokens if counting is not None else 0,
                 })

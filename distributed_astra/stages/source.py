@@ -160,5 +160,6 @@ def solve(ctx: Context) -> float:
                 ],
             },
         )
-    ctx.tracker.log({f"solve/{name}/damping": damping, **{f"solve/{name}/segment{s.index}/damping": s.damping for s in segments}})
+    ctx.tracker.log({f"solve/{name}/damping": damping,
+                     **{f"solve/{name}/segment{s.index}/damping": s.damping for s in segments}})
     return damping
