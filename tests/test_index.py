@@ -196,7 +196,7 @@ def test_index_resumes_finished_shards(run, workspace, tmp_path):
     shutil.copytree(run_dir, copy)
     (copy / "store" / "meta.json").unlink()
     (copy / "store" / "shard-00003.arrow").unlink()
-    expected = {k: meta[k] for k in ("fingerprint", "tracked_modules", "projection_seed", "projection_dims",
+    expected = {k: meta[k] for k in ("fingerprint", "tracked_modules", "projection_seed", "projection_dims", "whitening",
                                      "projection_total_dim", "max_length", "long_documents", "add_eos", "shard_plan")}
     (copy / "store" / "progress.json").write_text(json.dumps({"expected": expected, "done": {"0": 16, "1": 16, "2": 16}}))
     kept = (copy / "store" / "shard-00000.arrow").stat().st_mtime_ns

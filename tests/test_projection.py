@@ -13,7 +13,11 @@ from distributed_astra.models.lm import forward_logits, summed_token_loss
 from distributed_astra.models.modules import select_tracked_modules
 from distributed_astra.scoring.gradients import captured_batches
 from distributed_astra.scoring.inner_products import sequence_scores
-from distributed_astra.scoring.projection import KroneckerProjection, orthogonal_projection
+from distributed_astra.scoring.projection import (
+    KroneckerProjection,
+    WhitenedProjection,
+    orthogonal_projection,
+)
 from tests.conftest import assert_close_rel
 
 SEEDS = 300
@@ -76,6 +80,39 @@ def test_full_dimension_is_exact(tiny_gpt2, tiny_batches):
     # float32 inner products over every tracked parameter (n ~ 10⁴ terms, √n·ε₃₂ ≈ 1.2e-5; measured 2.5e-7 of
     # max|exact|), relative to the scores' scale: the all-padding row's are exactly 0, others near 0 by cancellation
     assert_close_rel(projected.double(), exact, 1e-4, "full-dimension scores")
+
+
+def _whitening_bases(tracked, seed=5):
+    """Random orthonormal Q_S, Q_A and positive eigenvalues over four orders of magnitude per module, λ = 1e-2."""
+    generator = torch.Generator().manual_seed(seed)
+    bases = {}
+    for name, tm in tracked.items():
+        out_dim, in_dim = tm.shape
+        q_s = torch.linalg.qr(torch.randn(out_dim, out_dim, generator=generator, dtype=torch.float64))[0]
+        q_a = torch.linalg.qr(torch.randn(in_dim, in_dim, generator=generator, dtype=torch.float64))[0]
+        eig = 10 ** (4 * torch.rand(out_dim, in_dim, generator=generator, dtype=torch.float64) - 4)
+        bases[name] = (q_s, q_a, (eig + 1e-2).sqrt())
+    return bases
+
+
+def test_whitened_projection_keeps_the_score_and_is_exact_at_full_dimension(tiny_gpt2, tiny_batches):
+    """⟨φ_W(G), ψ_W(X)⟩ = ⟨G, X⟩ at full dimension (orthogonal rotation, s ⊘ s = 1), for any direction X; at a
+    compressive dimension the whitened sketch is a different estimate (not the plain projection's)."""
+    tracked = select_tracked_modules(tiny_gpt2, PATTERNS)
+    capture = _capture(tiny_gpt2, tracked, tiny_batches[1])
+    directions = {n: torch.randn(3, *tm.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+                  for n, tm in tracked.items()}
+    exact = sequence_scores(capture.output_grads, capture.activations, directions)
+    full = WhitenedProjection(_projection(tracked, 10_000, 10_000), _whitening_bases(tracked), 1e-2, "ekfac")
+    assert full.describe()["whitening"] == {"damping": 1e-2, "strategy": "ekfac"}
+    projected = full.project_tokens(capture.output_grads, capture.activations) @ full.project_matrices(directions).t()
+    # float32 products of values whitened over 4 orders of magnitude: relative to the scores' scale, as above
+    assert_close_rel(projected.double(), exact, 1e-3, "whitened full-dimension scores")
+    small = _projection(tracked, 4, 4)
+    whitened = WhitenedProjection(small, _whitening_bases(tracked), 1e-2, "ekfac")
+    plain = small.project_tokens(capture.output_grads, capture.activations)
+    assert whitened.dim == small.dim and not torch.allclose(
+        whitened.project_tokens(capture.output_grads, capture.activations), plain)
 
 
 def test_seeded_reproducible_and_per_module_dims(tiny_gpt2):

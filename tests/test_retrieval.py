@@ -17,6 +17,7 @@ import pytest
 
 from distributed_astra.config import IndexConfig
 from distributed_astra.index.faiss_index import (
+    CALIBRATION_MISS_RATIO,
     TARGET_RECALL,
     build_index,
     exact_store_topk,
@@ -94,12 +95,12 @@ def test_ivf_calibration_reaches_the_target_and_is_what_search_uses(tmp_path):
     store = write_store(tmp_path / "store", full)
     cfg = IndexConfig(kind="ivfflat", min_nprobe=1, probe_fraction=1e-6, device="cpu")
     index, info = build_index(store, cfg)
-    calibration = info["calibration"]
-    assert calibration["target_recall"] == TARGET_RECALL and calibration["queries"] == 256
-    assert calibration["recall_at_k"] >= TARGET_RECALL and info["nprobe"] == info["calibrated_nprobe"]
+    calibration, target = info["calibration"], 1 - (1 - TARGET_RECALL) / CALIBRATION_MISS_RATIO
+    assert calibration["target_recall"] == pytest.approx(target) and calibration["queries"] == 256
+    assert calibration["recall_at_k"] >= target and info["nprobe"] == info["calibrated_nprobe"]
     assert 1 < info["nprobe"] < info["nlist"]  # the target needs some lists, not all of them
     below = [r["recall"] for r in calibration["sweep"] if r["nprobe"] < info["nprobe"]]
-    assert below and max(below) < TARGET_RECALL  # one list fewer misses the target
+    assert below and max(below) < target  # one list fewer misses the target
     # the recorded recall is what the index gives: leave-one-out recall@10 on the same sampled vectors
     own = sample_positions(len(full), 256, seed=0)
     queries = full[own].astype(np.float32)

@@ -58,6 +58,7 @@ from distributed_astra.index.store import (
     store_bytes,
     write_store,
 )
+from distributed_astra.index.whitening import store_projection
 from distributed_astra.progress import progress_bar
 from distributed_astra.scoring.gradients import captured_batches
 from distributed_astra.scoring.inner_products import sequence_scores
@@ -77,9 +78,8 @@ def search_dir(ctx: Context) -> Path:
 
 
 def run_projection(ctx: Context) -> KroneckerProjection:
-    cfg = ctx.cfg.projection
-    shapes = {name: tm.shape for name, tm in ctx.tracked.items()}
-    return KroneckerProjection.for_modules(shapes, cfg.out_dim, cfg.in_dim, cfg.per_module, cfg.seed)
+    """The store's projection, whitened in the EK-FAC eigenbasis when the factors exist (index/whitening.py)."""
+    return store_projection(ctx)
 
 
 def expected_meta(ctx: Context, projection: KroneckerProjection) -> dict[str, Any]:

@@ -117,6 +117,7 @@ class KroneckerProjection:
             "projection_seed": self.seed,
             "projection_dims": {name: list(p.shape) for name, p in self.modules.items()},
             "projection_total_dim": self.dim,
+            "whitening": None,  # WhitenedProjection: its damping and strategy
         }
 
     def project_tokens(self, output_grads: dict[str, torch.Tensor], activations: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -145,3 +146,56 @@ class KroneckerProjection:
                 )
             parts.append((projection.out_matrix @ x @ projection.in_matrix.t()).flatten(1))
         return torch.cat(parts, dim=1)
+
+
+class WhitenedProjection(KroneckerProjection):
+    """The same random matrices applied in the EK-FAC eigenbasis, whitened on both sides (issue 18):
+
+        training side  φ_W(G) = P_out [(Q_Sᵀ G Q_A) ⊘ sqrt(Λ + λ)] P_inᵀ
+        query side     ψ_W(X) = P_out [sqrt(Λ + λ) ⊙ (Q_Sᵀ X Q_A)] P_inᵀ
+
+    Q_S, Q_A the Kronecker eigenbases and Λ the corrected eigenvalues of EK-FAC (seeds §3, Eqs 26-28), λ the
+    damping. The rotation is orthogonal, so ⟨(Q_Sᵀ G Q_A) ⊘ s, s ⊙ (Q_Sᵀ X Q_A)⟩ = ⟨G, X⟩ for any direction X
+    (EK-FAC's, ASTRA's): the score is unchanged and at full dimension exact, while the JL error of the sketch,
+    ≈ ‖U‖‖V‖/√k, is that of the whitened pair. For X = (G_EKFAC + λI)⁻¹∇f the two sides are the same map of the two
+    gradients, (Λ+λ)^(-1/2) in the eigenbasis, which no longer lets large-curvature directions of the training
+    gradient crowd out the low-curvature ones the query direction weights. Cost: the training side forms each
+    sequence's [O, I] gradient in the eigenbasis (the ⊘ breaks the per-token rank-one form), O(T O I) per module,
+    like one exact score.
+    """
+
+    def __init__(self, base: KroneckerProjection, bases: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 damping: float, strategy: str) -> None:
+        self.seed, self.modules = base.seed, base.modules
+        missing = sorted(set(self.modules) - set(bases))
+        if missing:
+            raise DastraError(f"whitened projection: no EK-FAC factors for modules {missing}; re-run `dastra fit`")
+        # name -> (Q_S [O, O], Q_A [I, I], sqrt(Λ + λ) [O, I]), float32
+        self.bases = {name: (q_s.float(), q_a.float(), scale.float()) for name, (q_s, q_a, scale) in bases.items()}
+        self.damping, self.strategy = float(damping), strategy
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "whitening": {"damping": self.damping, "strategy": self.strategy}}
+
+    def project_tokens(self, output_grads: dict[str, torch.Tensor], activations: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, D]: φ_W of each sequence's gradient Σ_t Ds_t ā_tᵀ (rotated per token, whitened per sequence)."""
+        parts = []
+        for name, projection in self.modules.items():
+            device = output_grads[name].device
+            q_s, q_a, scale = (t.to(device) for t in self.bases[name])
+            rotated = torch.einsum("bto,bti->boi", output_grads[name].float() @ q_s, activations[name].float() @ q_a)
+            whitened = rotated / scale
+            parts.append((projection.out_matrix.to(device) @ whitened @ projection.in_matrix.to(device).t()).flatten(1))
+        return torch.cat(parts, dim=1)
+
+    def project_matrices(self, matrices: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[Q, D]: ψ_W(X) for stacked query directions X [Q, O, I] per module."""
+        scaled = {}
+        for name, x in matrices.items():
+            if name in self.bases:
+                q_s, q_a, scale = self.bases[name]
+                if tuple(x.shape[1:]) != tuple(scale.shape):
+                    raise DastraError(f"module {name}: matrices of shape {tuple(x.shape[1:])} do not match the "
+                                      f"EK-FAC factors' {tuple(scale.shape)} ([out, in+1] layout)")
+                scaled[name] = scale * (q_s.t() @ x.float() @ q_a)
+        return super().project_matrices(scaled)
