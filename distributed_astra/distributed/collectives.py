@@ -27,6 +27,14 @@ def in_group() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
+def collective_device() -> torch.device:
+    """Where this group's collectives take their tensors: the rank's GPU under NCCL (which takes only CUDA
+    tensors), the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Σ over ranks of every tensor, through ONE flat all-reduce per dtype (in place order: dict order)."""
     if not in_group():
@@ -50,9 +58,9 @@ def all_reduce_counts(*counts: int, op: dist.ReduceOp = dist.ReduceOp.SUM) -> li
     """Integer counts reduced over ranks (sum by default)."""
     if not in_group():
         return list(counts)
-    t = torch.tensor(counts, dtype=torch.float64)
+    t = torch.tensor(counts, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=op)
-    return [int(round(v)) for v in t.tolist()]
+    return [int(round(v)) for v in t.cpu().tolist()]
 
 
 def broadcast_tensors(tensors: list[torch.Tensor], src: int) -> None:

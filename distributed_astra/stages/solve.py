@@ -159,6 +159,8 @@ def _rank_solve(
     rank: Rank, corpus: str, factors: EkfacFactors, grads: dict[str, torch.Tensor], damping: float, mode: str
 ) -> list[dict]:
     cfg = rank.cfg.solver
+    factors = factors.to(rank.device)  # the solver state, the preconditioner and the products live on the rank
+    grads = {name: g.to(rank.device) for name, g in grads.items()}
     preconditioner = ekfac_preconditioner(factors, cfg, damping, rank.cfg.factors.strategy)
     generator = torch.Generator().manual_seed(cfg.seed)  # minibatch indices
     label_samples = cfg.fisher_samples if cfg.product == "fisher" else 1
@@ -208,7 +210,8 @@ def _rank_solve(
             longest = max(longest, counting.drawn if counting is not None else 0)
             if mode == "queries" or rank.rank == 0:
                 records.append({
-                    "start": lo, "stop": hi, "chunk_start": chunk_start, "x": result.x, "status": result.status,
+                    "start": lo, "stop": hi, "chunk_start": chunk_start,
+                    "x": {name: x.cpu() for name, x in result.x.items()}, "status": result.status,
                     "iterations": result.iterations, "messages": result.messages, "trace": result.trace.columns(),
                     "heldout": result.heldout.columns(), "heldout_seconds": result.heldout_seconds,
                     "seconds": seconds,
