@@ -19,7 +19,11 @@ recall. (2) is the indicator i + M < k with the count read as continuous, so an 
 counts in part. The reported `recall_estimate` is the mean of (2) over queries; its standard error is the spread
 of that mean over bootstrap resamples of U (`BOOTSTRAP` resamples). On a store of 4,000 synthetic gradients with
 40 queries, the mean estimate is within 0.06 of the true recall (0.32-0.90) sampling 2.5% of the store, within
-0.04 sampling 10% (tests/test_retrieval.py holds one such store to ±0.1).
+0.04 sampling 10% (tests/test_retrieval.py holds one such store to ±0.1). On the demo store (4,040 documents, 80
+EK-FAC queries, true recall 0.46), over 6 sample seeds: 0.545 ± 0.10 with 100 sampled documents, 0.466 ± 0.06
+with 200, 0.461 ± 0.015 with 400, hence RECALL_SAMPLE_MIN = 200. The pooled tail reaches the top-k when
+Q |U| ≫ N / k. The bootstrap standard error understates the spread over sample seeds for small samples (0.045
+against 0.10 at 100 documents).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy as np
 
 # proposed config fields: index.recall_sample_fraction, index.recall_sample_min (documents re-scored for the estimate)
 RECALL_SAMPLE_FRACTION = 0.02
-RECALL_SAMPLE_MIN = 100
+RECALL_SAMPLE_MIN = 200
 RECALL_SAMPLE_SEED = 0
 BOOTSTRAP = 50
 
