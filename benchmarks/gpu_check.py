@@ -1,0 +1,533 @@
+"""GPU check: the package's GPU path end to end on one device, in one command (at most 8 minutes on one H100/H200).
+
+    .venv/bin/python benchmarks/gpu_check.py                    # cuda: GPT-2 XL shape, bf16, NCCL
+    .venv/bin/python benchmarks/gpu_check.py --device cpu       # a small shape on gloo (tests/test_gpu_check.py)
+
+What runs, in order, each through the package's own functions:
+
+1. A 1-rank process group (nccl on cuda, gloo on cpu; tcp://127.0.0.1:<free port>, world size 1). The package's
+   collectives (`all_reduce_sum`, `all_reduce_counts`) are the identity at world size 1, so one
+   `torch.distributed.all_reduce` of a device tensor also proves that the backend takes device tensors, and
+   `collective_device()` must name the device.
+2. A random-init GPT-2 (cuda: GPT-2 XL's shape, n_layer 48, n_embd 1600, n_head 25, vocab 50257, in bfloat16; cpu:
+   n_layer 2, n_embd 64, vocab 512, float32), eager attention, prepared for attribution. Tracked: the c_fc of every
+   other block (`transformer.h.*[02468].mlp.c_fc`: 24 modules of [6400, 1601] on GPT-2 XL, the half of the MLP
+   blocks configs/gpt2xl.yaml tracks).
+3. The EK-FAC fit on a small slice through the fit stage's rank function `stages.fit.rank_fit` on a
+   `execution.Rank(0, 1, ...)`: a Parquet corpus of random words and a byte-level BPE tokenizer trained on it
+   (vocabulary 1024, at most the model's), statistics in `factors.dtype` (float32 by default, as configs/gpt2xl.yaml).
+4. 20 ASTRA iterations (`ihvp.solvers.solve`, the exact `GGNProduct` or `--product fisher`, `ekfac_preconditioner`)
+   for the gradients of random sequences, factors and vectors on the device; seconds per iteration from the
+   solver's per-iteration callback. Learning rate `relative` (α = λ, configs/gpt2xl.yaml), damping 0.1·mean(Λ),
+   patience above the iteration count so that all 20 iterations run.
+5. Scoring throughput: `scoring.gradients.captured_batches` + `scoring.inner_products.sequence_scores` with Q = 1
+   and Q = 16 random directions against a plain forward + `loss.backward()` of the same batches and the same
+   (frozen, attribution-prepared) model, so the ratio is the cost of the capture and the inner products.
+6. faiss on the GPU when `faiss.get_num_gpus() > 0`: an IndexFlatIP search on the GPU against the CPU's answer.
+7. Peak memory of the fit, the solve and scoring (Q = 16), predicted by the planner (`plan.make_plan` for this
+   very shape and batch sizes, 1 GPU: the fit's stages' maximum, the ASTRA chunk, scoring) against measured: on
+   cuda `torch.cuda.max_memory_allocated`; on cpu the bytes of the live tensors (the model, the phase's inputs,
+   and the high-water mark of the storages the phase allocates, tallied by `plan.simulate.LiveBytes`, whose
+   per-operation bookkeeping also slows the cpu fit and solve timings).
+
+It prints one JSON line with every figure last and writes a Markdown table with the command (default
+docs/results/gpu_check.md, atomically). Exit status 0 when every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import platform
+import random
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from distributed_astra.artifacts import atomic_path
+from distributed_astra.config import Config, load_config
+from distributed_astra.curvature.covariance import STAT_DTYPES, product_dtype
+from distributed_astra.data.tokenizer import train_bpe_tokenizer
+from distributed_astra.distributed.collectives import all_reduce_counts, all_reduce_sum, collective_device
+from distributed_astra.execution import Rank
+from distributed_astra.ihvp.ekfac import default_damping
+from distributed_astra.ihvp.products import FisherProduct, GGNProduct, label_generator
+from distributed_astra.ihvp.solvers import MinibatchSampler, ekfac_preconditioner, solve
+from distributed_astra.models.load import prepare_for_attribution
+from distributed_astra.models.modules import select_tracked_modules
+from distributed_astra.plan import make_plan
+from distributed_astra.plan.estimate import GIB
+from distributed_astra.plan.simulate import LiveBytes
+from distributed_astra.scoring.gradients import captured_batches, example_gradients
+from distributed_astra.scoring.inner_products import sequence_scores
+from distributed_astra.stages.fit import rank_fit
+from distributed_astra.task import CAUSAL_LM
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "docs" / "results" / "gpu_check.md"
+DEVICES = ("cuda", "cpu")
+TRACKED = ["transformer.h.*[02468].mlp.c_fc"]
+TOKENIZER_VOCAB = 1024
+SCORING_QUERIES = (1, 16)
+FIT_STAGES = ("covariances", "eigendecomposition", "eigenvalue correction")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The model and the work sizes of one check."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab_size: int
+    seq_len: int
+    dtype: str  # the model's (config `model.dtype`)
+    fit_sequences: int
+    fit_batch: int
+    minibatch: int
+    score_batch: int
+    score_batches: int
+
+
+SHAPES = {
+    "cuda": Shape(48, 1600, 25, 50257, 512, "bfloat16", 64, 8, 8, 8, 8),  # GPT-2 XL
+    "cpu": Shape(2, 64, 4, 512, 32, "float32", 32, 8, 4, 8, 4),
+}
+
+
+class CheckFailed(Exception):
+    """A check gave a wrong answer (the message says which)."""
+
+
+# --------------------------------------------------------------------------------------------- timing and memory
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def timed(device: torch.device) -> Iterator[dict[str, float]]:
+    """Wall seconds of the block, device work included: {"seconds": s} once the block ends."""
+    out: dict[str, float] = {}
+    synchronize(device)
+    started = time.perf_counter()
+    yield out
+    synchronize(device)
+    out["seconds"] = time.perf_counter() - started
+
+
+def tensor_bytes(*objects: object) -> int:
+    """Bytes of the distinct storages of the tensors in `objects` (tensors, dicts/lists of them, modules)."""
+    seen: dict[int, int] = {}
+
+    def visit(x: object) -> None:
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(x, torch.nn.Module):
+            for t in [*x.parameters(), *x.buffers()]:
+                visit(t)
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+        elif hasattr(x, "__dataclass_fields__"):
+            for name in x.__dataclass_fields__:
+                visit(getattr(x, name))
+
+    for obj in objects:
+        visit(obj)
+    return sum(seen.values())
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device, *resident: object) -> Iterator[dict[str, int]]:
+    """The peak bytes of live tensors during the block: {"bytes": n} once it ends.
+
+    cuda: `torch.cuda.max_memory_allocated` (everything allocated on the device, `resident` included). cpu: the bytes
+    of `resident` (the model, the phase's inputs) plus the high-water mark of the storages the block allocates."""
+    out: dict[str, int] = {}
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield out
+        torch.cuda.synchronize(device)
+        out["bytes"] = int(torch.cuda.max_memory_allocated(device))
+        return
+    base = tensor_bytes(*resident)
+    live = LiveBytes()
+    with live:
+        yield out
+    out["bytes"] = base + live.peak
+
+
+# --------------------------------------------------------------------------------------------- set-up
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def check_process_group(device: torch.device) -> dict[str, object]:
+    """A 1-rank group on the device's backend; one all-reduce through the package and one directly."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    if collective_device().type != device.type:
+        raise CheckFailed(f"collective_device() is {collective_device()} under {backend}, expected {device.type}")
+    x = torch.arange(4, dtype=torch.float32, device=device)
+    summed = all_reduce_sum({"x": x})["x"]
+    counts = all_reduce_counts(3, 5)
+    direct = x.clone()
+    dist.all_reduce(direct)
+    synchronize(device)
+    if not (torch.equal(summed, x) and counts == [3, 5] and torch.equal(direct, x) and direct.device == x.device):
+        raise CheckFailed(f"1-rank all_reduce on {backend} changed a device tensor: {direct.tolist()}")
+    return {"backend": backend, "all_reduce": "ok", "collective_device": str(collective_device())}
+
+
+def random_words(rng: random.Random, count: int) -> str:
+    syllables = ["ka", "to", "ri", "mu", "sel", "van", "or", "pe", "lin", "dra", "qu", "est", "no", "bi", "zu"]
+    return " ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(count))
+
+
+def write_corpus(folder: Path, shape: Shape, seed: int) -> Path:
+    """A Parquet corpus (`text`, `doc_id`) of random words: documents of 3 x seq_len words, which the fit splits into
+    full sequences of seq_len tokens (and a shorter last one) until `factors.max_sequences`."""
+    rng = random.Random(seed)
+    texts = [random_words(rng, 3 * shape.seq_len) for _ in range(shape.fit_sequences)]
+    path = folder / "corpus.parquet"
+    pq.write_table(pa.table({"text": texts, "doc_id": list(range(len(texts)))}), path)
+    return path
+
+
+def check_config(shape: Shape, device: torch.device, folder: Path, corpus: Path, args: argparse.Namespace) -> Config:
+    """The run's config: this shape through `plan.hf_config`, the fit slice, ASTRA's settings, one rank, 1 GPU."""
+    hf = folder / "config.json"
+    gpt2_config(shape).to_json_file(hf)
+    overrides = [
+        "model.source=path", f"model.path={folder}", f"model.dtype={shape.dtype}", f"model.tracked_modules={TRACKED}",
+        f"data.corpus={corpus}", "data.queries=demo", f"data.max_length={shape.seq_len}",
+        f"factors.dtype={args.stat_dtype}", f"factors.batch_size={shape.fit_batch}",
+        f"factors.max_sequences={shape.fit_sequences}",
+        "solver.name=astra", "solver.baselines=[]", f"solver.product={args.product}", "solver.lr_mode=relative",
+        "solver.lr=1.0", f"solver.iterations={args.iterations}", f"solver.patience={args.iterations + 1}",
+        "solver.tolerance=0", "solver.heldout_every=0", f"solver.minibatch_size={shape.minibatch}",
+        f"solver.query_batch_size={args.queries}", f"scoring.batch_size={shape.score_batch}",
+        f"ray.use_gpu={'true' if device.type == 'cuda' else 'false'}", "ray.num_workers=1", "deepspeed.stage=0",
+        f"plan.hf_config={hf}", "plan.gpus=1", f"plan.gpu_memory={args.gpu_memory}", "plan.memory_reserve=0",
+        f"plan.documents={shape.fit_sequences}",
+    ]
+    return load_config(None, overrides)
+
+
+def gpt2_config(shape: Shape) -> GPT2Config:
+    return GPT2Config(
+        n_layer=shape.n_layer, n_embd=shape.n_embd, n_head=shape.n_head, vocab_size=shape.vocab_size,
+        n_positions=max(1024, shape.seq_len), bos_token_id=0, eos_token_id=0,
+    )
+
+
+def build_model(shape: Shape, device: torch.device) -> torch.nn.Module:
+    """A random-init GPT-2 of `shape`, built on the device in its dtype, eager attention, prepared for attribution."""
+    dtype = getattr(torch, shape.dtype)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(gpt2_config(shape), dtype=dtype, attn_implementation="eager")
+    return prepare_for_attribution(model)
+
+
+def random_batches(shape: Shape, count: int, rows: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """`count` CPU batches of `rows` full sequences of random tokens, every token labelled."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        ids = torch.randint(1, shape.vocab_size, (rows, shape.seq_len), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+                    "doc_id": torch.arange(i * rows, (i + 1) * rows)})
+    return out
+
+
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------- the checks
+def check_fit(rank: Rank, corpus: Path, device: torch.device) -> tuple[object, dict[str, float]]:
+    """`rank_fit` on the corpus slice: the factors (on the device) and the fit's figures."""
+    with peak_memory(device, rank.model) as peak, timed(device) as clock:
+        out = rank_fit(rank, str(corpus))
+    factors = out["factors"]
+    if factors is None:
+        raise CheckFailed("the fit saw no sequence")
+    for name in factors.names:
+        if not bool(torch.isfinite(factors[name].lambda_).all()):
+            raise CheckFailed(f"non-finite Λ for {name}")
+    return factors.to(device), {
+        "fit_seconds": clock["seconds"], "fit_sequences": factors.num_sequences, "fit_tokens": factors.num_tokens,
+        "fit_peak_bytes": peak["bytes"],
+    }
+
+
+def check_solve(
+    cfg: Config, model: torch.nn.Module, tracked: dict, factors: object, shape: Shape, device: torch.device,
+) -> dict[str, float]:
+    """ASTRA for the gradients of `solver.query_batch_size` random sequences: seconds per iteration, peak memory."""
+    compute = product_dtype(model, STAT_DTYPES[cfg.factors.dtype])
+    queries = [on_device(b, device) for b in random_batches(shape, 1, cfg.solver.query_batch_size, seed=1)]
+    v = example_gradients(model, tracked, queries, compute)
+    damping = default_damping(factors)
+    precondition = ekfac_preconditioner(factors, cfg.solver, damping, cfg.factors.strategy)
+    if cfg.solver.product == "ggn":
+        product = GGNProduct(model, tracked)
+    else:
+        product = FisherProduct(model, tracked, cfg.solver.fisher_samples, label_generator(model, cfg.solver.seed))
+    pool = random_batches(shape, 2, 2 * shape.minibatch, seed=2)
+    sampler = MinibatchSampler(pool, shape.minibatch, torch.Generator().manual_seed(cfg.solver.seed))
+    stamps: list[float] = []
+    with peak_memory(device, model, factors, v) as peak, timed(device) as clock:
+        result = solve(v, precondition, product, sampler, cfg.solver, damping,
+                       on_iteration=lambda *_: stamps.append(time.perf_counter()))
+    ran = max(result.iterations)
+    if len(stamps) < 2 or ran < 2:
+        raise CheckFailed(f"ASTRA ran {ran} iteration(s), expected {cfg.solver.iterations}")
+    if not all(bool(torch.isfinite(t).all()) for t in result.x.values()):
+        raise CheckFailed("ASTRA's directions are not finite")
+    return {
+        "solve_iterations": ran, "solve_seconds": clock["seconds"],
+        "solve_seconds_per_iteration": (stamps[-1] - stamps[0]) / (len(stamps) - 1),
+        "solve_fell_back": int(result.fell_back.sum()), "solve_damping": damping, "solve_peak_bytes": peak["bytes"],
+    }
+
+
+def plain_pass(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+    """Forward and `loss.backward()` of the summed token loss, batch by batch."""
+    for batch in batches:
+        with torch.enable_grad():
+            CAUSAL_LM.loss(CAUSAL_LM.output(model, batch), batch).sum().backward()
+
+
+def scoring_pass(model, tracked, batches, directions, compute) -> None:
+    """The scoring stage's inner loop: capture, then the [B, Q] scores, brought to the host."""
+    for _batch, capture in captured_batches(model, tracked, batches, compute):
+        sequence_scores(capture.output_grads, capture.activations, directions).cpu()
+
+
+def check_scoring(
+    cfg: Config, model: torch.nn.Module, tracked: dict, shape: Shape, device: torch.device,
+) -> dict[str, float]:
+    """Sequences per second of plain forward+backward and of scoring with Q = 1 and 16 on the same batches."""
+    compute = product_dtype(model, STAT_DTYPES[cfg.factors.dtype])
+    batches = [on_device(b, device) for b in random_batches(shape, shape.score_batches, shape.score_batch, seed=3)]
+    g = torch.Generator().manual_seed(4)
+    directions = {
+        q: {n: torch.randn(q, *t.shape, generator=g).to(device=device, dtype=compute) for n, t in tracked.items()}
+        for q in SCORING_QUERIES
+    }
+    plain_pass(model, batches[:1])  # warm-up: kernels, cuBLAS handles, the allocator's pools
+    scoring_pass(model, tracked, batches[:1], directions[SCORING_QUERIES[-1]], compute)
+    sequences = shape.score_batches * shape.score_batch
+    out: dict[str, float] = {"score_sequences": sequences}
+    with timed(device) as clock:
+        plain_pass(model, batches)
+    out["score_plain_sequences_per_s"] = sequences / clock["seconds"]
+    for q in SCORING_QUERIES:
+        with timed(device) as clock:
+            scoring_pass(model, tracked, batches, directions[q], compute)
+        out[f"score_q{q}_sequences_per_s"] = sequences / clock["seconds"]
+        out[f"score_q{q}_time_over_plain"] = out["score_plain_sequences_per_s"] / out[f"score_q{q}_sequences_per_s"]
+    q = SCORING_QUERIES[-1]
+    with peak_memory(device, model, directions[q]) as peak:  # one untimed batch (cpu's tally slows every op)
+        scoring_pass(model, tracked, batches[:1], directions[q], compute)
+    out["score_peak_bytes"] = peak["bytes"]
+    return out
+
+
+def check_faiss() -> dict[str, object]:
+    """An IndexFlatIP search on the GPU against the CPU's, when faiss sees a GPU."""
+    try:
+        import faiss
+    except ImportError:
+        return {"faiss": "skipped: faiss not installed"}
+    if getattr(faiss, "get_num_gpus", lambda: 0)() <= 0:
+        return {"faiss": "skipped: no faiss GPU"}
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((100_000, 256), dtype=np.float32)
+    queries = rng.standard_normal((256, 256), dtype=np.float32)
+    cpu = faiss.IndexFlatIP(256)
+    cpu.add(base)
+    gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, cpu)
+    started = time.perf_counter()
+    d_cpu, i_cpu = cpu.search(queries, 10)
+    cpu_seconds = time.perf_counter() - started
+    gpu.search(queries, 10)  # warm-up
+    started = time.perf_counter()
+    d_gpu, i_gpu = gpu.search(queries, 10)
+    gpu_seconds = time.perf_counter() - started
+    recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i_cpu, i_gpu)]))
+    if recall < 0.99 or not np.allclose(d_cpu, d_gpu, rtol=1e-3, atol=1e-3):
+        raise CheckFailed(f"faiss GPU search disagrees with the CPU's (recall@10 {recall:.3f})")
+    return {"faiss": "ok", "faiss_recall_at_10": recall, "faiss_cpu_seconds": cpu_seconds,
+            "faiss_gpu_seconds": gpu_seconds}
+
+
+def predicted_memory(cfg: Config) -> dict[str, int]:
+    """The planner's per-GPU bytes for the fit (its stages' maximum), the ASTRA chunk, and scoring with 16 queries."""
+    plan = make_plan(cfg, search=False)
+    by_stage = {s.stage: s.per_gpu for s in plan.stages}
+    solve_stage = next(s for s in by_stage if s.startswith("astra chunk"))
+    scoring_cfg = cfg.model_copy(update={"solver": cfg.solver.model_copy(
+        update={"query_batch_size": SCORING_QUERIES[-1]})})
+    scoring = {s.stage: s.per_gpu for s in make_plan(scoring_cfg, search=False).stages}["scoring"]
+    return {"fit_predicted_bytes": max(by_stage[s] for s in FIT_STAGES), "solve_predicted_bytes": by_stage[solve_stage],
+            "score_predicted_bytes": scoring}
+
+
+# --------------------------------------------------------------------------------------------- report
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def markdown(figures: dict[str, object], command: str) -> str:
+    gib = lambda key: f"{figures[key] / GIB:.3f}"  # noqa: E731
+    rows = [
+        ("device", figures["device_name"]),
+        ("process group", f"{figures['backend']}, world size 1, device all_reduce {figures['all_reduce']}"),
+        ("model", f"GPT-2 n_layer {figures['n_layer']}, n_embd {figures['n_embd']}, vocab {figures['vocab_size']}, "
+                  f"{figures['model_dtype']}, {figures['num_parameters']:,} parameters"),
+        ("tracked", f"{figures['tracked_modules']} module(s) `{', '.join(TRACKED)}`, D = {figures['tracked_parameters']:,}"),
+        ("fit (rank_fit)", f"{figures['fit_sequences']} sequences x {figures['seq_len']} tokens, "
+                           f"{figures['fit_seconds']:.2f} s, statistics {figures['stat_dtype']}"),
+        ("ASTRA", f"{figures['solve_iterations']} iterations, {figures['solve_seconds_per_iteration']:.3f} s/iteration "
+                  f"({figures['product']} product, {figures['queries']} query, minibatch {figures['minibatch']})"),
+        ("scoring, plain fwd+bwd", f"{figures['score_plain_sequences_per_s']:.2f} seq/s"),
+        *((f"scoring, Q = {q}", f"{figures[f'score_q{q}_sequences_per_s']:.2f} seq/s, "
+                                f"{figures[f'score_q{q}_time_over_plain']:.2f}x the plain time")
+          for q in SCORING_QUERIES),
+        ("faiss", figures["faiss"] + (f" (recall@10 {figures['faiss_recall_at_10']:.3f}, GPU "
+                                      f"{figures['faiss_gpu_seconds']:.4f} s vs CPU {figures['faiss_cpu_seconds']:.4f} s)"
+                                      if figures["faiss"] == "ok" else "")),
+    ]
+    memory = [
+        (phase, gib(f"{key}_predicted_bytes"), gib(f"{key}_peak_bytes"), f"{figures[f'{key}_predicted_over_measured']:.3f}")
+        for phase, key in (("fit", "fit"), ("ASTRA solve", "solve"), ("scoring, Q = 16", "score"))
+    ]
+    lines = [
+        "# GPU check", "",
+        "One run of `benchmarks/gpu_check.py` (what it does: its docstring). Command:", "",
+        f"    {command}", "",
+        "| check | result |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows), "",
+        "Peak memory, predicted by the planner (`plan.make_plan`, 1 GPU) against measured "
+        + ("(`torch.cuda.max_memory_allocated`)" if figures["device"] == "cuda"
+           else "(live tensor bytes: the model, the inputs and `LiveBytes`' high-water mark)") + ":", "",
+        "| phase | predicted GiB | measured GiB | predicted / measured |", "|---|---|---|---|",
+        *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in memory), "",
+        f"Total {figures['total_seconds']:.1f} s; torch {torch.__version__}.", "",
+    ]
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    device = torch.device(args.device)
+    shape = SHAPES[args.device]
+    started = time.perf_counter()
+    figures: dict[str, object] = {"device": args.device, "device_name": device_name(device)}
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    figures.update(check_process_group(device))
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpu_check-") as scratch:
+            folder = Path(scratch)
+            corpus = write_corpus(folder, shape, seed=0)
+            texts = pq.read_table(corpus).column("text").to_pylist()
+            tokenizer = train_bpe_tokenizer(texts, min(TOKENIZER_VOCAB, shape.vocab_size), folder / "tokenizer")
+            cfg = check_config(shape, device, folder, corpus, args)
+            model = build_model(shape, device)
+            tracked = select_tracked_modules(model, TRACKED)
+            figures.update({
+                "n_layer": shape.n_layer, "n_embd": shape.n_embd, "vocab_size": shape.vocab_size,
+                "seq_len": shape.seq_len, "model_dtype": shape.dtype, "stat_dtype": args.stat_dtype,
+                "num_parameters": sum(p.numel() for p in model.parameters()), "tracked_modules": len(tracked),
+                "tracked_parameters": sum(t.shape[0] * t.shape[1] for t in tracked.values()),
+                "product": args.product, "queries": args.queries, "minibatch": shape.minibatch,
+            })
+            figures.update(predicted_memory(cfg))
+            rank = Rank(0, 1, cfg, model, tracked, tokenizer)
+            factors, fit = check_fit(rank, corpus, device)
+            figures.update(fit)
+            figures.update(check_solve(cfg, model, tracked, factors, shape, device))
+            del factors
+            figures.update(check_scoring(cfg, model, tracked, shape, device))
+    finally:
+        dist.destroy_process_group()
+    figures.update(check_faiss())
+    for key in ("fit", "solve", "score"):
+        figures[f"{key}_predicted_over_measured"] = figures[f"{key}_predicted_bytes"] / figures[f"{key}_peak_bytes"]
+    figures["total_seconds"] = time.perf_counter() - started
+    return figures
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda (GPT-2 XL shape) or cpu (a small shape)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the Markdown report")
+    parser.add_argument("--product", default="ggn", help="the ASTRA curvature product: ggn or fisher")
+    parser.add_argument("--stat-dtype", default="float32", help="factors.dtype: float32 or float64")
+    parser.add_argument("--iterations", type=int, default=20, help="ASTRA iterations")
+    parser.add_argument("--queries", type=int, default=1, help="queries solved together")
+    parser.add_argument("--gpu-memory", default=None, help="planner budget per GPU (default: this device's)")
+    args = parser.parse_args(argv)
+    for name, value, allowed in (("--device", args.device, DEVICES), ("--product", args.product, ("ggn", "fisher")),
+                                 ("--stat-dtype", args.stat_dtype, tuple(STAT_DTYPES))):
+        if value not in allowed:
+            raise CheckFailed(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
+    if args.iterations < 2 or args.queries < 1:
+        raise CheckFailed("--iterations must be at least 2 and --queries at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CheckFailed("--device cuda: no CUDA device here (torch.cuda.is_available() is False); use --device cpu")
+    if args.gpu_memory is None:
+        total = torch.cuda.get_device_properties(0).total_memory if args.device == "cuda" else 64 * GIB
+        args.gpu_memory = f"{total / GIB:.3f}GiB"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+        figures = run(args)
+    except CheckFailed as exc:
+        print(f"gpu_check: error: {exc}", file=sys.stderr)
+        return 1
+    command = " ".join([".venv/bin/python", "benchmarks/gpu_check.py", *argv])
+    write_markdown(args.out, markdown(figures, command))
+    print(json.dumps({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
+                      for k, v in figures.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
