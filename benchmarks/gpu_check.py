@@ -30,8 +30,10 @@ What runs, in order, each through the package's own functions:
    and the high-water mark of the storages the phase allocates, tallied by `plan.simulate.LiveBytes`, whose
    per-operation bookkeeping also slows the cpu fit and solve timings).
 
-It prints one JSON line with every figure last and writes a Markdown table with the command (default
-docs/results/gpu_check.md, atomically). Exit status 0 when every check passed.
+A check that fails (an exception in the package, a wrong answer) is recorded as `<check>_error` and in `failed`, and
+the remaining checks still run. It prints one JSON line with every figure last and writes a Markdown table with the
+command (default docs/results/gpu_check.md, atomically). Exit status 0 when every check passed, 1 when one failed,
+2 on bad arguments (one line on stderr).
 """
 
 from __future__ import annotations
@@ -335,9 +337,9 @@ def check_scoring(
     """Sequences per second of plain forward+backward and of scoring with Q = 1 and 16 on the same batches."""
     compute = product_dtype(model, STAT_DTYPES[cfg.factors.dtype])
     batches = [on_device(b, device) for b in random_batches(shape, shape.score_batches, shape.score_batch, seed=3)]
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator(device=device).manual_seed(4)
     directions = {
-        q: {n: torch.randn(q, *t.shape, generator=g).to(device=device, dtype=compute) for n, t in tracked.items()}
+        q: {n: torch.randn(q, *t.shape, generator=g, device=device, dtype=compute) for n, t in tracked.items()}
         for q in SCORING_QUERIES
     }
     plain_pass(model, batches[:1])  # warm-up: kernels, cuBLAS handles, the allocator's pools
@@ -406,41 +408,60 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def size(nbytes: int | None) -> str:
+    """Bytes in GiB from 1 GiB on, else MiB; "-" for a figure the run has not got."""
+    if nbytes is None:
+        return "-"
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / (1 << 20):.1f} MiB"
+
+
 def markdown(figures: dict[str, object], command: str) -> str:
-    gib = lambda key: f"{figures[key] / GIB:.3f}"  # noqa: E731
+    """The report: the checks' results (a failed check shows its error), the memory table, the command."""
+    def result(name: str, text) -> str:
+        error = figures.get(f"{name}_error")
+        return f"FAILED: {error}" if error else text()
+
     rows = [
         ("device", figures["device_name"]),
-        ("process group", f"{figures['backend']}, world size 1, device all_reduce {figures['all_reduce']}"),
+        ("process group", result("process_group", lambda: f"{figures['backend']}, world size 1, all_reduce of a "
+                                                          f"{figures['collective_device']} tensor {figures['all_reduce']}")),
         ("model", f"GPT-2 n_layer {figures['n_layer']}, n_embd {figures['n_embd']}, vocab {figures['vocab_size']}, "
-                  f"{figures['model_dtype']}, {figures['num_parameters']:,} parameters"),
-        ("tracked", f"{figures['tracked_modules']} module(s) `{', '.join(TRACKED)}`, D = {figures['tracked_parameters']:,}"),
-        ("fit (rank_fit)", f"{figures['fit_sequences']} sequences x {figures['seq_len']} tokens, "
-                           f"{figures['fit_seconds']:.2f} s, statistics {figures['stat_dtype']}"),
-        ("ASTRA", f"{figures['solve_iterations']} iterations, {figures['solve_seconds_per_iteration']:.3f} s/iteration "
-                  f"({figures['product']} product, {figures['queries']} query, minibatch {figures['minibatch']})"),
-        ("scoring, plain fwd+bwd", f"{figures['score_plain_sequences_per_s']:.2f} seq/s"),
-        *((f"scoring, Q = {q}", f"{figures[f'score_q{q}_sequences_per_s']:.2f} seq/s, "
-                                f"{figures[f'score_q{q}_time_over_plain']:.2f}x the plain time")
+                  f"{figures['model_dtype']}, {figures['num_parameters']:,} parameters, random init"),
+        ("tracked", f"{figures['tracked_modules']} module(s) `{', '.join(TRACKED)}`, "
+                    f"D = {figures['tracked_parameters']:,}"),
+        ("fit (rank_fit)", result("fit", lambda: f"{figures['fit_sequences']} sequences, {figures['fit_tokens']} "
+                                                 f"tokens, {figures['fit_seconds']:.2f} s, statistics "
+                                                 f"{figures['stat_dtype']}")),
+        ("ASTRA", result("solve", lambda: f"{figures['solve_iterations']} iterations, "
+                                          f"{figures['solve_seconds_per_iteration']:.3f} s/iteration ({figures['product']} "
+                                          f"product, {figures['queries']} query, minibatch {figures['minibatch']} x "
+                                          f"{figures['seq_len']} tokens)")),
+        ("scoring, plain fwd+bwd", result("score", lambda: f"{figures['score_plain_sequences_per_s']:.2f} seq/s")),
+        *((f"scoring, Q = {q}", result("score", lambda q=q: f"{figures[f'score_q{q}_sequences_per_s']:.2f} seq/s, "
+                                                            f"{figures[f'score_q{q}_time_over_plain']:.2f}x the plain "
+                                                            "time"))
           for q in SCORING_QUERIES),
-        ("faiss", figures["faiss"] + (f" (recall@10 {figures['faiss_recall_at_10']:.3f}, GPU "
-                                      f"{figures['faiss_gpu_seconds']:.4f} s vs CPU {figures['faiss_cpu_seconds']:.4f} s)"
-                                      if figures["faiss"] == "ok" else "")),
+        ("faiss", result("faiss", lambda: figures["faiss"] + (
+            f" (recall@10 {figures['faiss_recall_at_10']:.3f}, GPU {figures['faiss_gpu_seconds']:.4f} s vs CPU "
+            f"{figures['faiss_cpu_seconds']:.4f} s)" if figures["faiss"] == "ok" else ""))),
     ]
     memory = [
-        (phase, gib(f"{key}_predicted_bytes"), gib(f"{key}_peak_bytes"), f"{figures[f'{key}_predicted_over_measured']:.3f}")
-        for phase, key in (("fit", "fit"), ("ASTRA solve", "solve"), ("scoring, Q = 16", "score"))
+        (phase, size(figures.get(f"{key}_predicted_bytes")), size(figures.get(f"{key}_peak_bytes")),
+         f"{figures[f'{key}_predicted_over_measured']:.3f}" if f"{key}_predicted_over_measured" in figures else "-")
+        for phase, key in (("fit", "fit"), ("ASTRA solve", "solve"), (f"scoring, Q = {SCORING_QUERIES[-1]}", "score"))
     ]
+    measured = ("`torch.cuda.max_memory_allocated`" if figures["device"] == "cuda"
+                else "live tensor bytes: the model, the inputs and `LiveBytes`' high-water mark")
     lines = [
         "# GPU check", "",
-        "One run of `benchmarks/gpu_check.py` (what it does: its docstring). Command:", "",
+        "One run of `benchmarks/gpu_check.py` (what it checks and how: its docstring). Command:", "",
         f"    {command}", "",
         "| check | result |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows), "",
-        "Peak memory, predicted by the planner (`plan.make_plan`, 1 GPU) against measured "
-        + ("(`torch.cuda.max_memory_allocated`)" if figures["device"] == "cuda"
-           else "(live tensor bytes: the model, the inputs and `LiveBytes`' high-water mark)") + ":", "",
-        "| phase | predicted GiB | measured GiB | predicted / measured |", "|---|---|---|---|",
+        f"Peak memory, predicted by the planner (`plan.make_plan`, 1 GPU) against measured ({measured}):", "",
+        "| phase | predicted | measured | predicted / measured |", "|---|---|---|---|",
         *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in memory), "",
-        f"Total {figures['total_seconds']:.1f} s; torch {torch.__version__}.", "",
+        f"Total {figures['total_seconds']:.1f} s; torch {torch.__version__}; "
+        + (f"failed: {', '.join(figures['failed'])}." if figures.get("failed") else "every check passed."), "",
     ]
     return "\n".join(lines)
 
@@ -450,42 +471,62 @@ def write_markdown(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def attempt(figures: dict[str, object], name: str, check, *args):
+    """`check(*args)`, its figures merged into `figures`; an exception is recorded as `<name>_error` (one line) and
+    the next checks still run. Returns the check's result, None when it failed."""
+    try:
+        result = check(*args)
+    except Exception as exc:  # noqa: BLE001  (a failing check is a result: reported, and the exit status says so)
+        figures[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        figures.setdefault("failed", []).append(name)
+        return None
+    if isinstance(result, tuple):
+        figures.update(result[1])
+        return result[0]
+    figures.update(result)
+    return result
+
+
+def describe(shape: Shape, args: argparse.Namespace, model: torch.nn.Module, tracked: dict) -> dict[str, object]:
+    return {
+        "n_layer": shape.n_layer, "n_embd": shape.n_embd, "vocab_size": shape.vocab_size, "seq_len": shape.seq_len,
+        "model_dtype": shape.dtype, "stat_dtype": args.stat_dtype,
+        "num_parameters": sum(p.numel() for p in model.parameters()), "tracked_modules": len(tracked),
+        "tracked_parameters": sum(t.shape[0] * t.shape[1] for t in tracked.values()),
+        "product": args.product, "queries": args.queries, "minibatch": shape.minibatch,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
+    """Every check in order; a failing check is recorded (`<name>_error`, `failed`) and the others still run."""
     device = torch.device(args.device)
     shape = SHAPES[args.device]
     started = time.perf_counter()
     figures: dict[str, object] = {"device": args.device, "device_name": device_name(device)}
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    figures.update(check_process_group(device))
-    try:
-        with tempfile.TemporaryDirectory(prefix="gpu_check-") as scratch:
-            folder = Path(scratch)
-            corpus = write_corpus(folder, shape, seed=0)
-            texts = pq.read_table(corpus).column("text").to_pylist()
-            tokenizer = train_bpe_tokenizer(texts, min(TOKENIZER_VOCAB, shape.vocab_size), folder / "tokenizer")
-            cfg = check_config(shape, device, folder, corpus, args)
-            model = build_model(shape, device)
-            tracked = select_tracked_modules(model, TRACKED)
-            figures.update({
-                "n_layer": shape.n_layer, "n_embd": shape.n_embd, "vocab_size": shape.vocab_size,
-                "seq_len": shape.seq_len, "model_dtype": shape.dtype, "stat_dtype": args.stat_dtype,
-                "num_parameters": sum(p.numel() for p in model.parameters()), "tracked_modules": len(tracked),
-                "tracked_parameters": sum(t.shape[0] * t.shape[1] for t in tracked.values()),
-                "product": args.product, "queries": args.queries, "minibatch": shape.minibatch,
-            })
-            figures.update(predicted_memory(cfg))
-            rank = Rank(0, 1, cfg, model, tracked, tokenizer)
-            factors, fit = check_fit(rank, corpus, device)
-            figures.update(fit)
-            figures.update(check_solve(cfg, model, tracked, factors, shape, device))
-            del factors
-            figures.update(check_scoring(cfg, model, tracked, shape, device))
-    finally:
+    attempt(figures, "process_group", check_process_group, device)
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as scratch:
+        folder = Path(scratch)
+        corpus = write_corpus(folder, shape, seed=0)
+        texts = pq.read_table(corpus).column("text").to_pylist()
+        tokenizer = train_bpe_tokenizer(texts, min(TOKENIZER_VOCAB, shape.vocab_size), folder / "tokenizer")
+        cfg = check_config(shape, device, folder, corpus, args)
+        model = build_model(shape, device)
+        tracked = select_tracked_modules(model, TRACKED)
+        figures.update(describe(shape, args, model, tracked))
+        attempt(figures, "plan", predicted_memory, cfg)
+        factors = attempt(figures, "fit", check_fit, Rank(0, 1, cfg, model, tracked, tokenizer), corpus, device)
+        if factors is not None:
+            attempt(figures, "solve", check_solve, cfg, model, tracked, factors, shape, device)
+        del factors
+        attempt(figures, "score", check_scoring, cfg, model, tracked, shape, device)
+    if dist.is_initialized():
         dist.destroy_process_group()
-    figures.update(check_faiss())
+    attempt(figures, "faiss", check_faiss)
     for key in ("fit", "solve", "score"):
-        figures[f"{key}_predicted_over_measured"] = figures[f"{key}_predicted_bytes"] / figures[f"{key}_peak_bytes"]
+        if f"{key}_predicted_bytes" in figures and f"{key}_peak_bytes" in figures:
+            figures[f"{key}_predicted_over_measured"] = figures[f"{key}_predicted_bytes"] / figures[f"{key}_peak_bytes"]
     figures["total_seconds"] = time.perf_counter() - started
     return figures
 
@@ -518,15 +559,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)
-        figures = run(args)
     except CheckFailed as exc:
         print(f"gpu_check: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
+    figures = run(args)
     command = " ".join([".venv/bin/python", "benchmarks/gpu_check.py", *argv])
     write_markdown(args.out, markdown(figures, command))
+    for name in figures.get("failed", []):
+        print(f"gpu_check: {name} failed: {figures[f'{name}_error']}", file=sys.stderr)
     print(json.dumps({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
                       for k, v in figures.items()}))
-    return 0
+    return 1 if figures.get("failed") else 0
 
 
 if __name__ == "__main__":
