@@ -49,6 +49,7 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,14 @@ class CheckFailed(Exception):
     """A check gave a wrong answer (the message says which)."""
 
 
+class PartialFailure(Exception):
+    """A check raised after it had measured something: `figures` are reported with the error of its cause."""
+
+    def __init__(self, figures: dict[str, object]) -> None:
+        super().__init__("partial figures")
+        self.figures = figures
+
+
 # --------------------------------------------------------------------------------------------- timing and memory
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -123,13 +132,15 @@ def synchronize(device: torch.device) -> None:
 
 @contextlib.contextmanager
 def timed(device: torch.device) -> Iterator[dict[str, float]]:
-    """Wall seconds of the block, device work included: {"seconds": s} once the block ends."""
+    """Wall seconds of the block, device work included: {"seconds": s} once the block ends (or raises)."""
     out: dict[str, float] = {}
     synchronize(device)
     started = time.perf_counter()
-    yield out
-    synchronize(device)
-    out["seconds"] = time.perf_counter() - started
+    try:
+        yield out
+    finally:
+        synchronize(device)
+        out["seconds"] = time.perf_counter() - started
 
 
 def tensor_bytes(*objects: object) -> int:
@@ -160,7 +171,7 @@ def tensor_bytes(*objects: object) -> int:
 
 @contextlib.contextmanager
 def peak_memory(device: torch.device, *resident: object) -> Iterator[dict[str, int]]:
-    """The peak bytes of live tensors during the block: {"bytes": n} once it ends.
+    """The peak bytes of live tensors during the block: {"bytes": n} once it ends (or raises).
 
     cuda: `torch.cuda.max_memory_allocated` (everything allocated on the device, `resident` included). cpu: the bytes
     of `resident` (the model, the phase's inputs) plus the high-water mark of the storages the block allocates."""
@@ -169,15 +180,19 @@ def peak_memory(device: torch.device, *resident: object) -> Iterator[dict[str, i
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        yield out
-        torch.cuda.synchronize(device)
-        out["bytes"] = int(torch.cuda.max_memory_allocated(device))
+        try:
+            yield out
+        finally:
+            torch.cuda.synchronize(device)
+            out["bytes"] = int(torch.cuda.max_memory_allocated(device))
         return
     base = tensor_bytes(*resident)
     live = LiveBytes()
-    with live:
-        yield out
-    out["bytes"] = base + live.peak
+    try:
+        with live:
+            yield out
+    finally:
+        out["bytes"] = base + live.peak
 
 
 # --------------------------------------------------------------------------------------------- set-up
@@ -302,20 +317,27 @@ def check_solve(
         product = FisherProduct(model, tracked, cfg.solver.fisher_samples, label_generator(model, cfg.solver.seed))
     pool = random_batches(shape, 2, 2 * shape.minibatch, seed=2)
     sampler = MinibatchSampler(pool, shape.minibatch, torch.Generator().manual_seed(cfg.solver.seed))
-    stamps: list[float] = []
-    with peak_memory(device, model, factors, v) as peak, timed(device) as clock:
-        result = solve(v, precondition, product, sampler, cfg.solver, damping,
-                       on_iteration=lambda *_: stamps.append(time.perf_counter()))
+    stamps: list[float] = []  # one per iteration, when the solver's monitor has its h and residual on the host
+
+    def measured() -> dict[str, float]:
+        out = {"solve_damping": damping, "solve_seconds": clock["seconds"], "solve_peak_bytes": peak["bytes"],
+               "solve_iterations_timed": len(stamps)}
+        if len(stamps) >= 2:
+            out["solve_seconds_per_iteration"] = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        return out
+
+    try:
+        with peak_memory(device, model, factors, v) as peak, timed(device) as clock:
+            result = solve(v, precondition, product, sampler, cfg.solver, damping,
+                           on_iteration=lambda *_: stamps.append(time.perf_counter()))
+    except Exception as exc:
+        raise PartialFailure(measured()) from exc  # what ran before the error is still a measurement
     ran = max(result.iterations)
     if len(stamps) < 2 or ran < 2:
         raise CheckFailed(f"ASTRA ran {ran} iteration(s), expected {cfg.solver.iterations}")
     if not all(bool(torch.isfinite(t).all()) for t in result.x.values()):
         raise CheckFailed("ASTRA's directions are not finite")
-    return {
-        "solve_iterations": ran, "solve_seconds": clock["seconds"],
-        "solve_seconds_per_iteration": (stamps[-1] - stamps[0]) / (len(stamps) - 1),
-        "solve_fell_back": int(result.fell_back.sum()), "solve_damping": damping, "solve_peak_bytes": peak["bytes"],
-    }
+    return {**measured(), "solve_iterations": ran, "solve_fell_back": int(result.fell_back.sum())}
 
 
 def plain_pass(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
@@ -421,21 +443,28 @@ def markdown(figures: dict[str, object], command: str) -> str:
         error = figures.get(f"{name}_error")
         return f"FAILED: {error}" if error else text()
 
+    def solve_timing() -> str:
+        return f"{figures['solve_iterations_timed']} iterations at {figures['solve_seconds_per_iteration']:.3f} s/iteration"
+
+    solve_row = result("solve", lambda: (
+        f"{solve_timing()} ({figures['product']} product, {figures['queries']} query, minibatch "
+        f"{figures['minibatch']} x {figures['seq_len']} tokens)"))
+    if "solve_error" in figures and "solve_seconds_per_iteration" in figures:
+        solve_row += f"; before the error: {solve_timing()}"
+
     rows = [
         ("device", figures["device_name"]),
-        ("process group", result("process_group", lambda: f"{figures['backend']}, world size 1, all_reduce of a "
-                                                          f"{figures['collective_device']} tensor {figures['all_reduce']}")),
-        ("model", f"GPT-2 n_layer {figures['n_layer']}, n_embd {figures['n_embd']}, vocab {figures['vocab_size']}, "
-                  f"{figures['model_dtype']}, {figures['num_parameters']:,} parameters, random init"),
-        ("tracked", f"{figures['tracked_modules']} module(s) `{', '.join(TRACKED)}`, "
-                    f"D = {figures['tracked_parameters']:,}"),
+        ("process group", result("process_group", lambda: (
+            f"{figures['backend']}, world size 1, all_reduce of a {figures['collective_device']} tensor "
+            f"{figures['all_reduce']}"))),
+        ("model", (f"GPT-2 n_layer {figures['n_layer']}, n_embd {figures['n_embd']}, vocab {figures['vocab_size']}, "
+                   f"{figures['model_dtype']}, {figures['num_parameters']:,} parameters, random init")),
+        ("tracked", (f"{figures['tracked_modules']} module(s) `{', '.join(TRACKED)}`, "
+                     f"D = {figures['tracked_parameters']:,}")),
         ("fit (rank_fit)", result("fit", lambda: f"{figures['fit_sequences']} sequences, {figures['fit_tokens']} "
                                                  f"tokens, {figures['fit_seconds']:.2f} s, statistics "
                                                  f"{figures['stat_dtype']}")),
-        ("ASTRA", result("solve", lambda: f"{figures['solve_iterations']} iterations, "
-                                          f"{figures['solve_seconds_per_iteration']:.3f} s/iteration ({figures['product']} "
-                                          f"product, {figures['queries']} query, minibatch {figures['minibatch']} x "
-                                          f"{figures['seq_len']} tokens)")),
+        ("ASTRA", solve_row),
         ("scoring, plain fwd+bwd", result("score", lambda: f"{figures['score_plain_sequences_per_s']:.2f} seq/s")),
         *((f"scoring, Q = {q}", result("score", lambda q=q: f"{figures[f'score_q{q}_sequences_per_s']:.2f} seq/s, "
                                                             f"{figures[f'score_q{q}_time_over_plain']:.2f}x the plain "
@@ -477,7 +506,13 @@ def attempt(figures: dict[str, object], name: str, check, *args):
     try:
         result = check(*args)
     except Exception as exc:  # noqa: BLE001  (a failing check is a result: reported, and the exit status says so)
-        figures[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if isinstance(exc, PartialFailure):
+            figures.update(exc.figures)
+            exc = exc.__cause__
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = next((f for f in reversed(frames) if "distributed_astra" in f.filename), frames[-1])
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        figures[f"{name}_error"] = f"{type(exc).__name__}: {message} ({Path(where.filename).name}:{where.lineno})"
         figures.setdefault("failed", []).append(name)
         return None
     if isinstance(result, tuple):
