@@ -10,7 +10,7 @@ What runs, in order, each through the package's own functions:
    `torch.distributed.all_reduce` of a device tensor also proves that the backend takes device tensors, and
    `collective_device()` must name the device.
 2. A random-init GPT-2 (cuda: GPT-2 XL's shape, n_layer 48, n_embd 1600, n_head 25, vocab 50257, in bfloat16; cpu:
-   n_layer 2, n_embd 64, vocab 512, float32, one torch thread), eager attention, prepared for attribution. Tracked: the c_fc of every
+   n_layer 4, n_embd 64, vocab 512, float32, one torch thread), eager attention, prepared for attribution. Tracked: the c_fc of every
    other block (`transformer.h.*[02468].mlp.c_fc`: 24 modules of [6400, 1601] on GPT-2 XL, the half of the MLP
    blocks configs/gpt2xl.yaml tracks).
 3. The EK-FAC fit on a small slice through the fit stage's rank function `stages.fit.rank_fit` on a
@@ -110,7 +110,7 @@ class Shape:
 
 SHAPES = {
     "cuda": Shape(48, 1600, 25, 50257, 512, "bfloat16", 64, 8, 8, 8, 8),  # GPT-2 XL
-    "cpu": Shape(2, 64, 4, 512, 32, "float32", 32, 8, 4, 8, 4),
+    "cpu": Shape(4, 64, 4, 512, 32, "float32", 32, 8, 4, 8, 4),
 }
 
 
