@@ -9,10 +9,11 @@ What runs, in order, each through the package's own functions:
    collectives (`all_reduce_sum`, `all_reduce_counts`) are the identity at world size 1, so one
    `torch.distributed.all_reduce` of a device tensor also proves that the backend takes device tensors, and
    `collective_device()` must name the device.
-2. A random-init GPT-2 (cuda: GPT-2 XL's shape, n_layer 48, n_embd 1600, n_head 25, vocab 50257, in bfloat16; cpu:
-   n_layer 4, n_embd 64, vocab 512, float32, one torch thread), eager attention, prepared for attribution. Tracked: the c_fc of every
-   other block (`transformer.h.*[02468].mlp.c_fc`: 24 modules of [6400, 1601] on GPT-2 XL, the half of the MLP
-   blocks configs/gpt2xl.yaml tracks).
+2. A random-init GPT-2 (cuda: GPT-2 XL's shape, n_layer 48, n_embd 1600, n_head 25, vocab 50257, in bfloat16;
+   cpu: n_layer 4, n_embd 64, vocab 512, float32, one torch thread), eager attention, prepared for attribution.
+   Tracked: the c_fc of every other block (`transformer.h.*[02468].mlp.c_fc`: 24 modules of [6400, 1601] on GPT-2
+   XL, D = 246M; configs/gpt2xl.yaml tracks these and the same blocks' c_proj).
+   Sequences of 512 tokens on cuda (32 on cpu); fit batches of 8, ASTRA minibatches of 8 (4), scoring batches of 8.
 3. The EK-FAC fit on a small slice through the fit stage's rank function `stages.fit.rank_fit` on a
    `execution.Rank(0, 1, ...)`: a Parquet corpus of random words and a byte-level BPE tokenizer trained on it
    (vocabulary 1024, at most the model's), statistics in `factors.dtype` (float32 by default, as configs/gpt2xl.yaml).
