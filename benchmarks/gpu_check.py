@@ -452,7 +452,8 @@ def markdown(figures: dict[str, object], command: str) -> str:
         return f"FAILED: {error}" if error else text()
 
     def solve_timing() -> str:
-        return f"{figures['solve_iterations_timed']} iterations at {figures['solve_seconds_per_iteration']:.3f} s/iteration"
+        per_iteration = figures["solve_seconds_per_iteration"]
+        return f"{figures['solve_iterations_timed']} iterations at {per_iteration:.3f} s/iteration"
 
     solve_row = result("solve", lambda: (
         f"{solve_timing()} ({figures['product']} product, {figures['queries']} query, minibatch "
