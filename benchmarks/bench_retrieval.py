@@ -55,6 +55,7 @@ from distributed_astra.index.faiss_index import (  # noqa: E402
     CALIBRATION_QUERIES,
     build_index,
     calibrate_nprobe,
+    calibration_target,
     load_index,
     sample_positions,
     search_index,
@@ -217,7 +218,8 @@ def ivf_sweep(store, ivf_cfg, queries: np.ndarray, flat_top: np.ndarray, seconds
     t0 = time.perf_counter()
     index, info = build_index(store, ivf_cfg, calibration)
     seconds[f"{kind}_build"] = time.perf_counter() - t0
-    info["calibrated_nprobe_stored_vectors"] = calibrate_nprobe(index, store)["calibrated_nprobe"]
+    stored = calibrate_nprobe(index, store, calibration_target(ivf_cfg.target_recall))
+    info["calibrated_nprobe_stored_vectors"] = stored["calibrated_nprobe"]
     nlist, default_nprobe = int(info["nlist"]), int(info["nprobe"])  # the calibrated probing, with its floor
     sweep = []
     probes = {max(1, nlist // 8), max(1, nlist // 4), int(info["calibrated_nprobe"]), default_nprobe, nlist,

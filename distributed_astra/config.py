@@ -206,6 +206,9 @@ class ProjectionConfig(Section):
     """Kronecker-factored random projection of per-module gradients (scoring/projection.py)."""
 
     seed: int = Field(0, description="seed of the random projection matrices")
+    whiten: bool = Field(
+        True, description="project gradients whitened in the EK-FAC eigenbasis ((Λ+λ)^-1/2) when factors exist"
+    )
     out_dim: int = Field(16, gt=0, description="k_out: rows of P_out, per module")
     in_dim: int = Field(16, gt=0, description="k_in: rows of P_in, per module")
     per_module: dict[str, tuple[int, int]] = Field(
@@ -248,6 +251,14 @@ class IndexConfig(Section):
     )
     shortlist_factor: int = Field(10, gt=0, description="r: the index returns top_k x r candidates per query")
     rescore: bool = Field(True, description="re-score the candidates exactly with full gradients before the top-k")
+    target_recall: float = Field(
+        0.95, gt=0, le=1,
+        description="IVF: recall@10 against flat the build-time calibration of the probed lists aims at (index/meta.json)",
+    )
+    recall_sample_fraction: float = Field(
+        0.02, gt=0, le=1, description="search: fraction of the store re-scored exactly to estimate the recall"
+    )
+    recall_sample_min: int = Field(200, gt=0, description="search: at least this many documents in that sample")
 
 
 class RayConfig(Section):

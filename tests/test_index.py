@@ -157,7 +157,7 @@ def test_two_stage_search_equals_exhaustive_exact_topk(run, default_run, workspa
 def test_search_reports_its_recall_of_the_exhaustive_exact_topk(run, default_run, workspace):
     """A shortlist of top_k (r = 1) at the default projection misses part of the exact top-k; search/meta.json
     reports the recall estimated from its random sample, which on a store this small (59 documents, below
-    RECALL_SAMPLE_MIN) is every document: the estimate is then the true recall against exhaustive exact scoring."""
+    index.recall_sample_min) is every document: the estimate is then the true recall against exhaustive exact scoring."""
     _, _, dense = run
     result = invoke("search", *_args(workspace, default_run, "index.shortlist_factor=1"))
     assert result.exit_code == 0, result.output

@@ -17,8 +17,7 @@ import pytest
 
 from distributed_astra.config import IndexConfig
 from distributed_astra.index.faiss_index import (
-    CALIBRATION_MISS_RATIO,
-    TARGET_RECALL,
+    calibration_target,
     build_index,
     exact_store_topk,
     load_index,
@@ -95,7 +94,7 @@ def test_ivf_calibration_reaches_the_target_and_is_what_search_uses(tmp_path):
     store = write_store(tmp_path / "store", full)
     cfg = IndexConfig(kind="ivfflat", min_nprobe=1, probe_fraction=1e-6, device="cpu")
     index, info = build_index(store, cfg)
-    calibration, target = info["calibration"], 1 - (1 - TARGET_RECALL) / CALIBRATION_MISS_RATIO
+    calibration, target = info["calibration"], calibration_target(cfg.target_recall)
     assert calibration["target_recall"] == pytest.approx(target) and calibration["queries"] == 256
     assert calibration["recall_at_k"] >= target and info["nprobe"] == info["calibrated_nprobe"]
     assert 1 < info["nprobe"] < info["nlist"]  # the target needs some lists, not all of them

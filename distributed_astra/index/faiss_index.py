@@ -15,7 +15,7 @@
   largest divisor of D that is at most D / 8, i.e. 8-dimensional sub-vectors (256 for D = 2,048).
 - probing (both IVF kinds): `index.nprobe`, else the larger of the calibrated nprobe and the floor
   max(`min_nprobe`, ceil(`probe_fraction` x nlist)). Calibrated at build time (`calibrate_nprobe`): the fewest lists
-  whose recall@10 against the exact top-10 reaches 1 - (1 - `TARGET_RECALL`) / `CALIBRATION_MISS_RATIO` on
+  whose recall@10 against the exact top-10 reaches 1 - (1 - `index.target_recall`) / `CALIBRATION_MISS_RATIO` on
   `CALIBRATION_QUERIES` sampled documents used
   as leave-one-out queries (EK-FAC-preconditioned like real queries: index/calibration.py); the chosen nprobe, the
   recall it reached and the sweep are in index/meta.json.
@@ -40,11 +40,10 @@ from distributed_astra.errors import DastraError
 from distributed_astra.index.store import GradientStore
 
 INDEX_FILE = "index.faiss"
-# Build-time calibration of the IVF probing (proposed config fields: index.target_recall, index.calibration_queries)
-TARGET_RECALL = 0.95  # recall@10 against flat wanted for real queries
+# Build-time calibration of the IVF probing toward `index.target_recall` (recall@10 against flat for real queries).
 # Real solved directions miss about twice as often as the calibration's preconditioned training gradients at the same
 # nprobe (demo store, seed 0: misses 0.046 -> 0.096, 0.031 -> 0.065, 0.024 -> 0.048, 0.019 -> 0.035 at 46-60 of 96
-# lists), so the calibration aims at 1 - (1 - TARGET_RECALL) / CALIBRATION_MISS_RATIO (0.975).
+# lists), so the calibration aims at 1 - (1 - index.target_recall) / CALIBRATION_MISS_RATIO (0.975).
 CALIBRATION_MISS_RATIO = 2.0
 CALIBRATION_QUERIES = 256
 CALIBRATION_K = 10
@@ -296,8 +295,13 @@ def _without_self(positions: np.ndarray, own: np.ndarray, k: int) -> list[set[in
     return [set([int(p) for p in row if p >= 0 and p != me][:k]) for row, me in zip(positions, own)]
 
 
-def calibrate_nprobe(index: faiss.Index, store: GradientStore, calibration: tuple[np.ndarray, np.ndarray] | None = None,
-                     target: float = 1 - (1 - TARGET_RECALL) / CALIBRATION_MISS_RATIO, k: int = CALIBRATION_K
+def calibration_target(target_recall: float) -> float:
+    """The calibration queries' recall that gives real queries `target_recall` (CALIBRATION_MISS_RATIO)."""
+    return 1 - (1 - target_recall) / CALIBRATION_MISS_RATIO
+
+
+def calibrate_nprobe(index: faiss.Index, store: GradientStore, target: float,
+                     calibration: tuple[np.ndarray, np.ndarray] | None = None, k: int = CALIBRATION_K
                      ) -> dict[str, object]:
     """The fewest probed lists whose recall@k against the exact top-k reaches `target`, found by bisection.
 
@@ -345,7 +349,7 @@ def build_index(store: GradientStore, cfg: IndexConfig, calibration: tuple[np.nd
     if kind in ("ivfflat", "ivfpq"):
         index, built = (_build_ivfflat if kind == "ivfflat" else _build_ivfpq)(store, cfg)
         info.update(built)
-        info.update(calibrate_nprobe(index, store, calibration))
+        info.update(calibrate_nprobe(index, store, calibration_target(cfg.target_recall), calibration))
         info["nprobe"] = faiss.extract_index_ivf(index).nprobe = nprobe_for(cfg, built["nlist"], info["calibrated_nprobe"])
         return index, info
     index = faiss.IndexFlatIP(dim)

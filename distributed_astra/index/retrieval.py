@@ -21,7 +21,7 @@ of that mean over bootstrap resamples of U (`BOOTSTRAP` resamples). On a store o
 40 queries, the mean estimate is within 0.06 of the true recall (0.32-0.90) sampling 2.5% of the store, within
 0.04 sampling 10% (tests/test_retrieval.py holds one such store to ±0.1). On the demo store (4,040 documents, 80
 EK-FAC queries, true recall 0.46), over 6 sample seeds: 0.545 ± 0.10 with 100 sampled documents, 0.466 ± 0.06
-with 200, 0.461 ± 0.015 with 400, hence RECALL_SAMPLE_MIN = 200. The pooled tail reaches the top-k when
+with 200, 0.461 ± 0.015 with 400, hence index.recall_sample_min = 200. The pooled tail reaches the top-k when
 Q |U| ≫ N / k. The bootstrap standard error understates the spread over sample seeds for small samples (0.045
 against 0.10 at 100 documents).
 """
@@ -33,15 +33,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-# proposed config fields: index.recall_sample_fraction, index.recall_sample_min (documents re-scored for the estimate)
-RECALL_SAMPLE_FRACTION = 0.02
-RECALL_SAMPLE_MIN = 200
 RECALL_SAMPLE_SEED = 0
 BOOTSTRAP = 50
 
 
-def recall_sample_size(num_documents: int, fraction: float = RECALL_SAMPLE_FRACTION,
-                       minimum: int = RECALL_SAMPLE_MIN) -> int:
+def recall_sample_size(num_documents: int, fraction: float, minimum: int) -> int:
     """max(minimum, ceil(fraction x N)) documents, at most N."""
     return min(num_documents, max(minimum, math.ceil(fraction * num_documents)))
 

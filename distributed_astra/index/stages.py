@@ -203,7 +203,8 @@ def search(ctx: Context, store: GradientStore) -> pa.Table:
     corpus = ctx.open_corpus()
     exact: dict[int, torch.Tensor] = {}
     shortlists = [{int(rows[p]) for p in row if p >= 0} for row in positions]
-    sample = [int(rows[p]) for p in sample_positions(len(rows), recall_sample_size(len(rows)), RECALL_SAMPLE_SEED)]
+    sample_size = recall_sample_size(len(rows), cfg.recall_sample_fraction, cfg.recall_sample_min)
+    sample = [int(rows[p]) for p in sample_positions(len(rows), sample_size, RECALL_SAMPLE_SEED)]
     if cfg.rescore:  # the shortlists and the recall sample (index/retrieval.py) in one exact pass
         candidates = sorted(set().union(*shortlists, sample))
         with progress_bar("exact re-score of the shortlist and the recall sample", len(candidates), "docs"):

@@ -1,6 +1,6 @@
 """The projection of the store and its queries: whitened in the EK-FAC eigenbasis when the factors exist.
 
-`WHITEN` (proposed config field `projection.whiten`, default true): `dastra index` and `dastra search` project with
+`projection.whiten` (default true): `dastra index` and `dastra search` project with
 scoring/projection.py's `WhitenedProjection` built from the fitted factors (factors/) and the solver's damping,
 and with the plain `KroneckerProjection` when there are no factors (an index built before `dastra fit`). The store
 and index record which (`whitening` in their meta.json: damping and strategy, or null), so a search whose factors
@@ -18,15 +18,12 @@ from distributed_astra.errors import DastraError
 from distributed_astra.ihvp.ekfac import default_damping
 from distributed_astra.scoring.projection import KroneckerProjection, WhitenedProjection
 
-WHITEN = True
-
-
 def store_projection(ctx: Context) -> KroneckerProjection:
-    """The projection of `projection.*` (seed, dims), whitened with the fitted factors when WHITEN and they exist."""
+    """The projection of `projection.*` (seed, dims), whitened with the fitted factors when `projection.whiten` and they exist."""
     cfg = ctx.cfg.projection
     shapes = {name: tm.shape for name, tm in ctx.tracked.items()}
     base = KroneckerProjection.for_modules(shapes, cfg.out_dim, cfg.in_dim, cfg.per_module, cfg.seed)
-    if not WHITEN or not (ctx.paths.factors / "meta.json").is_file():
+    if not cfg.whiten or not (ctx.paths.factors / "meta.json").is_file():
         return base
     try:
         factors = load_factors(ctx.paths.factors, factor_meta(ctx))
