@@ -66,6 +66,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 from distributed_astra.artifacts import atomic_path
 from distributed_astra.config import Config, load_config
 from distributed_astra.curvature.covariance import STAT_DTYPES, product_dtype
+from distributed_astra.curvature.factors import EkfacFactors, load_factor_shard, shard_file
 from distributed_astra.data.tokenizer import train_bpe_tokenizer
 from distributed_astra.distributed.collectives import all_reduce_counts, all_reduce_sum, collective_device
 from distributed_astra.execution import Rank
@@ -290,16 +291,22 @@ def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 # --------------------------------------------------------------------------------------------- the checks
 def check_fit(rank: Rank, corpus: Path, device: torch.device) -> tuple[object, dict[str, float]]:
-    """`rank_fit` on the corpus slice: the factors (on the device) and the fit's figures."""
-    with peak_memory(device, rank.model) as peak, timed(device) as clock:
-        out = rank_fit(rank, str(corpus))
-    factors = out["factors"]
-    if factors is None:
-        raise CheckFailed("the fit saw no sequence")
+    """`rank_fit` on the corpus slice, its shard written to a scratch folder and read back: the factors (on the
+    device) and the fit's figures."""
+    with tempfile.TemporaryDirectory() as folder:
+        with peak_memory(device, rank.model) as peak, timed(device) as clock:
+            out = rank_fit(rank, str(corpus), folder)
+        if out["counts"] is None:
+            raise CheckFailed("the fit saw no sequence")
+        num_tokens, num_sequences, num_lambda = out["counts"]
+        factors = EkfacFactors(
+            {n: mf.to(device) for n, mf in load_factor_shard(Path(folder) / shard_file(rank.rank)).items()},
+            num_tokens, num_sequences, num_lambda,
+        )
     for name in factors.names:
         if not bool(torch.isfinite(factors[name].lambda_).all()):
             raise CheckFailed(f"non-finite Λ for {name}")
-    return factors.to(device), {
+    return factors, {
         "fit_seconds": clock["seconds"], "fit_sequences": factors.num_sequences, "fit_tokens": factors.num_tokens,
         "fit_peak_bytes": peak["bytes"],
     }

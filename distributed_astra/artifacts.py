@@ -71,17 +71,24 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def load_tensors(
-    path: Path, what: str, stage: str, device: str = "cpu", fix: str | None = None
+    path: Path, what: str, stage: str, device: str = "cpu", fix: str | None = None, names: list[str] | None = None
 ) -> dict[str, torch.Tensor]:
     """`safetensors.torch.load_file`, the one way this package reads tensors back: a missing, truncated or otherwise
     damaged file is a one-line DastraError naming it and the stage that rewrites it (`fix` replaces "re-run
-    `dastra <stage>`" where no stage does); safetensors' own error names neither."""
+    `dastra <stage>`" where no stage does); safetensors' own error names neither. With `names`, only those tensors
+    are read (one at a time: a rank loads the modules it owns)."""
     path = Path(path)
     fix = fix or f"re-run `dastra {stage}`"
     if not path.is_file():
         raise DastraError(f"{what} file '{path}' not found: {fix}")
     try:
-        return load_file(str(path), device=device)
+        if names is None:
+            return load_file(str(path), device=device)
+        with safe_open(str(path), framework="pt", device=device) as handle:
+            missing = [n for n in names if n not in handle.keys()]
+            if missing:
+                raise DastraError(f"{what} file '{path}' has no tensor(s) {missing}; {fix}")
+            return {n: handle.get_tensor(n) for n in names}
     except (SafetensorError, OSError) as exc:
         raise DastraError(f"{what} file '{path}' is damaged ({_reason(exc)}); {fix}") from None
 

@@ -275,10 +275,11 @@ class RayConfig(Section):
     connect_timeout_s: float = Field(30.0, gt=0, description="an unreachable ray.address fails after this many seconds")
     timeout_s: float = Field(1800.0, gt=0, description="longest wait for one distributed step (a collective, a shard)")
     max_restarts: int = Field(2, ge=0, description="restarts of a dead scoring actor; its shard is retried as often")
-    solve_mode: Literal["auto", "queries", "data"] = Field(
+    solve_mode: Literal["auto", "queries", "data", "modules"] = Field(
         "auto",
         description="auto: queries on replicated models, data under ZeRO-3 | queries (queries split over ranks) | "
-        "data (minibatch slices, all-reduce)",
+        "data (minibatch slices, all-reduce) | modules (each rank holds its modules' factors and query state, "
+        "per-GPU memory falls as 1/N; at most one rank per tracked module)",
     )
 
 

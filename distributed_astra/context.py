@@ -425,11 +425,20 @@ def check_directions(ctx: Context) -> None:
         )
 
 
-def load_query_gradients(ctx: Context) -> tuple[list[QueryId], dict[str, torch.Tensor]]:
-    """(query ids as the queries file gives them, {module: [Q, out, in+1]}) of the query stage."""
+QUERY_GRADIENTS_FILE = "gradients.safetensors"
+
+
+def query_gradients_file(ctx: Context) -> tuple[list[QueryId], Path]:
+    """(query ids as the queries file gives them, the gradients file) of the query stage, its meta checked."""
     meta = read_meta(ctx.paths.queries, "query gradients", "query")
     check_meta(meta, query_meta(ctx), "query gradients", "query")
-    return meta["query_ids"], load_tensors(ctx.paths.queries / "gradients.safetensors", "query gradients", "query")
+    return meta["query_ids"], ctx.paths.queries / QUERY_GRADIENTS_FILE
+
+
+def load_query_gradients(ctx: Context) -> tuple[list[QueryId], dict[str, torch.Tensor]]:
+    """(query ids as the queries file gives them, {module: [Q, out, in+1]}) of the query stage."""
+    ids, path = query_gradients_file(ctx)
+    return ids, load_tensors(path, "query gradients", "query")
 
 
 def load_directions(ctx: Context, solver: str | None = None) -> tuple[list[QueryId], dict[str, torch.Tensor]]:

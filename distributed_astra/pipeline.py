@@ -19,8 +19,8 @@ import torch
 
 from distributed_astra.artifacts import meta_matches, open_tensors, read_meta, write_json
 from distributed_astra.config import SOURCE_SOLVERS, Config
-from distributed_astra.context import Context, factor_meta, open_context, query_meta
-from distributed_astra.curvature.factors import FACTORS_FILE, EkfacFactors, load_factors
+from distributed_astra.context import QUERY_GRADIENTS_FILE, Context, factor_meta, open_context, query_meta
+from distributed_astra.curvature.factors import factor_fields, factor_shards
 from distributed_astra.data.sequences import load_queries
 from distributed_astra.errors import DastraError
 from distributed_astra.eval.recall import fact_recall
@@ -39,19 +39,21 @@ __all__ = ["fit", "query", "solve", "score", "index", "search", "report", "run"]
 def reused(ctx: Context, name: str) -> tuple[bool, object]:
     """`dastra run` and `dastra eval facts` reuse fit's and query's artifacts when they were made for the same model,
     corpus and settings (their meta.json agrees with what the stage would write), as the single stages check before
-    reading them: (reused, the factors for `fit`)."""
+    reading them: (reused, None)."""
     if name == "fit":
         expected = {**factor_meta(ctx), "dtype": ctx.cfg.factors.dtype}
         if meta_matches(ctx.paths.factors, expected):
             try:
-                factors = load_factors(ctx.paths.factors, expected)
+                for shard in factor_shards(ctx.paths.factors):  # every shard readable, its tensors stay on disk
+                    with open_tensors(shard, "EK-FAC factors", "fit"):
+                        pass
             except DastraError as exc:
                 console.print(f"[yellow]warning:[/] {exc}: fitting again", highlight=False, soft_wrap=True)
                 return False, None
             console.print("reusing factors/ (same model, corpus and factors settings)", highlight=False)
-            return True, factors
+            return True, None
     if name == "query" and meta_matches(ctx.paths.queries, query_meta(ctx)):
-        if (ctx.paths.queries / "gradients.safetensors").is_file():
+        if (ctx.paths.queries / QUERY_GRADIENTS_FILE).is_file():
             console.print("reusing queries/ (same model and queries)", highlight=False)
             return True, None
     return False, None
@@ -106,17 +108,18 @@ def report(ctx: Context) -> Path:
     """Per-token attribution of the shown queries' top-k documents, then the self-contained `report.html`."""
     from distributed_astra.report.build import build_report  # deferred: matplotlib and jinja2, for the report only
 
-    with open_tensors(ctx.paths.factors / FACTORS_FILE, "EK-FAC factors", "fit"):
-        pass  # the spectra come last: a missing or damaged factors file is refused before the attribution pass
+    for shard in factor_shards(ctx.paths.factors):  # the spectra come last: a missing or damaged factors file
+        with open_tensors(shard, "EK-FAC factors", "fit"):  # is refused before the attribution pass
+            pass
     return build_report(ctx)
 
 
 def _log_stage_result(ctx: Context, name: str, result: object, seconds: float) -> None:
     """W&B views of a finished stage (its seconds, memory and throughput come from `metered`): the eigen-spectrum
     (log10 Λ) per module after fit; the top-k table of the scoring method under score/<method>/topk."""
-    if name == "fit" and isinstance(result, EkfacFactors):
-        for module in result.names:
-            ctx.tracker.histogram(f"fit/spectrum/{module}", torch.log10(result[module].lambda_.clamp_min(1e-30)))
+    if name == "fit":
+        for module, fields in factor_fields(ctx.paths.factors, ["lambda_"]):
+            ctx.tracker.histogram(f"fit/spectrum/{module}", torch.log10(fields["lambda_"].clamp_min(1e-30)))
     if name == "score" and isinstance(result, pa.Table):
         ctx.tracker.table(
             f"score/{ctx.cfg.solver.name}/topk", {column: result.column(column).to_pylist() for column in result.column_names}

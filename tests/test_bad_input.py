@@ -143,7 +143,7 @@ def test_run_checks_queries_before_the_fit_then_reuses_matching_factors_and_refi
     assert not (run_dir / "factors").exists() and not leftovers(run_dir)
 
     ok("fit", *_args(workspace, run_dir))
-    factors_file = run_dir / "factors" / "factors.safetensors"
+    factors_file = run_dir / "factors" / "factors-00000.safetensors"
     fitted = factors_file.stat()
     first = ok("run", *_args(workspace, run_dir))
     assert REUSED_FACTORS in first.output and "reusing queries/" not in first.output
@@ -162,10 +162,10 @@ def test_run_checks_queries_before_the_fit_then_reuses_matching_factors_and_refi
 @pytest.mark.parametrize(
     "damaged, stage, producer, untouched",
     [
-        ("factors/factors.safetensors", "solve", "fit", "ihvp/ekfac/directions.safetensors"),
+        ("factors/factors-00000.safetensors", "solve", "fit", "ihvp/ekfac/directions.safetensors"),
         ("queries/gradients.safetensors", "solve", "query", "ihvp/ekfac/directions.safetensors"),
         ("ihvp/ekfac/directions.safetensors", "score", "solve", "topk.parquet"),
-        ("factors/factors.safetensors", "report", "fit", "report.html"),
+        ("factors/factors-00000.safetensors", "report", "fit", "report.html"),
     ],
 )
 def test_a_truncated_safetensors_file_names_itself_and_the_stage_to_rerun(

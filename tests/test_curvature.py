@@ -286,6 +286,9 @@ def test_save_load_round_trip_and_mismatch(tmp_path, tiny_gpt2, tiny_batches):
         for field in ("q_a", "q_s", "eigval_a", "eigval_s", "lambda_"):
             assert torch.equal(getattr(loaded[name], field), getattr(factors[name], field))
     assert load_factors_meta(out)["ekfac"]["modules"]["transformer.h.0.mlp.c_fc"] == [64, 17]
+    part = load_factors(out, names=["transformer.h.1.mlp.c_proj"])  # a stage loads only the modules it owns
+    assert part.names == ["transformer.h.1.mlp.c_proj"]
+    assert torch.equal(part["transformer.h.1.mlp.c_proj"].q_s, factors["transformer.h.1.mlp.c_proj"].q_s)
 
     # a changed model changes the fingerprint, and the loader names the field
     changed = copy.deepcopy(tiny_gpt2)
@@ -306,9 +309,14 @@ def test_save_load_round_trip_and_mismatch(tmp_path, tiny_gpt2, tiny_batches):
 def test_missing_or_incomplete_factors_folder(tmp_path):
     with pytest.raises(DastraError, match=r"EK-FAC factors not found at .*run `dastra fit` first"):
         load_factors(tmp_path / "nope", expected={})
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "meta.json").write_text(json.dumps({"fingerprint": "x"}))
+    with pytest.raises(DastraError, match=r"unknown format: re-run `dastra fit`"):
+        load_factors(tmp_path / "old")
     (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "meta.json").write_text(json.dumps({"fingerprint": "x"}))
-    with pytest.raises(DastraError, match=r"incomplete \(no factors.safetensors\)"):
+    description = {"format": 2, "modules": {"m": [2, 3]}, "files": {"m": "factors-00001.safetensors"}}
+    (tmp_path / "half" / "meta.json").write_text(json.dumps({"fingerprint": "x", "ekfac": description}))
+    with pytest.raises(DastraError, match=r"incomplete \(no factors-00001.safetensors\)"):
         load_factors(tmp_path / "half")
 
 

@@ -32,10 +32,11 @@ from distributed_astra.config import load_config
 from distributed_astra.curvature.factors import load_factors
 from distributed_astra.distributed import cluster, is_distributed
 from distributed_astra.distributed.executor import RayExecutor
-from distributed_astra.distributed.collectives import balance_by_cost, slice_bounds
+from distributed_astra.distributed.collectives import slice_bounds
 from distributed_astra.distributed.deepspeed_config import load_ds_config
 from distributed_astra.distributed import solve_mode
 from distributed_astra.errors import DastraError
+from distributed_astra.ownership import balance_by_cost
 from tests.conftest import QUERIES, WORDS, assert_same_eigendecomposition, corpus_rows, workspace_overrides, write_workspace
 
 RTOL = 1e-5
@@ -175,7 +176,7 @@ def test_fit_on_two_ranks_equals_single_process(
     ray_session, single: Path, workspace: Path, tmp_path: Path, stage, capsys
 ):
     ctx = _context(workspace, tmp_path, *DISTRIBUTED, f"deepspeed.stage={stage}")
-    _stages(ctx, "fit")
+    (out,) = _stages(ctx, "fit")
     group = ctx.executor.group_for(ctx.cfg)
     if stage in (1, 2):
         assert "engines run as stage 0" in capsys.readouterr().err
@@ -203,6 +204,13 @@ def test_fit_on_two_ranks_equals_single_process(
         # column comparison fails wherever round-off rotates a near-degenerate pair)
         assert_same_eigendecomposition(g.eigval_a, g.q_a, e.eigval_a, e.q_a, RTOL)
         assert_same_eigendecomposition(g.eigval_s, g.q_s, e.eigval_s, e.q_s, RTOL)
+    # each module's factors were held (and written) by its owner only: every rank at most total/N + the largest
+    module_bytes = {n: sum(t.numel() * t.element_size() for t in vars(expected[n]).values()) for n in expected.names}
+    total, largest = sum(module_bytes.values()), max(module_bytes.values())
+    assert sum(out["resident_bytes"]) == total
+    assert all(0 < held <= total / 2 + largest for held in out["resident_bytes"]), (out["resident_bytes"], total)
+    shards = {f for f in json.loads((tmp_path / "factors" / "meta.json").read_text())["ekfac"]["files"].values()}
+    assert shards == {"factors-00000.safetensors", "factors-00001.safetensors"}
 
 
 def _copy_inputs(source: Path, run_dir: Path) -> None:
@@ -212,7 +220,7 @@ def _copy_inputs(source: Path, run_dir: Path) -> None:
 
 @pytest.mark.parametrize(
     "stage, mode, product",
-    [(0, "queries", "ggn"), (0, "data", "ggn"), (3, "data", "fisher")],
+    [(0, "queries", "ggn"), (0, "data", "ggn"), (3, "data", "fisher"), (0, "modules", "ggn"), (3, "modules", "fisher")],
 )
 def test_astra_on_two_ranks_equals_single_process(
     ray_session, single: Path, single_fisher: Path, workspace: Path, tmp_path: Path, stage, mode, product
@@ -229,6 +237,11 @@ def test_astra_on_two_ranks_equals_single_process(
     assert ids[0] == ids[1] == [q["query_id"] for q in QUERIES]
     for name, x in expected.items():
         assert _rel(got[name], x) <= RTOL
+    if mode == "modules":  # each rank held v and the iterate of its own modules only: at most total/N + the largest
+        total, held = (_max_rank_state_bytes(d) for d in (reference, tmp_path))
+        elements = {n: x[0].numel() for n, x in expected.items()}
+        largest = total * max(elements.values()) / sum(elements.values())
+        assert 0 < held <= total / 2 + largest < total, (held, total, largest)
     trace = pq.read_table(tmp_path / "ihvp" / "astra" / "trace.parquet")
     expected_trace = pq.read_table(reference / "ihvp" / "astra" / "trace.parquet")
     assert sorted(trace.select(["query_id", "query", "iteration"]).to_pylist(), key=str) == sorted(
@@ -248,6 +261,13 @@ def test_astra_on_two_ranks_equals_single_process(
         assert [step for step, _ in got_series] == [step for step, _ in expected_series] != []
         assert torch.allclose(torch.tensor([v for _, v in got_series]), torch.tensor([v for _, v in expected_series]),
                               rtol=RTOL, atol=1e-10)
+
+
+def _max_rank_state_bytes(run_dir: Path) -> int:
+    """The largest solver state (query gradients and iterates) a rank held in the run's last ASTRA solve."""
+    held = [json.loads(line).get("solve/astra/max_rank_state_bytes")
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [b for b in held if b is not None][-1]
 
 
 def _aggregate_series(run_dir: Path, name: str) -> list[tuple[int, float]]:
@@ -397,7 +417,7 @@ def test_data_split_is_read_by_every_path_on_two_ranks(ray_session, workspace: P
     single_dir, ranks_dir = tmp_path / "single", tmp_path / "ranks"
     one = _stages(_context(workspace, single_dir, *split), "fit", "query", "solve", "score")
     two = _stages(_context(workspace, ranks_dir, *split, *DISTRIBUTED), "fit", "query", "solve", "score")
-    assert one[0].num_sequences == two[0].num_sequences > 40  # the 40 `other` documents (some longer than 32 tokens)
+    assert one[0]["num_sequences"] == two[0]["num_sequences"] > 40  # the 40 `other` documents (some longer than 32 tokens)
     texts = {r["doc_id"]: r["text"] for r in other}
     for table in (one[3], two[3]):
         rows = table.to_pylist()

@@ -31,6 +31,14 @@ from distributed_astra.models.modules import TrackedModule
 from distributed_astra.task import CAUSAL_LM, Task
 
 OnBatch = Callable[[int], None]
+Route = Callable[[str, list[torch.Tensor]], list[list[torch.Tensor]]]
+"""route(module, this rank's tensors of it for one batch) -> the pieces this rank accumulates for that module. The
+default, `local_route`, keeps its own; under module ownership (distributed.collectives.owner_route) the owner gets
+every rank's and the other ranks none. Called for every tracked module of every batch, in model order."""
+
+
+def local_route(name: str, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    return [tensors]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -141,25 +149,31 @@ def collect_covariances(
     on_batch: OnBatch | None = None,
     *,
     task: Task = CAUSAL_LM,
+    owned: Iterable[str] | None = None,
+    route: Route = local_route,
 ) -> CovarianceStats:
     """Accumulate A and S sums over `batches` (targets sampled with `generator` by `task.sampled_loss`).
 
     `on_batch(n)` is called after each batch with its number of rows n (progress reporting). `num_tokens` counts
     `task.num_positions`, `num_sequences` only the rows that carry a loss (`task.num_examples`).
 
+    Every module of `tracked` is hooked and routed; sums are kept for the `owned` ones (default: all), from the
+    pieces `route` hands this rank (ā and Ds flattened over positions).
+
     The generator must live on the model's device (torch.multinomial's requirement).
     """
     device = model_device(model)
-    stats = CovarianceStats.zeros(tracked, dtype, device)
+    keep = set(tracked if owned is None else owned)
+    stats = CovarianceStats.zeros({n: t for n, t in tracked.items() if n in keep}, dtype, device)
     compute = product_dtype(model, dtype)
     for batch in batches:
         batch = batch_to_device(batch, device)
         capture, _ = sampled_fisher_capture(model, tracked, batch, compute, generator, task=task)
         for name in tracked:  # ā and Ds are zero at padding, so padded rows add nothing
-            a = capture.activation(name).flatten(0, -2)
-            stats.a_sum[name] += (a.T @ a).to(dtype)
-            ds = capture.output_grad(name).flatten(0, -2)
-            stats.s_sum[name] += (ds.T @ ds).to(dtype)
+            pieces = route(name, [capture.activation(name).flatten(0, -2), capture.output_grad(name).flatten(0, -2)])
+            for a, ds in pieces if name in keep else ():
+                stats.a_sum[name] += (a.T @ a).to(dtype)
+                stats.s_sum[name] += (ds.T @ ds).to(dtype)
         stats.num_tokens += task.num_positions(batch)
         stats.num_sequences += task.num_examples(batch)
         del capture

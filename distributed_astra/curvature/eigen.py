@@ -23,7 +23,9 @@ from torch import nn
 from distributed_astra.curvature.covariance import (
     CovarianceStats,
     OnBatch,
+    Route,
     batch_to_device,
+    local_route,
     model_device,
     product_dtype,
     sampled_fisher_capture,
@@ -130,27 +132,29 @@ def collect_eigenvalue_correction(
     on_batch: OnBatch | None = None,
     *,
     task: Task = CAUSAL_LM,
+    route: Route = local_route,
 ) -> LambdaStats:
     """Accumulate Σ_n (Q_Sᵀ DW̄_n Q_A)² with freshly sampled targets (`task.sampled_loss`). `on_batch(rows)` after
     each batch; `num_sequences` counts `task.num_examples`.
 
-    Only modules present in `eigens` are processed (all of `tracked` are still hooked, so pass a sub-dict of
-    `tracked` too when sharding by module to save the hooks' memory).
+    Every module of `tracked` is hooked and routed (`covariance.Route`, ā and Ds as [B, T, ·]); Λ is accumulated
+    for the modules of `eigens` (the ones this rank owns; all of `tracked` in one process) from the pieces `route`
+    hands this rank.
     """
-    missing = [n for n in tracked if n not in eigens]
-    if missing:
-        raise DastraError(f"no eigendecomposition for tracked module(s) {missing}: run the covariance pass first")
+    unknown = [n for n in eigens if n not in tracked]
+    if unknown:
+        raise DastraError(f"eigendecompositions of untracked module(s) {unknown}: fit the factors of this model")
     device = model_device(model)
-    eigens = {n: eigens[n].to(device) for n in tracked}
-    stats = LambdaStats.zeros(tracked, dtype, device)
+    eigens = {n: e.to(device) for n, e in eigens.items()}
+    stats = LambdaStats.zeros({n: tracked[n] for n in eigens}, dtype, device)
     compute = product_dtype(model, dtype)
     for batch in batches:
         batch = batch_to_device(batch, device)
         capture, _ = sampled_fisher_capture(model, tracked, batch, compute, generator, task=task)
         for name in tracked:
-            stats.lambda_sum[name] += rotated_squared_gradients(
-                capture.output_grad(name), capture.activation(name), eigens[name]
-            ).to(dtype)
+            pieces = route(name, [capture.output_grad(name), capture.activation(name)])
+            for ds, abar in pieces if name in eigens else ():
+                stats.lambda_sum[name] += rotated_squared_gradients(ds, abar, eigens[name]).to(dtype)
         stats.num_sequences += task.num_examples(batch)
         del capture
         if on_batch is not None:

@@ -9,8 +9,10 @@ G_EKFAC = (Q_A ⊗ Q_S) diag(vec Λ) (Q_A ⊗ Q_S)ᵀ (column-major vec of the [
 of the MEAN over sequences of the summed-token loss. The KFAC eigenvalues are put on the same scale (see
 `EkfacFactors.kfac_eigenvalues`), so one damping λ means the same thing for both strategies.
 
-On disk a factors folder holds `factors.safetensors` (tensors named `<module>/<field>`) and `meta.json`
-(the caller's metadata plus an `ekfac` section with counts, dtype and module shapes).
+On disk a factors folder holds one `factors-<rank>.safetensors` shard per rank that owns modules (tensors named
+`<module>/<field>`; each module's owner writes it, ownership.py) and `meta.json` (the caller's metadata plus an
+`ekfac` section with counts, dtype, module shapes and the shard of every module), so a stage can load only the
+modules it owns (`load_factors(names=...)`).
 """
 
 from __future__ import annotations
@@ -18,22 +20,22 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from distributed_astra.artifacts import atomic_path, check_meta, load_tensors, read_meta, save_tensors, write_json
+from distributed_astra.artifacts import atomic_path, check_meta, open_tensors, read_meta, save_tensors, write_json
 from distributed_astra.curvature.covariance import CovarianceStats, collect_covariances, model_device
 from distributed_astra.curvature.eigen import KroneckerEigen, LambdaStats, collect_eigenvalue_correction, eigendecompose
 from distributed_astra.errors import DastraError
 from distributed_astra.models.modules import TrackedModule
 
-FACTORS_FILE = "factors.safetensors"
 META_FILE = "meta.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _FIELDS = ("q_a", "eigval_a", "q_s", "eigval_s", "lambda_")
 _RESERVED_META_KEY = "ekfac"
 
@@ -114,6 +116,16 @@ class EkfacFactors:
             return self.kfac_eigenvalues(name)
         raise DastraError(f"factors.strategy '{strategy}' is not one of: ekfac, kfac")
 
+    def eigenvalue_sum(self, strategy: str = "ekfac") -> tuple[float, int]:
+        """(Σ of the eigenvalues, their number) over the modules held here: the parts of the mean eigenvalue
+        (`mean_from_sums`) that the owners of disjoint module sets add up."""
+        total, count = 0.0, 0
+        for name in self.names:
+            eig = self.eigenvalues(name, strategy)
+            total += float(eig.sum())
+            count += eig.numel()
+        return total, count
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> EkfacFactors:
         return EkfacFactors(
             {n: f.to(device, dtype) for n, f in self.modules.items()},
@@ -121,6 +133,13 @@ class EkfacFactors:
             self.num_sequences,
             self.num_lambda_sequences,
         )
+
+
+def mean_from_sums(total: float, count: int) -> float:
+    """The mean eigenvalue from `EkfacFactors.eigenvalue_sum`'s parts (summed over the owners)."""
+    if count == 0 or not total > 0.0:
+        raise DastraError("cannot derive a damping from all-zero curvature: set solver.damping to a number")
+    return total / count
 
 
 def build_factors(cov: CovarianceStats, eigens: dict[str, KroneckerEigen], lam: LambdaStats) -> EkfacFactors:
@@ -183,65 +202,145 @@ def model_fingerprint(model: nn.Module, tracked: dict[str, TrackedModule], max_e
 
 
 # --------------------------------------------------------------------------------------------- save / load
+def shard_file(rank: int) -> str:
+    """The file a rank writes its modules' factors into."""
+    return f"factors-{rank:05d}.safetensors"
+
+
+def save_factor_shard(modules: dict[str, ModuleFactors], folder: str | os.PathLike, rank: int) -> dict[str, str]:
+    """Write one rank's modules into `folder`/shard_file(rank) (the folder being assembled by `write_factors_meta`);
+    returns {module: file}. A rank that owns no module writes nothing."""
+    if not modules:
+        return {}
+    tensors = {
+        f"{name}/{field}": getattr(mf, field).detach().to("cpu").contiguous()
+        for name, mf in modules.items()
+        for field in _FIELDS
+    }
+    save_tensors(tensors, Path(folder) / shard_file(rank))
+    return {name: shard_file(rank) for name in modules}
+
+
+def write_factors_meta(
+    folder: str | os.PathLike, meta: dict, files: dict[str, str], shapes: dict[str, tuple[int, int]],
+    dtype: torch.dtype, num_tokens: int, num_sequences: int, num_lambda_sequences: int,
+    lambda_sum: tuple[float, int],
+) -> None:
+    """`meta.json` of a factors folder whose shards are written: the caller's `meta` and the `ekfac` description
+    (modules in model order, each with its shape and shard; the mean of Λ over every entry,
+    `ihvp.ekfac.mean_eigenvalue`, so that λ = auto needs no factor on the driver). `meta`'s key "ekfac" is
+    reserved."""
+    if _RESERVED_META_KEY in meta:
+        raise DastraError(f"meta key '{_RESERVED_META_KEY}' is reserved for the factors' own description")
+    missing = [n for n in shapes if n not in files]
+    if missing:
+        raise DastraError(f"internal: no rank wrote the factors of module(s) {missing}")
+    description = {
+        "format": FORMAT_VERSION,
+        "dtype": str(dtype).removeprefix("torch."),
+        "num_tokens": num_tokens,
+        "num_sequences": num_sequences,
+        "num_lambda_sequences": num_lambda_sequences,
+        "modules": {name: list(shape) for name, shape in shapes.items()},
+        "files": {name: files[name] for name in shapes},
+        "mean_lambda": mean_from_sums(*lambda_sum),
+    }
+    write_json(Path(folder) / META_FILE, {**meta, _RESERVED_META_KEY: description})
+
+
 def save_factors(factors: EkfacFactors, out_dir: str | os.PathLike, meta: dict) -> Path:
-    """Write `factors.safetensors` + `meta.json` into `out_dir`, atomically (`artifacts.atomic_path`).
+    """Write all modules as one shard + `meta.json` into `out_dir`, atomically (`artifacts.atomic_path`).
 
     `meta` must be JSON-serialisable; its key "ekfac" is reserved for the factors' own description.
     """
-    if _RESERVED_META_KEY in meta:
-        raise DastraError(f"meta key '{_RESERVED_META_KEY}' is reserved for the factors' own description")
     out_dir = Path(out_dir)
-    tensors = {
-        f"{name}/{field}": getattr(mf, field).detach().to("cpu").contiguous()
-        for name, mf in factors.modules.items()
-        for field in _FIELDS
-    }
-    description = {
-        "format": FORMAT_VERSION,
-        "dtype": str(factors.dtype).removeprefix("torch."),
-        "num_tokens": factors.num_tokens,
-        "num_sequences": factors.num_sequences,
-        "num_lambda_sequences": factors.num_lambda_sequences,
-        "modules": {name: list(mf.shape) for name, mf in factors.modules.items()},
-    }
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        save_tensors(tensors, tmp / FACTORS_FILE)
-        write_json(tmp / META_FILE, {**meta, _RESERVED_META_KEY: description})
+        files = save_factor_shard(factors.modules, tmp, 0)
+        write_factors_meta(
+            tmp, meta, files, {n: mf.shape for n, mf in factors.modules.items()}, factors.dtype,
+            factors.num_tokens, factors.num_sequences, factors.num_lambda_sequences, factors.eigenvalue_sum(),
+        )
     return out_dir
 
 
 def load_factors_meta(out_dir: str | os.PathLike) -> dict:
-    """The `meta.json` of a factors folder; `DastraError` when the folder or its files are missing."""
+    """The `meta.json` of a factors folder; `DastraError` when the folder, its format or a shard is missing."""
     out_dir = Path(out_dir)
     meta = read_meta(out_dir, "EK-FAC factors", "fit")
-    if not (out_dir / FACTORS_FILE).is_file():
-        raise DastraError(f"factors folder '{out_dir}' is incomplete (no {FACTORS_FILE}): re-run `dastra fit`")
+    info = meta.get(_RESERVED_META_KEY)
+    if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
+        raise DastraError(f"factors at '{out_dir}' have an unknown format: re-run `dastra fit`")
+    for file in sorted(set(info["files"].values())):
+        if not (out_dir / file).is_file():
+            raise DastraError(f"factors folder '{out_dir}' is incomplete (no {file}): re-run `dastra fit`")
     return meta
 
 
+def factor_shards(out_dir: str | os.PathLike) -> list[Path]:
+    """The shard files of a factors folder (checked to exist)."""
+    info = load_factors_meta(out_dir)[_RESERVED_META_KEY]
+    return [Path(out_dir) / f for f in sorted(set(info["files"].values()))]
+
+
+def stored_mean_lambda(out_dir: str | os.PathLike) -> float:
+    """The mean of Λ recorded by the fit (`write_factors_meta`)."""
+    return float(load_factors_meta(out_dir)[_RESERVED_META_KEY]["mean_lambda"])
+
+
+def factor_fields(out_dir: str | os.PathLike, fields: Iterable[str]) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(module, {field: tensor}) of every module in model order, read from its shard one module at a time (the
+    rest stays on disk): the spectra of the report and of W&B."""
+    out_dir = Path(out_dir)
+    info = load_factors_meta(out_dir)[_RESERVED_META_KEY]
+    fields = list(fields)
+    for name in info["modules"]:
+        with open_tensors(out_dir / info["files"][name], "EK-FAC factors", "fit") as handle:
+            yield name, {f: handle.get_tensor(f"{name}/{f}") for f in fields}
+
+
+def load_factor_shard(
+    path: str | os.PathLike, names: Iterable[str] | None = None, device: torch.device | str = "cpu"
+) -> dict[str, ModuleFactors]:
+    """The modules `names` (default: every module in it) of one shard file, read one tensor at a time."""
+    path = Path(path)
+    with open_tensors(path, "EK-FAC factors", "fit") as handle:
+        stored = list(dict.fromkeys(key.rsplit("/", 1)[0] for key in handle.keys()))
+        modules = {}
+        for name in stored if names is None else names:
+            try:
+                modules[name] = ModuleFactors(*(handle.get_tensor(f"{name}/{f}").to(device) for f in _FIELDS))
+            except SafetensorError as exc:
+                raise DastraError(f"factors shard '{path}' lacks tensor {exc}: re-run `dastra fit`") from None
+    return modules
+
+
 def load_factors(
-    out_dir: str | os.PathLike, expected: dict | None = None, device: torch.device | str = "cpu"
+    out_dir: str | os.PathLike, expected: dict | None = None, device: torch.device | str = "cpu",
+    names: Iterable[str] | None = None,
 ) -> EkfacFactors:
-    """Load a factors folder, after checking that every key of `expected` equals the stored meta value.
+    """Load the modules `names` (default: all) of a factors folder, after checking that every key of `expected`
+    equals the stored meta value; only the shards holding them are opened, one tensor at a time.
 
     A differing or absent key raises `DastraError` naming the field and telling to re-run `dastra fit`.
     """
     out_dir = Path(out_dir)
     meta = load_factors_meta(out_dir)
     check_meta(meta, expected or {}, f"factors at '{out_dir}'", "fit")
-    info = meta.get(_RESERVED_META_KEY)
-    if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
-        raise DastraError(f"factors at '{out_dir}' have an unknown format: re-run `dastra fit`")
-    tensors = load_tensors(out_dir / FACTORS_FILE, "EK-FAC factors", "fit", device=str(device))
-    modules = {}
-    for name, shape in info["modules"].items():
-        try:
-            fields = [tensors[f"{name}/{field}"] for field in _FIELDS]
-        except KeyError as exc:
-            raise DastraError(f"factors at '{out_dir}' lack tensor {exc}: re-run `dastra fit`") from None
-        mf = ModuleFactors(*fields)
+    info = meta[_RESERVED_META_KEY]
+    wanted = list(info["modules"]) if names is None else list(names)
+    unknown = [n for n in wanted if n not in info["modules"]]
+    if unknown:
+        raise DastraError(f"factors at '{out_dir}' have no module(s) {unknown}: re-run `dastra fit` for this model")
+    by_file: dict[str, list[str]] = {}
+    for name in wanted:
+        by_file.setdefault(info["files"][name], []).append(name)
+    loaded: dict[str, ModuleFactors] = {}
+    for file, members in by_file.items():
+        loaded.update(load_factor_shard(out_dir / file, members, device))
+    for name, mf in loaded.items():
+        shape = info["modules"][name]
         if list(mf.shape) != list(shape) or tuple(mf.lambda_.shape) != tuple(shape):
             raise DastraError(f"factors at '{out_dir}' are corrupt (module '{name}' shape): re-run `dastra fit`")
-        modules[name] = mf
+    modules = {name: loaded[name] for name in wanted}
     return EkfacFactors(modules, info["num_tokens"], info["num_sequences"], info["num_lambda_sequences"])

@@ -22,16 +22,16 @@ def is_distributed(cfg: Config) -> bool:
 def solve_mode(cfg: Config) -> str:
     """How an iterative solve is split over ranks (stages/solve.py), the rule the runtime and the planner share:
     `queries` (replicated model, queries split) in one process and, under `ray.solve_mode: auto`, on replicated
-    models with the exact GGN product; `data` (every minibatch split) otherwise. ZeRO-3 with the exact GGN product
-    (or `queries`) is refused: the product needs whole parameters."""
+    models with the exact GGN product; `data` (every minibatch split) otherwise; `modules` (module ownership) when
+    asked for. ZeRO-3 with the exact GGN product (or `queries`) is refused: the product needs whole parameters."""
     stage = effective_stage(cfg.deepspeed.stage)
     if not is_distributed(cfg):
         return "queries"
     if stage == 3 and (cfg.ray.solve_mode == "queries" or cfg.solver.product == "ggn"):
         raise DastraError(
             "deepspeed.stage 3 partitions the parameters, which the exact GGN product (torch.func) and "
-            "ray.solve_mode=queries need whole: use solver.product=fisher with ray.solve_mode=data (or auto), "
-            "or deepspeed.stage=0"
+            "ray.solve_mode=queries need whole: use solver.product=fisher with ray.solve_mode=data, modules "
+            "(or auto), or deepspeed.stage=0"
         )
     if cfg.ray.solve_mode == "auto":
         return "queries" if stage == 0 and cfg.solver.product == "ggn" else "data"

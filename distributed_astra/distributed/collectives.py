@@ -1,5 +1,5 @@
 """torch.distributed helpers shared by the rank-side stages: flat all-reduce of tensor dicts, module-by-module
-broadcast, work balancing, and the bookkeeping that keeps N ranks bit-compatible with one process.
+broadcast, gathering a module's tensors to its owner, and the bookkeeping that keeps N ranks bit-compatible with one process.
 
 Outside a process group (the in-process executor, a scoring actor) every collective is over one rank: the identity.
 
@@ -14,7 +14,7 @@ Two rules make a distributed stage reproduce the single-process result:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,11 @@ def all_reduce_sum(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Σ over ranks of one tensor (a new tensor; the tensor itself outside a group)."""
+    return all_reduce_sum({"t": t})["t"]
+
+
 def all_reduce_counts(*counts: int, op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[int]:
     """Integer counts reduced over ranks (sum by default)."""
     if not in_group():
@@ -75,15 +80,42 @@ def broadcast_tensors(tensors: list[torch.Tensor], src: int) -> None:
         offset += t.numel()
 
 
-def balance_by_cost(costs: Mapping[str, float], world_size: int) -> dict[str, int]:
-    """Assign items to ranks, largest first onto the least-loaded rank (LPT); ties go to the lower rank."""
-    load = [0.0] * world_size
-    owner: dict[str, int] = {}
-    for name in sorted(costs, key=lambda n: (-costs[n], n)):
-        rank = min(range(world_size), key=lambda r: (load[r], r))
-        owner[name] = rank
-        load[rank] += costs[name]
-    return owner
+def gather_to(tensors: list[torch.Tensor], dst: int) -> list[list[torch.Tensor]]:
+    """Every rank's `tensors` (same count and ranks, any shapes) on rank `dst`, in rank order; [] elsewhere.
+
+    The shapes are exchanged first (one small all-gather), each tensor is zero-padded to the largest shape for the
+    gather and trimmed back on `dst`, so `dst` receives exactly what each rank sent. One rank: [tensors]."""
+    if not in_group():
+        return [list(tensors)]
+    device = collective_device()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dims = torch.tensor([d for t in tensors for d in t.shape], dtype=torch.long, device=device)
+    every = [torch.empty_like(dims) for _ in range(world)]
+    dist.all_gather(every, dims)
+    shapes: list[list[tuple[int, ...]]] = []
+    for flat in every:
+        flat, offset, per_rank = flat.cpu().tolist(), 0, []
+        for t in tensors:
+            per_rank.append(tuple(flat[offset : offset + t.dim()]))
+            offset += t.dim()
+        shapes.append(per_rank)
+    out: list[list[torch.Tensor]] = [[] for _ in range(world)] if rank == dst else []
+    for i, t in enumerate(tensors):
+        largest = tuple(max(s[i][d] for s in shapes) for d in range(t.dim()))
+        padded = t.new_zeros(largest, device=device)
+        padded[tuple(slice(0, n) for n in t.shape)] = t
+        received = [torch.empty_like(padded) for _ in range(world)] if rank == dst else None
+        dist.gather(padded, received, dst=dst)
+        if rank == dst:
+            for r, piece in enumerate(received):
+                out[r].append(piece[tuple(slice(0, n) for n in shapes[r][i])].to(t.device))
+    return out
+
+
+def owner_route(owners: Mapping[str, int]) -> Callable[[str, list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """The `curvature.covariance.Route` of module ownership: a module's tensors from every rank reach its owner
+    (`gather_to`, ranks in order), the other ranks keep nothing of it."""
+    return lambda name, tensors: gather_to(tensors, owners[name])
 
 
 def slice_bounds(rows: int, world_size: int, rank: int) -> tuple[int, int]:

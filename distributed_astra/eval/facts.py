@@ -8,11 +8,10 @@ from collections.abc import Callable
 from distributed_astra import pipeline
 from distributed_astra.config import Config, SolverConfig, eval_solver
 from distributed_astra.context import Context, open_context
-from distributed_astra.curvature.factors import EkfacFactors
+from distributed_astra.curvature.factors import stored_mean_lambda
 from distributed_astra.data.sequences import load_queries
 from distributed_astra.errors import DastraError
 from distributed_astra.eval.recall import fact_recall
-from distributed_astra.ihvp.ekfac import mean_eigenvalue
 
 # Fact tracing per method through the pipeline's own stages: method -> (label, solver overrides).
 FACT_METHODS: dict[str, tuple[str, dict[str, object]]] = {
@@ -35,13 +34,14 @@ def fact_solver(cfg: Config, method: str, mean_lambda: Callable[[], float]) -> S
     return eval_solver(cfg, **overrides)
 
 
-def _fitted(ctx: Context) -> EkfacFactors:
-    """The run directory's factors and query gradients, reused when their metadata match, else computed."""
-    kept, factors = pipeline.reused(ctx, "fit")
-    factors = factors if kept else pipeline.fit(ctx)
+def _fitted(ctx: Context) -> float:
+    """The run directory's factors and query gradients, reused when their metadata match, else computed; returns
+    the factors' mean Λ."""
+    if not pipeline.reused(ctx, "fit")[0]:
+        pipeline.fit(ctx)
     if not pipeline.reused(ctx, "query")[0]:
         pipeline.query(ctx)
-    return factors
+    return stored_mean_lambda(ctx.paths.factors)
 
 
 def check_fact_methods(methods: list[str]) -> None:
@@ -65,10 +65,10 @@ def trace_facts(cfg: Config, methods: list[str]) -> dict:
     rows = []
     ctx = open_context(cfg, "eval-facts")
     try:
-        factors = _fitted(ctx)
+        mean_lambda = _fitted(ctx)
         for method in methods:
             label = FACT_METHODS[method][0]
-            solver = fact_solver(cfg, method, lambda: mean_eigenvalue(factors))
+            solver = fact_solver(cfg, method, lambda: mean_lambda)
             ctx.cfg = ctx.cfg.model_copy(update={"solver": solver})
             start = time.perf_counter()
             pipeline.solve(ctx)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from distributed_astra.curvature.factors import EkfacFactors
+from distributed_astra.curvature.factors import EkfacFactors, mean_from_sums
 from distributed_astra.errors import DastraError
 
 STRATEGIES = ("ekfac", "kfac")
@@ -85,11 +85,4 @@ def mean_eigenvalue(factors: EkfacFactors, strategy: str = "ekfac") -> float:
     """The mean of the eigenvalues over all tracked entries: every (module, b, a) entry together, i.e. weighted by
     module size, of Λ for "ekfac" (of the KFAC eigenvalues for "kfac"). Λ has the per-sequence scale of G."""
     _check_strategy(strategy)
-    total, count = 0.0, 0
-    for name in factors.names:
-        eig = factors.eigenvalues(name, strategy)
-        total += float(eig.sum())
-        count += eig.numel()
-    if count == 0 or not total > 0.0:
-        raise DastraError("cannot derive a damping from all-zero curvature: set solver.damping to a number")
-    return total / count
+    return mean_from_sums(*factors.eigenvalue_sum(strategy))

@@ -23,12 +23,17 @@ docs/design.md), so (P + λI)⁻¹ and (G̃ + λI) are consistent.
 
 Both expose `product_sum(v, batch) -> (Σ_n J_nᵀ H_n J_n v, N_B)` so a distributed caller can all-reduce the sums and
 the counts before dividing; `product(v, batch)` is that sum divided by N_B.
+
+Under module ownership (stages/solve.py, mode `modules`) each rank holds v only for its `owned` modules and every
+rank runs the same minibatch: both products split at a quantity that is a SUM over modules, the LM-output tangent
+J v = Σ_l J_l v_l (GGN) or the per-sequence coefficient c_n = Σ_l ⟨DW̄_{n,l}, V_l⟩ (Fisher), let `combine` sum
+it over the ranks (an all-reduce; the identity on one rank) and return the owned modules' blocks of the full product.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -159,10 +164,15 @@ def check_vectors(x: Vectors, tracked: Mapping[str, TrackedModule]) -> int:
 
 
 # ============================================================================================ products
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class CurvatureProduct(ABC):
     """G̃_B·v for a minibatch B, on the tracked modules: see the module docstring for the exact definition."""
 
     tracked: dict[str, TrackedModule]
+    owned: list[str]  # the modules whose blocks v holds and the product returns (all of `tracked` on one rank)
 
     @abstractmethod
     def product_sum(self, vectors: Vectors, batch: Batch) -> tuple[Vectors, int]:
@@ -222,11 +232,17 @@ class GGNProduct(CurvatureProduct):
         max_tangent_elements: int = DEFAULT_TANGENT_ELEMENTS,
         *,
         task: Task = CAUSAL_LM,
+        owned: list[str] | None = None,
+        combine: Callable[[torch.Tensor], torch.Tensor] = _whole,
     ) -> None:
         if jv_mode not in ("vjp", "jvp"):
             raise DastraError(f"GGNProduct jv_mode '{jv_mode}' is not one of: vjp, jvp")
+        if owned is not None and jv_mode != "vjp":
+            raise DastraError("GGNProduct with owned modules computes J v by the double-VJP trick: use jv_mode vjp")
         self.model = model
         self.tracked = tracked
+        self.owned = list(tracked) if owned is None else list(owned)
+        self.combine = combine
         self.task = task
         self._output = _TaskOutput(task, model)
         self.jv_mode = jv_mode
@@ -254,7 +270,7 @@ class GGNProduct(CurvatureProduct):
         )
 
     def product_sum(self, vectors: Vectors, batch: Batch) -> tuple[Vectors, int]:
-        num_queries = check_vectors(vectors, self.tracked)
+        num_queries = check_vectors(vectors, {n: self.tracked[n] for n in self.owned})
         device = model_device(self.model)
         batch = batch_to_device(dict(batch), device)
         count = self.task.num_examples(batch)
@@ -274,24 +290,27 @@ class GGNProduct(CurvatureProduct):
 
         per_query = logits.numel()
         chunk = max(1, self.max_tangent_elements // max(1, per_query))
-        results: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        mine = [names.index(n) for n in self.owned]
+        results: dict[str, list[torch.Tensor]] = {n: [] for n in self.owned}
         for start in range(0, num_queries, chunk):
-            v_chunk = [vectors[n][start : start + chunk].to(device=device, dtype=model_dtype) for n in names]
+            v_chunk = [vectors[names[i]][start : start + chunk].to(device=device, dtype=model_dtype) for i in mine]
             if self.jv_mode == "vjp":
                 jv = torch.autograd.grad(
-                    jt_dummy, dummy, grad_outputs=v_chunk, retain_graph=True, is_grads_batched=True
+                    [jt_dummy[i] for i in mine], dummy, grad_outputs=v_chunk, retain_graph=True, is_grads_batched=True
                 )[0]
             else:
                 jv = torch.stack([self._forward_jv(names, leaves, [v[q] for v in v_chunk], batch)
                                   for q in range(v_chunk[0].shape[0])])
-            hjv = hessian(jv).to(logits.dtype)
+            hjv = hessian(self.combine(jv)).to(logits.dtype)  # J v = Σ over every rank's modules
             del jv
-            out = torch.autograd.grad(logits, leaves, grad_outputs=hjv, retain_graph=True, is_grads_batched=True)
-            for n, t in zip(names, out):
+            out = torch.autograd.grad(
+                logits, [leaves[i] for i in mine], grad_outputs=hjv, retain_graph=True, is_grads_batched=True
+            )
+            for n, t in zip(self.owned, out):
                 results[n].append(t.to(out_dtype))
         del logits, jt_dummy, dummy
         target = next(iter(vectors.values())).device
-        return {n: torch.cat(results[n]).to(target) for n in names}, count
+        return {n: torch.cat(results[n]).to(target) for n in self.owned}, count
 
     def _forward_jv(self, names, leaves, tangents, batch) -> torch.Tensor:
         """J v for one direction by forward-mode AD (dual tensors; no torch.func, so module hooks may touch grads)."""
@@ -329,17 +348,21 @@ class FisherProduct(CurvatureProduct):
         generator: torch.Generator | None = None,
         *,
         task: Task = CAUSAL_LM,
+        owned: list[str] | None = None,
+        combine: Callable[[torch.Tensor], torch.Tensor] = _whole,
     ) -> None:
         if num_samples < 1:
             raise DastraError(f"FisherProduct num_samples must be >= 1, got {num_samples}")
         self.model = model
         self.tracked = tracked
+        self.owned = list(tracked) if owned is None else list(owned)
+        self.combine = combine
         self.task = task
         self.num_samples = int(num_samples)
         self.generator = generator
 
     def product_sum(self, vectors: Vectors, batch: Batch) -> tuple[Vectors, int]:
-        check_vectors(vectors, self.tracked)
+        check_vectors(vectors, {n: self.tracked[n] for n in self.owned})
         device = model_device(self.model)
         batch = batch_to_device(dict(batch), device)
         count = self.task.num_examples(batch)
@@ -352,10 +375,10 @@ class FisherProduct(CurvatureProduct):
             capture, _mask = sampled_fisher_capture(
                 self.model, self.tracked, batch, compute, self.generator, task=self.task
             )
-            ds = {n: capture.output_grad(n) for n in self.tracked}
-            abar = {n: capture.activation(n) for n in self.tracked}
-            coeff = sequence_scores(ds, abar, v)  # [B, Q]
-            for n in self.tracked:
+            ds = {n: capture.output_grad(n) for n in self.owned}
+            abar = {n: capture.activation(n) for n in self.owned}
+            coeff = self.combine(sequence_scores(ds, abar, v))  # [B, Q], summed over every rank's modules
+            for n in self.owned:
                 total[n] += weighted_gradient_sum(ds[n], abar[n], coeff)
             del capture, ds, abar
         return {n: (t / self.num_samples).to(device=target, dtype=out_dtype) for n, t in total.items()}, count

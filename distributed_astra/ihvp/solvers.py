@@ -77,7 +77,6 @@ from distributed_astra.ihvp.products import (
     Vectors,
     vec_axpy,
     vec_clone,
-    vec_norm,
     vec_num_queries,
     vec_put,
     vec_scale,
@@ -101,6 +100,27 @@ LIVE_VECTORS_PER_QUERY = STATE_VECTORS_PER_QUERY + 2
 
 
 # ============================================================================================ settings
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """The vectors held here are one rank's share of the modules (module ownership, stages/solve.py): `reduce`
+    completes a per-query partial sum over the ranks that hold the other modules (an all-reduce of a [Q] tensor),
+    `shapes` lists every module's (out, in+1) in model order, so that random draws consume the generator exactly as
+    one rank holding every module would. The default is one rank holding everything."""
+
+    reduce: Callable[[torch.Tensor], torch.Tensor] = _whole
+    shapes: Mapping[str, tuple[int, int]] | None = None
+
+    def norm(self, x: Vectors) -> torch.Tensor:
+        """Per-query Euclidean norms over every module: Tensor[Q]."""
+        return self.reduce(_dot(x, x)).clamp_min(0).sqrt()
+
+
+WHOLE = Sharding()
+
 def step_size(cfg: SolverConfig, damping: float, mu_max: float | None = None) -> float:
     """α: cfg.lr × λ ("relative", seeds Table 3), cfg.lr ("absolute", Fig 3) or cfg.lr / μ̂ ("auto", μ̂ = mu_max)."""
     if cfg.lr_mode == "auto":
@@ -139,6 +159,7 @@ def largest_eigenvalue(
     generator: torch.Generator,
     num_batches: int = 3,
     power_iterations: int = 10,
+    sharding: Sharding = WHOLE,
 ) -> float:
     """μ̂: the largest eigenvalue of M_k = (P + λ̃I)⁻¹(G̃_k + λI) (M_k = G̃_k + λI without `precondition`), the max
     over `num_batches` minibatches of `power_iterations` power steps from a random start each.
@@ -149,16 +170,19 @@ def largest_eigenvalue(
     estimate = 0.0
     for _ in range(num_batches):
         batch = next(batches)
-        z = {
-            k: torch.randn(t[:1].shape, generator=generator, dtype=torch.float64).to(t.dtype) for k, t in like.items()
-        }
-        z = vec_scale(1.0 / float(vec_norm(z)[0]), z)
+        shapes = sharding.shapes or {k: tuple(t.shape[1:]) for k, t in like.items()}
+        z = {}
+        for k, shape in shapes.items():  # every module's draw in model order; the ones held here are kept
+            draw = torch.randn((1, *shape), generator=generator, dtype=torch.float64)
+            if k in like:
+                z[k] = draw.to(device=like[k].device, dtype=like[k].dtype)
+        z = vec_scale(1.0 / float(sharding.norm(z)[0]), z)
         ratio = torch.zeros(())
         for _ in range(power_iterations):
             mz = vec_axpy(damping, z, product.product(z, batch))
             if precondition is not None:
                 mz = precondition(mz)
-            ratio = vec_norm(mz)[0]
+            ratio = sharding.norm(mz)[0]
             if not bool(torch.isfinite(ratio)) or float(ratio) == 0.0:
                 raise DastraError(
                     f"the curvature operator's power iteration gave {float(ratio)}: check the factors and the model "
@@ -302,8 +326,10 @@ class HeldoutEvaluator:
     def __init__(
         self, product: CurvatureProduct, batch: Mapping[str, torch.Tensor], damping: float, every: int,
         num_queries: int, query_ids: Sequence[str], seed: int, on_heldout: OnHeldout | None = None,
+        sharding: Sharding = WHOLE,
     ) -> None:
         self.product = product
+        self.sharding = sharding
         self.batch = batch
         self.damping = damping
         self.every = int(every)
@@ -335,9 +361,9 @@ class HeldoutEvaluator:
         ax = self._product(x)
         for name, t in ax.items():  # in place: (G̃_h + λI) x, then its residual against v
             t.add_(x[name] * self.damping)
-        h = (0.5 * _dot(x, ax) - _dot_rows(v, index, x)).detach().double().cpu()
+        h = self.sharding.reduce(0.5 * _dot(x, ax) - _dot_rows(v, index, x)).detach().double().cpu()
         _sub_rows(ax, v, index)
-        r = _norm(ax).detach().double().cpu()
+        r = self.sharding.norm(ax).detach().double().cpu()
         del ax
         self.seconds += time.perf_counter() - started
         for j, q in enumerate(index.cpu().tolist()):
@@ -386,10 +412,6 @@ def _dot_rows(v: Vectors, index: torch.Tensor, x: Vectors) -> torch.Tensor:
     return total
 
 
-def _norm(x: Vectors) -> torch.Tensor:
-    return _dot(x, x).clamp_min(0).sqrt()
-
-
 def _sub_rows(x: Vectors, v: Vectors, index: torch.Tensor) -> None:
     """In place: x ← x − v[index], one module's rows of v at a time."""
     for name, t in x.items():
@@ -411,6 +433,7 @@ def solve(
     heldout: Mapping[str, torch.Tensor] | None = None,
     on_heldout: OnHeldout | None = None,
     vector_dtype: torch.dtype | None = None,
+    sharding: Sharding = WHOLE,
 ) -> SolveResult:
     """Solve (G + λI) x = v for every query (see the module docstring); λ = `damping` (a number: resolve "auto"
     with `default_damping(factors)` first).
@@ -426,6 +449,9 @@ def solve(
     dtype); torch.bfloat16 halves the solver's LIVE_VECTORS_PER_QUERY [Q, D] vectors against float32. The
     preconditioner still runs in the factors' dtype and the dot products (h, residuals) are summed in float32 at
     least; each update rounds to vector_dtype, so the answer is as accurate as that dtype holds it.
+    sharding: v holds this rank's modules only (`Sharding`); the product must then return those modules' blocks
+    of the full G̃·v. Every per-query scalar (h, residuals, the power iteration's norms) is completed over the
+    ranks, so every rank takes the same decisions and the blocks equal one rank's.
 
     Memory: the updates are in place; besides v the iterative solvers hold at most LIVE_VECTORS_PER_QUERY [Q, D]
     vectors (the x and b of Eq 5 and the product's result), plus one module's block at a time; LiSSA with
@@ -480,7 +506,7 @@ def solve(
     if cfg.lr_mode == "auto":
         probe = torch.Generator().manual_seed(cfg.seed)
         precond_probe = (lambda g: vec_to(preconditioner(g), device=device, dtype=dtype)) if precond_step else None
-        mu_max = largest_eigenvalue(product, precond_probe, iterator, damping, v, probe)
+        mu_max = largest_eigenvalue(product, precond_probe, iterator, damping, v, probe, sharding=sharding)
     alpha = step_size(cfg, damping, mu_max)
     lr_setting = {
         "relative": f" (now solver.lr = {cfg.lr:g}, α = lr × λ = {alpha:.3g})",
@@ -500,7 +526,8 @@ def solve(
     evaluator = None
     if heldout is not None and cfg.heldout_every > 0:
         evaluator = HeldoutEvaluator(
-            product, heldout, damping, cfg.heldout_every, num_queries, monitor.query_ids, cfg.seed, on_heldout
+            product, heldout, damping, cfg.heldout_every, num_queries, monitor.query_ids, cfg.seed, on_heldout,
+            sharding,
         )
 
     total: Vectors | None = None  # Alg 1's sum over the repeats (the iterate itself when R = 1)
@@ -521,7 +548,7 @@ def solve(
         else:
             _iterate(
                 x, v, torch.tensor(alive, dtype=torch.long), product, iterator, precond_step, cfg, damping, alpha,
-                monitor, step_offset=repeat * cfg.iterations, evaluator=evaluator, repeat=repeat,
+                monitor, step_offset=repeat * cfg.iterations, evaluator=evaluator, repeat=repeat, sharding=sharding,
             )
         if evaluator is not None:  # the final iterate of every query that did not diverge, at its step count
             offset = repeat * cfg.iterations
@@ -567,6 +594,7 @@ def _iterate(
     step_offset: int,
     evaluator: HeldoutEvaluator | None = None,
     repeat: int = 0,
+    sharding: Sharding = WHOLE,
 ) -> None:
     """Run up to cfg.iterations SGD steps (Eq 3 / Eq 5 with heavy ball) on the queries `index` (ascending) of x, in
     place; the monitor stops queries; `precondition` maps a direction dict onto (P + λ̃I)⁻¹ of it in its own storage.
@@ -602,10 +630,10 @@ def _iterate(
         w = product.product(xk, batch)
         for name, t in w.items():
             t.add_(xk[name] * damping)  # (G̃_k + λI) x_k
-        h = 0.5 * _dot(xk, w) - _dot_rows(v, index, xk)
+        h = sharding.reduce(0.5 * _dot(xk, w) - _dot_rows(v, index, xk))
         _sub_rows(w, v, index)  # ∇h(x_k) on minibatch k
         stop = monitor.update(
-            k, index, h, _norm(w), lr, step=step_offset + k, last=(k == cfg.iterations - 1)
+            k, index, h, sharding.norm(w), lr, step=step_offset + k, last=(k == cfg.iterations - 1)
         )
         if precondition is not None:
             w = precondition(w)
@@ -621,10 +649,10 @@ def _iterate(
             keep = (~stop).nonzero().squeeze(1)
             perm = torch.cat([keep, stop.nonzero().squeeze(1)])
             for name, t in xk.items():
-                t.copy_(t.index_select(0, perm))
+                t.copy_(t.index_select(0, perm.to(t.device)))
             order[:running] = order[:running].index_select(0, perm)
             for name, t in buf.items():
-                buf[name] = t.index_select(0, keep)
+                buf[name] = t.index_select(0, keep.to(t.device))
             running = keep.numel()
     del buf
     if not bool(order.eq(torch.arange(num_queries)).all()):  # back in query order

@@ -22,10 +22,10 @@ import pyarrow.parquet as pq
 import torch
 
 import distributed_astra
-from distributed_astra.artifacts import atomic_path, check_meta, open_tensors
+from distributed_astra.artifacts import atomic_path, check_meta
 from distributed_astra.context import Context
 from distributed_astra.curvature.covariance import product_dtype
-from distributed_astra.curvature.factors import FACTORS_FILE, load_factors_meta
+from distributed_astra.curvature.factors import factor_fields, load_factors_meta
 from distributed_astra.data.sequences import QueryId, iter_training_batches, load_queries
 from distributed_astra.errors import DastraError
 from distributed_astra.ihvp.monitor import heldout_summary
@@ -357,12 +357,9 @@ def _spectra(ctx: Context) -> dict[str, dict[str, np.ndarray]]:
     meta = load_factors_meta(ctx.paths.factors)
     check_meta(meta, ctx.model_meta(), f"factors at '{ctx.paths.factors}'", "fit")
     spectra = {}
-    with open_tensors(ctx.paths.factors / FACTORS_FILE, "EK-FAC factors", "fit") as handle:
-        for name in meta["ekfac"]["modules"]:
-            spectra[name] = {
-                field: handle.get_tensor(f"{name}/{key}").double().flatten().numpy()
-                for field, key in (("lambda", "lambda_"), ("a", "eigval_a"), ("s", "eigval_s"))
-            }
+    keys = {"lambda": "lambda_", "a": "eigval_a", "s": "eigval_s"}
+    for name, fields in factor_fields(ctx.paths.factors, keys.values()):
+        spectra[name] = {field: fields[key].double().flatten().numpy() for field, key in keys.items()}
     return spectra
 
 

@@ -7,7 +7,7 @@ parameters layer by layer, a collective, so every rank runs every query batch); 
 from __future__ import annotations
 
 from distributed_astra.artifacts import atomic_path, save_tensors, write_json
-from distributed_astra.context import Context, query_meta
+from distributed_astra.context import QUERY_GRADIENTS_FILE, Context, query_meta
 from distributed_astra.curvature.covariance import STAT_DTYPES, batch_to_device
 from distributed_astra.data.sequences import iter_query_batches, load_queries
 from distributed_astra.execution import Rank
@@ -42,5 +42,5 @@ def query(ctx: Context) -> None:
     ctx.tracker.count(sequences=len(ids), tokens=out["tokens"])
     with atomic_path(ctx.paths.queries) as tmp:
         tmp.mkdir()
-        save_tensors(grads, tmp / "gradients.safetensors")
+        save_tensors(grads, tmp / QUERY_GRADIENTS_FILE)
         write_json(tmp / "meta.json", {**query_meta(ctx), "num_queries": len(ids), "query_ids": ids})

@@ -22,7 +22,16 @@ exactly, so their directions equal one rank's, in either mode (`distributed.solv
   minibatch mean of one process. For the Fisher product, rank r advances the label generator past the rows before
   and after its slice, so its rows get the labels one process would draw.
 
-The held-out evaluation (`solver.heldout_every`, ihvp/solvers.py) runs in both modes: every rank draws the same
+* mode `modules` (module ownership, ownership.py; replicated or ZeRO-3 with the Fisher product): each rank loads
+  and holds only its modules' factors and query gradients, and keeps each query's v, x, momentum and product
+  result for those modules only; the EK-FAC preconditioner is applied module by module where the module lives.
+  Every rank runs every chunk and draws the same minibatch (as one process does); the product splits at a sum over
+  modules (ihvp/products.py: the logit tangent J v for the GGN, the per-sequence coefficient for the Fisher), which
+  is all-reduced, and every per-query scalar of the solver (h, residuals, power-iteration norms) is completed over
+  the ranks (`ihvp.solvers.Sharding`), so every rank stops the same queries at the same iteration and the blocks
+  equal one rank's. Per rank: the factors and the [Q, ·] state of ~1/N of D; at most one rank per tracked module.
+
+The held-out evaluation (`solver.heldout_every`, ihvp/solvers.py) runs in every mode: every rank draws the same
 fixed batch from its sampler's pool with the held-out generator (seed + 1), outside the minibatch stream. In mode
 `data` it is sliced like the minibatches, so it holds at least `ray.num_workers` rows.
 """
@@ -31,22 +40,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import psutil
 import pyarrow as pa
 import torch
 
+from distributed_astra.artifacts import check_meta, load_tensors
 from distributed_astra.config import SOURCE_SOLVERS
 from distributed_astra.context import (
     Context,
     factor_meta,
     heldout_meta,
-    load_query_gradients,
     log_rank_memory,
+    query_gradients_file,
     solver_logger,
     write_directions,
 )
-from distributed_astra.curvature.factors import EkfacFactors, load_factors
+from distributed_astra.curvature.factors import EkfacFactors, load_factors, load_factors_meta, stored_mean_lambda
 from distributed_astra.distributed import solve_mode
 from distributed_astra.distributed.collectives import (
     advance_label_stream,
@@ -54,18 +65,43 @@ from distributed_astra.distributed.collectives import (
     all_reduce_sum,
     label_draws,
     slice_bounds,
+    sum_over_ranks,
 )
 from distributed_astra.errors import DastraError
 from distributed_astra.execution import Rank
-from distributed_astra.ihvp.ekfac import default_damping
+from distributed_astra.ihvp.ekfac import DAMPING_SCALE
 from distributed_astra.ihvp.monitor import heldout_table, trace_table
 from distributed_astra.ihvp.products import Batch, CurvatureProduct, FisherProduct, GGNProduct, Vectors, label_generator
-from distributed_astra.ihvp.solvers import LIVE_VECTORS_PER_QUERY, MinibatchSampler, ekfac_preconditioner
+from distributed_astra.ihvp.solvers import (
+    LIVE_VECTORS_PER_QUERY,
+    WHOLE,
+    MinibatchSampler,
+    Sharding,
+    ekfac_preconditioner,
+)
 from distributed_astra.ihvp.solvers import solve as solve_ihvp
+from distributed_astra.ownership import owned, run_owners
 from distributed_astra.progress import console, progress_bar
 from distributed_astra.source.averaging import average_states
 from distributed_astra.source.trajectory import load_trajectory, weights
 from distributed_astra.tracking import metered
+
+
+def owned_factors(factors: EkfacFactors | str, names: list[str], device: torch.device) -> EkfacFactors:
+    """The factors of `names` on `device`: read from a factors folder (only those modules' tensors) or taken from
+    factors in memory (SOURCE's segment factors)."""
+    if isinstance(factors, str):
+        return load_factors(factors, device=device, names=names)
+    return EkfacFactors({n: factors[n].to(device) for n in names}, factors.num_tokens, factors.num_sequences,
+                        factors.num_lambda_sequences)
+
+
+def owned_gradients(grads: dict[str, torch.Tensor] | str, names: list[str], device: torch.device) -> Vectors:
+    """The query gradients of `names` on `device`: read from the query stage's file (only those modules) or taken
+    from a dict in memory."""
+    if isinstance(grads, str):
+        return load_tensors(Path(grads), "query gradients", "query", device=str(device), names=names)
+    return {n: grads[n].to(device) for n in names}
 
 
 class SlicedProduct(CurvatureProduct):
@@ -81,6 +117,7 @@ class SlicedProduct(CurvatureProduct):
     ) -> None:
         self.inner = inner
         self.tracked = inner.tracked
+        self.owned = inner.owned
         self.rank = rank
         self.world_size = world_size
         self.label_samples = label_samples
@@ -145,22 +182,30 @@ def memory_query_chunk(tracked: Mapping, dtype: torch.dtype, device: torch.devic
 
 
 def rank_solve(
-    rank: Rank, corpus: str, factors: EkfacFactors, grads: dict[str, torch.Tensor], damping: float, mode: str,
-    trajectory: str | None = None, checkpoints: Sequence[int] = (),
+    rank: Rank, corpus: str, factors: EkfacFactors | str, grads: dict[str, torch.Tensor] | str, damping: float,
+    mode: str, trajectory: str | None = None, checkpoints: Sequence[int] = (),
 ) -> list[dict]:
-    """Solve every chunk's share of this rank; returns one record per piece solved here (only rank 0 in mode data).
-    With `trajectory`, G̃ is taken at the mean weights of its `checkpoints` (ASTRA-SOURCE, seeds §7 option 3)."""
+    """Solve every chunk's share of this rank; returns one record per piece solved here (only rank 0 in mode data;
+    in mode modules every rank, with the blocks of its modules). `factors` and `grads` are in memory or the folder /
+    file each rank reads its modules from. With `trajectory`, G̃ is taken at the mean weights of its `checkpoints`
+    (ASTRA-SOURCE, seeds §7 option 3)."""
     state = average_states([t for t in map(load_trajectory(trajectory).state, checkpoints)]) if trajectory else None
     with weights(rank.model, state):
         return _rank_solve(rank, corpus, factors, grads, damping, mode)
 
 
 def _rank_solve(
-    rank: Rank, corpus: str, factors: EkfacFactors, grads: dict[str, torch.Tensor], damping: float, mode: str
+    rank: Rank, corpus: str, factors: EkfacFactors | str, grads: dict[str, torch.Tensor] | str, damping: float,
+    mode: str,
 ) -> list[dict]:
     cfg = rank.cfg.solver
-    factors = factors.to(rank.device)  # the solver state, the preconditioner and the products live on the rank
-    grads = {name: g.to(rank.device) for name, g in grads.items()}
+    shapes = {n: t.shape for n, t in rank.tracked.items()}
+    split = mode == "modules"
+    mine = owned(run_owners(rank.cfg, shapes, rank.world_size), rank.rank) if split else list(rank.tracked)
+    # the solver state, the preconditioner and the products live on the rank
+    factors = owned_factors(factors, mine, rank.device)
+    grads = owned_gradients(grads, mine, rank.device)
+    sharding = Sharding(sum_over_ranks, shapes) if split else WHOLE
     preconditioner = ekfac_preconditioner(factors, cfg, damping, rank.cfg.factors.strategy)
     generator = torch.Generator().manual_seed(cfg.seed)  # minibatch indices
     label_samples = cfg.fisher_samples if cfg.product == "fisher" else 1
@@ -168,10 +213,12 @@ def _rank_solve(
     product: CurvatureProduct | None = None
     sampler: MinibatchSampler | None = None
     if cfg.name != "ekfac":  # the iterative solvers need G̃·v on minibatches of the corpus
+        combine = sum_over_ranks if split else (lambda t: t)
         if labels is None:
-            product = GGNProduct(rank.model, rank.tracked)
+            product = GGNProduct(rank.model, rank.tracked, owned=mine, combine=combine)
         else:  # mode data: one sample per slice call, SlicedProduct repeats it around the slice
-            product = FisherProduct(rank.model, rank.tracked, 1 if mode == "data" else label_samples, labels)
+            product = FisherProduct(rank.model, rank.tracked, 1 if mode == "data" else label_samples, labels,
+                                    owned=mine, combine=combine)
         if mode == "data":
             product = SlicedProduct(product, rank.rank, rank.world_size, label_samples, labels)
         sampler = MinibatchSampler(
@@ -187,7 +234,7 @@ def _rank_solve(
     piece = memory_query_chunk(rank.tracked, next(iter(grads.values())).dtype, rank.device)
     for chunk_start in range(0, num_queries, cfg.query_batch_size):
         chunk_stop = min(chunk_start + cfg.query_batch_size, num_queries)
-        if mode == "data":
+        if mode in ("data", "modules"):  # every rank runs the whole chunk
             parts = [(chunk_start, chunk_stop)]
         else:
             lo, hi = slice_bounds(chunk_stop - chunk_start, rank.world_size, rank.rank)
@@ -204,14 +251,15 @@ def _rank_solve(
             result = solve_ihvp(
                 {n: g[lo:hi] for n, g in grads.items()}, preconditioner, product, counting, cfg, damping,
                 query_ids=[str(q) for q in range(lo, hi)], heldout=heldout,
-                on_iteration=lambda *_: rank.advance("it", 1),
+                on_iteration=lambda *_: rank.advance("it", 1), sharding=sharding,
             )
             seconds = time.perf_counter() - started
             longest = max(longest, counting.drawn if counting is not None else 0)
-            if mode == "queries" or rank.rank == 0:
+            if mode != "data" or rank.rank == 0:
                 records.append({
                     "start": lo, "stop": hi, "chunk_start": chunk_start,
                     "x": {name: x.cpu() for name, x in result.x.items()}, "status": result.status,
+                    "state_bytes": sum(t.numel() * t.element_size() for d in (grads, result.x) for t in d.values()),
                     "iterations": result.iterations, "messages": result.messages, "trace": result.trace.columns(),
                     "heldout": result.heldout.columns(), "heldout_seconds": result.heldout_seconds,
                     "seconds": seconds,
@@ -261,13 +309,20 @@ def _log_trace(ctx: Context, logger_name: str, pieces: list[dict], trace: pa.Tab
 
 
 def solve_directions(
-    ctx: Context, factors: EkfacFactors, grads: dict[str, torch.Tensor], damping: float, query_ids: Sequence[str],
-    logger_name: str, trajectory: str | None = None, checkpoints: Sequence[int] = (),
+    ctx: Context, factors: EkfacFactors | str, grads: dict[str, torch.Tensor] | str, damping: float,
+    query_ids: Sequence[str], logger_name: str, trajectory: str | None = None, checkpoints: Sequence[int] = (),
 ) -> tuple[Vectors, list[str], pa.Table | None, pa.Table | None, dict | None]:
     """`rank_solve` on the executor, its pieces put back in query order: (directions, statuses, trace, held-out
-    table, held-out record); the trace is logged under solve/<logger_name>/ and the ranks' warnings printed."""
+    table, held-out record); the trace is logged under solve/<logger_name>/ and the ranks' warnings printed, the
+    largest solver state a rank held under solve/<logger_name>/max_rank_state_bytes."""
     cfg = ctx.cfg.solver
     mode = solve_mode(ctx.cfg) if cfg.name != "ekfac" else "queries"
+    if mode == "modules" and ctx.executor.world_size > len(ctx.tracked):
+        raise DastraError(
+            f"ray.solve_mode=modules gives each of the {ctx.executor.world_size} ranks tracked modules to own, but "
+            f"model.tracked_modules selects {len(ctx.tracked)}: track more modules, lower ray.num_workers or use "
+            "ray.solve_mode=queries"
+        )
     iterative = cfg.name != "ekfac"
     num_queries = len(query_ids)
     steps = num_queries * cfg.iterations * (cfg.lissa_repeats if cfg.name == "lissa" else 1) if iterative else 0
@@ -276,8 +331,14 @@ def solve_directions(
             rank_solve, str(ctx.corpus), factors, grads, damping, mode, trajectory, tuple(checkpoints),
             cfg=ctx.cfg, what=f"solve ({logger_name})", progress=lambda unit, n: advance(n),
         )
+    ctx.tracker.log({f"solve/{logger_name}/max_rank_state_bytes": max(
+        p["state_bytes"] for records in per_rank for p in records)})
+    if mode == "modules":  # the ranks ran the same pieces, each holding its modules' blocks
+        for i, p in enumerate(per_rank[0]):
+            p["x"] = {n: x for records in per_rank for n, x in records[i]["x"].items()}
+        per_rank = per_rank[:1]
     pieces = sorted((p for records in per_rank for p in records), key=lambda p: p["start"])
-    directions = {n: torch.cat([p["x"][n] for p in pieces]) for n in grads}
+    directions = {n: torch.cat([p["x"][n] for p in pieces]) for n in ctx.tracked}
     statuses = [s for p in pieces for s in p["status"]]
     if len(statuses) != num_queries:
         raise DastraError(f"internal: the ranks solved {len(statuses)} of {num_queries} queries")
@@ -317,11 +378,11 @@ def solve(ctx: Context) -> float:
     cfg = ctx.cfg.solver
     if cfg.name in SOURCE_SOLVERS:
         raise DastraError(f"internal: solver '{cfg.name}' is solved by stages/source.py")
-    factors = load_factors(ctx.paths.factors, factor_meta(ctx))
-    ids, grads = load_query_gradients(ctx)
-    damping = default_damping(factors) if cfg.damping == "auto" else float(cfg.damping)
+    check_meta(load_factors_meta(ctx.paths.factors), factor_meta(ctx), f"factors at '{ctx.paths.factors}'", "fit")
+    ids, grads = query_gradients_file(ctx)  # each rank reads the modules it holds
+    damping = DAMPING_SCALE * stored_mean_lambda(ctx.paths.factors) if cfg.damping == "auto" else float(cfg.damping)
     directions, statuses, trace, heldout, heldout_info = solve_directions(
-        ctx, factors, grads, damping, [str(q) for q in ids], cfg.name
+        ctx, str(ctx.paths.factors), str(grads), damping, [str(q) for q in ids], cfg.name
     )
     write_directions(ctx, ids, directions, statuses, damping, trace, heldout, heldout_info)
     scope = f"solve/{cfg.name}"

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from distributed_astra.artifacts import atomic_path, check_meta, read_meta, save_tensors, write_json
 from distributed_astra.context import Context, directions_meta, factor_meta, load_query_gradients
-from distributed_astra.curvature.factors import EkfacFactors, load_factors, save_factors
+from distributed_astra.curvature.factors import EkfacFactors, load_factors
 from distributed_astra.data.sequences import QueryId
 from distributed_astra.errors import DastraError
 from distributed_astra.ihvp.products import Vectors
@@ -82,12 +82,11 @@ def segment_factors(ctx: Context, folder: Path, traj: Trajectory, segments: list
             out.append(load_factors(path, meta))
             continue
         console.print(f"fitting segment {seg.index}'s EK-FAC over {len(seg.checkpoints)} checkpoint(s)")
-        factors, _ = fit_factors(
-            ctx, f"fit segment {seg.index} (2 passes x {len(seg.checkpoints)} checkpoints)", str(folder.resolve()),
-            seg.checkpoints,
+        fit_factors(
+            ctx, f"fit segment {seg.index} (2 passes x {len(seg.checkpoints)} checkpoints)", path,
+            {**meta, "dtype": ctx.cfg.factors.dtype}, str(folder.resolve()), seg.checkpoints,
         )
-        save_factors(factors, path, {**meta, "dtype": ctx.cfg.factors.dtype})
-        out.append(factors)
+        out.append(load_factors(path, meta))
     return out
 
 
