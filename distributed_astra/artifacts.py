@@ -70,6 +70,28 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
 
 
+def rank_file(stem: str, rank: int) -> str:
+    """The safetensors file one rank writes its modules' tensors into (`factors-00000.safetensors`)."""
+    return f"{stem}-{rank:05d}.safetensors"
+
+
+def load_module_tensors(
+    folder: Path, files: dict[str, str], names: list[str], what: str, stage: str, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The tensors of `names` from a folder of per-rank shards described by `files` {name: shard file}: each
+    shard opened once, only its requested tensors read."""
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise DastraError(f"{what} in '{folder}' lists no shard for {missing}: re-run `dastra {stage}`")
+    by_file: dict[str, list[str]] = {}
+    for n in names:
+        by_file.setdefault(files[n], []).append(n)
+    found: dict[str, torch.Tensor] = {}
+    for file, members in by_file.items():
+        found.update(load_tensors(Path(folder) / file, what, stage, device=device, names=members))
+    return {n: found[n] for n in names}
+
+
 def load_tensors(
     path: Path, what: str, stage: str, device: str = "cpu", fix: str | None = None, names: list[str] | None = None
 ) -> dict[str, torch.Tensor]:

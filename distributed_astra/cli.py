@@ -210,6 +210,7 @@ def plan(
     gpus: Annotated[Optional[int], typer.Option("--gpus", help="GPUs in all (default: plan.gpus)")] = None,
     gpu_mem: Annotated[Optional[str], typer.Option("--gpu-mem", help="memory per GPU, e.g. 80GB")] = None,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="also write the plan as Markdown")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as one JSON object instead of the table")] = False,
 ) -> None:
     """Memory per GPU and per node, FLOPs and time of every stage, from the model config alone (no weights)."""
 
@@ -218,10 +219,13 @@ def plan(
 
         from distributed_astra.artifacts import atomic_path  # deferred: torch
         from distributed_astra.plan import does_not_fit, make_plan  # deferred: torch
-        from distributed_astra.plan.render import plan_markdown, print_plan  # deferred: torch
+        from distributed_astra.plan.render import plan_json, plan_markdown, print_plan  # deferred: torch
 
         result = make_plan(_config(config, set_, None), gpus, gpu_mem)
-        print_plan(result, Console(width=200))
+        if as_json:
+            typer.echo(json.dumps(plan_json(result)))
+        else:
+            print_plan(result, Console(width=200))
         if markdown is not None:
             with atomic_path(markdown) as tmp:
                 tmp.write_text(plan_markdown(result))

@@ -43,7 +43,7 @@ from distributed_astra.artifacts import (
     check_meta,
     differing_field,
     ensure_writable_dir,
-    load_tensors,
+    load_module_tensors,
     read_directions,
     read_meta,
     save_tensors,
@@ -425,20 +425,36 @@ def check_directions(ctx: Context) -> None:
         )
 
 
-QUERY_GRADIENTS_FILE = "gradients.safetensors"
+QUERY_GRADIENTS_STEM = "gradients"  # queries/gradients-<rank>.safetensors: the modules that rank owns
 
 
-def query_gradients_file(ctx: Context) -> tuple[list[QueryId], Path]:
-    """(query ids as the queries file gives them, the gradients file) of the query stage, its meta checked."""
+def query_gradients_folder(ctx: Context) -> tuple[list[QueryId], Path]:
+    """(query ids as the queries file gives them, the queries/ folder) of the query stage, its meta checked."""
     meta = read_meta(ctx.paths.queries, "query gradients", "query")
     check_meta(meta, query_meta(ctx), "query gradients", "query")
-    return meta["query_ids"], ctx.paths.queries / QUERY_GRADIENTS_FILE
+    return meta["query_ids"], ctx.paths.queries
+
+
+def query_gradient_shards(folder: Path) -> dict[str, str]:
+    """{module: shard file} of a queries/ folder (its meta.json's map)."""
+    files = read_meta(folder, "query gradients", "query").get("files")
+    if not isinstance(files, dict):
+        raise DastraError(f"query gradients '{folder}' have no module → shard map: re-run `dastra query`")
+    return files
+
+
+def read_query_gradients(folder: Path, names: list[str], device: str = "cpu") -> dict[str, torch.Tensor]:
+    """{module: [Q, out, in+1]} of `names` from a queries/ folder: only the shards holding them are opened (a
+    rank reads the modules it owns)."""
+    return load_module_tensors(folder, query_gradient_shards(folder), names, "query gradients", "query",
+                               device=device)
 
 
 def load_query_gradients(ctx: Context) -> tuple[list[QueryId], dict[str, torch.Tensor]]:
-    """(query ids as the queries file gives them, {module: [Q, out, in+1]}) of the query stage."""
-    ids, path = query_gradients_file(ctx)
-    return ids, load_tensors(path, "query gradients", "query")
+    """(query ids as the queries file gives them, {module: [Q, out, in+1]} of every tracked module) of the query
+    stage."""
+    ids, folder = query_gradients_folder(ctx)
+    return ids, read_query_gradients(folder, list(ctx.tracked))
 
 
 def load_directions(ctx: Context, solver: str | None = None) -> tuple[list[QueryId], dict[str, torch.Tensor]]:

@@ -19,7 +19,7 @@ import torch
 
 from distributed_astra.artifacts import meta_matches, open_tensors, read_meta, write_json
 from distributed_astra.config import SOURCE_SOLVERS, Config
-from distributed_astra.context import QUERY_GRADIENTS_FILE, Context, factor_meta, open_context, query_meta
+from distributed_astra.context import Context, factor_meta, open_context, query_gradient_shards, query_meta
 from distributed_astra.curvature.factors import factor_fields, factor_shards
 from distributed_astra.data.sequences import load_queries
 from distributed_astra.errors import DastraError
@@ -53,9 +53,15 @@ def reused(ctx: Context, name: str) -> tuple[bool, object]:
             console.print("reusing factors/ (same model, corpus and factors settings)", highlight=False)
             return True, None
     if name == "query" and meta_matches(ctx.paths.queries, query_meta(ctx)):
-        if (ctx.paths.queries / QUERY_GRADIENTS_FILE).is_file():
-            console.print("reusing queries/ (same model and queries)", highlight=False)
-            return True, None
+        try:  # every module's shard readable, its tensors stay on disk
+            for shard in set(query_gradient_shards(ctx.paths.queries).values()):
+                with open_tensors(ctx.paths.queries / shard, "query gradients", "query"):
+                    pass
+        except DastraError as exc:
+            console.print(f"[yellow]warning:[/] {exc}: computing them again", highlight=False, soft_wrap=True)
+            return False, None
+        console.print("reusing queries/ (same model and queries)", highlight=False)
+        return True, None
     return False, None
 
 

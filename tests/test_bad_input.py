@@ -163,7 +163,7 @@ def test_run_checks_queries_before_the_fit_then_reuses_matching_factors_and_refi
     "damaged, stage, producer, untouched",
     [
         ("factors/factors-00000.safetensors", "solve", "fit", "ihvp/ekfac/directions.safetensors"),
-        ("queries/gradients.safetensors", "solve", "query", "ihvp/ekfac/directions.safetensors"),
+        ("queries/gradients-00000.safetensors", "solve", "query", "ihvp/ekfac/directions.safetensors"),
         ("ihvp/ekfac/directions.safetensors", "score", "solve", "topk.parquet"),
         ("factors/factors-00000.safetensors", "report", "fit", "report.html"),
     ],

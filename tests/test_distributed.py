@@ -36,7 +36,7 @@ from distributed_astra.distributed.collectives import slice_bounds
 from distributed_astra.distributed.deepspeed_config import load_ds_config
 from distributed_astra.distributed import solve_mode
 from distributed_astra.errors import DastraError
-from distributed_astra.ownership import balance_by_cost
+from distributed_astra.ownership import balance_by_cost, owned, run_owners
 from tests.conftest import QUERIES, WORDS, assert_same_eigendecomposition, corpus_rows, workspace_overrides, write_workspace
 
 RTOL = 1e-5
@@ -211,6 +211,31 @@ def test_fit_on_two_ranks_equals_single_process(
     assert all(0 < held <= total / 2 + largest for held in out["resident_bytes"]), (out["resident_bytes"], total)
     shards = {f for f in json.loads((tmp_path / "factors" / "meta.json").read_text())["ekfac"]["files"].values()}
     assert shards == {"factors-00000.safetensors", "factors-00001.safetensors"}
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_query_gradients_on_two_ranks_are_sharded_by_owner(
+    ray_session, single: Path, workspace: Path, tmp_path: Path, stage
+):
+    ctx = _context(workspace, tmp_path, *DISTRIBUTED, f"deepspeed.stage={stage}")
+    _stages(ctx, "query")
+    names = list(ctx.tracked)
+    expected = load_file(str(single / "queries" / "gradients-00000.safetensors"))
+    files = json.loads((tmp_path / "queries" / "meta.json").read_text())["files"]
+    owners = run_owners(ctx.cfg, {n: t.shape for n, t in ctx.tracked.items()}, 2)
+    assert files == {n: f"gradients-{owners[n]:05d}.safetensors" for n in names}
+    held = []
+    for rank in (0, 1):  # each shard holds exactly its rank's modules, equal to the one-rank gradients
+        shard = load_file(str(tmp_path / "queries" / f"gradients-{rank:05d}.safetensors"))
+        assert sorted(shard) == sorted(owned(owners, rank)) != []
+        for name, g in shard.items():
+            assert _rel(g, expected[name]) <= RTOL
+        held.append(sum(g.numel() * g.element_size() for g in shard.values()))
+    sizes = [g.numel() * g.element_size() for g in expected.values()]
+    assert sum(held) == sum(sizes) and max(held) <= sum(sizes) / 2 + max(sizes) < sum(sizes)
+    logged = [json.loads(line).get("query/max_rank_gradient_bytes")
+              for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [b for b in logged if b is not None] == [max(held)]
 
 
 def _copy_inputs(source: Path, run_dir: Path) -> None:

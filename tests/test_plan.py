@@ -3,6 +3,7 @@ config, `dastra plan`, and `dastra run` refusing a config that does not fit befo
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -69,10 +70,12 @@ def test_tiny_plan_sizes_match_closed_forms_and_the_largest_batch_fits_exactly()
     stages = {s.stage.split(" (")[0]: s for s in plan.stages}
     factor_bytes = sum(8 * (t.in_dim**2 + t.out_features**2) for t in tracked.values())  # float64 statistics
     assert stages["covariances"].resident == factor_bytes
-    assert stages["eigenvalue correction"].resident == factor_bytes + 8 * plan.tracked_parameters
+    eigenvalues = sum(8 * (t.in_dim + t.out_features) for t in tracked.values())  # d_A, d_S next to Q_A, Q_S
+    assert stages["eigenvalue correction"].resident == factor_bytes + eigenvalues + 8 * plan.tracked_parameters
     assert plan.tracked_parameters == sum((t.in_features + 1) * t.out_features for t in tracked.values())
     assert stages["astra chunk"].resident == (
-        factor_bytes + 8 * plan.tracked_parameters * (1 + LIVE_VECTORS_PER_QUERY * cfg.solver.query_batch_size)
+        factor_bytes + eigenvalues
+        + 8 * plan.tracked_parameters * (1 + LIVE_VECTORS_PER_QUERY * cfg.solver.query_batch_size)
     )
     params = sum(p.numel() for p in model.parameters())
     assert plan.num_parameters == params and plan.zero_parameters[0] == 4 * params
@@ -157,3 +160,32 @@ def test_dastra_run_refuses_a_config_that_does_not_fit_before_any_work(tmp_path)
     with pytest.raises(DastraError):
         check_fits(load_config(None, TINY + ["plan.gpu_memory=1MB"]))
     assert check_fits(load_config(None, TINY + ["plan.gpu_memory=1MB", "plan.check=false"])) is None
+
+
+def test_owned_state_per_gpu_falls_as_one_over_n_with_module_ownership():
+    """The fit's factors and the modules-mode ASTRA chunk's state are the busiest owner's (ownership.run_owners):
+    at N GPUs at most 1/N of the one-GPU figure plus the largest module's; scoring still holds every direction."""
+    cfg = load_config(None, TINY + ["ray.solve_mode=modules", "model.tiny.n_layer=4"])
+    model = shapes.meta_model(shapes.model_config(cfg), "float32")
+    tracked = shapes.tracked_modules(model, cfg)
+    plans = {n: make_plan(cfg, gpus=n, search=False) for n in (1, 4)}
+    assert plans[4].busiest_owner_modules < plans[1].busiest_owner_modules == len(tracked)
+    assert [s.stage for s in plans[4].stages if s.stage.startswith("astra")] == ["astra chunk (modules)"]
+    for stage in ("eigenvalue correction", "astra chunk"):  # one GPU solves in mode queries: the same state
+        one, four = ({s.stage.split(" (")[0]: s.resident for s in plans[n].stages}[stage] for n in (1, 4))
+        per_module = one / plans[1].tracked_parameters * max(t.shape[0] * t.shape[1] for t in tracked.values())
+        assert 0 < four <= one / 4 + 2 * per_module < one, (stage, one, four)
+    scoring = [{s.stage: s.resident for s in plans[n].stages}["scoring"] for n in (1, 4)]
+    assert scoring[0] == scoring[1]
+
+
+def test_dastra_plan_json_is_the_table_as_one_object():
+    overrides = TINY + ["plan.gpus=2"]
+    result = CliRunner().invoke(app, ["plan", "--json"] + [a for s in overrides for a in ("--set", s)])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output.strip().splitlines()[-1])
+    expected = make_plan(load_config(None, overrides))
+    assert [s["stage"] for s in got["stages"]] == [s.stage for s in expected.stages]
+    assert [s["bytes_per_gpu"] for s in got["stages"]] == [s.per_gpu for s in expected.stages]
+    assert got["fits"] is expected.fits is True and got["failing"] == [] and got["gpus"] == 2
+    assert got["max_query_chunk"] == expected.max_query_chunk

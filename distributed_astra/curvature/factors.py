@@ -28,7 +28,15 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from distributed_astra.artifacts import atomic_path, check_meta, open_tensors, read_meta, save_tensors, write_json
+from distributed_astra.artifacts import (
+    atomic_path,
+    check_meta,
+    open_tensors,
+    rank_file,
+    read_meta,
+    save_tensors,
+    write_json,
+)
 from distributed_astra.curvature.covariance import CovarianceStats, collect_covariances, model_device
 from distributed_astra.curvature.eigen import KroneckerEigen, LambdaStats, collect_eigenvalue_correction, eigendecompose
 from distributed_astra.errors import DastraError
@@ -204,7 +212,7 @@ def model_fingerprint(model: nn.Module, tracked: dict[str, TrackedModule], max_e
 # --------------------------------------------------------------------------------------------- save / load
 def shard_file(rank: int) -> str:
     """The file a rank writes its modules' factors into."""
-    return f"factors-{rank:05d}.safetensors"
+    return rank_file("factors", rank)
 
 
 def save_factor_shard(modules: dict[str, ModuleFactors], folder: str | os.PathLike, rank: int) -> dict[str, str]:

@@ -21,7 +21,7 @@ to [B, T', in] and then need `attention_mask=None` or a mask of shape [B, T'].
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -189,9 +189,10 @@ class GradientCapture:
         """Ds of every module (materialised in the statistics dtype; prefer `output_grad(name)`)."""
         return {name: self.output_grad(name) for name in self._grads}
 
-    def per_sequence_gradients(self) -> dict[str, torch.Tensor]:
-        """DW̄_n [B, out, in+1] for every tracked module, in the [out, in+1] layout (bias last)."""
-        return {name: self.per_sequence_gradient(name) for name in self.tracked}
+    def per_sequence_gradients(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """DW̄_n [B, out, in+1] for every tracked module (or those of `names`), in the [out, in+1] layout (bias
+        last)."""
+        return {name: self.per_sequence_gradient(name) for name in (self.tracked if names is None else names)}
 
     def _iter_captured(self) -> Iterator[str]:
         return (name for name in self.tracked if name in self._inputs)

@@ -34,6 +34,7 @@ from distributed_astra.ihvp.products import DEFAULT_TANGENT_ELEMENTS
 from distributed_astra.ihvp.solvers import LIVE_VECTORS_PER_QUERY
 from distributed_astra.models.load import DTYPES
 from distributed_astra.models.modules import TrackedModule
+from distributed_astra.ownership import factor_elements, module_bytes, owned, run_owners
 from distributed_astra.plan import shapes, simulate
 from distributed_astra.plan.simulate import StepCost, measure, meta_batch
 from distributed_astra.scoring.projection import module_dims
@@ -110,6 +111,8 @@ class Plan:
     max_micro_batch: dict[str, int] = field(default_factory=dict)  # per batch field: the largest that fits
     max_query_chunk: int | None = None  # None: the solver does not iterate (ekfac)
     max_scored_queries: int = 0
+    solve_mode: str = "queries"
+    busiest_owner_modules: int = 0  # tracked modules the busiest owner rank holds the state of (`ownership`)
 
     @property
     def gpus_on_a_node(self) -> int:
@@ -200,8 +203,18 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
     zero = _zero_parameters(num_params, shapes.largest_leaf_parameters(model), gpus, model_bytes)
     stage = effective_stage(cfg.deepspeed.stage)
     params = zero[stage]
-    mode = "data" if stage == 3 else solve_mode(cfg)  # the run refuses ZeRO-3 + GGN when it solves; plan it anyway
+    if stage == 3:  # the run refuses ZeRO-3 + GGN when it solves; plan it anyway
+        mode = "modules" if cfg.ray.solve_mode == "modules" else "data"
+    else:  # the mode the run picks on `gpus` ranks
+        mode = solve_mode(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_workers": gpus})}))
     solve_params = zero[0] if mode == "queries" else params
+    # the busiest owner (`ownership.run_owners`, the runtime's own placement): the fit and the query stage always
+    # keep state by owner, the solve only in mode modules
+    owners = run_owners(cfg, {n: t.shape for n, t in tracked.items()}, gpus)
+    cost = {n: module_bytes(t.shape, stat.itemsize, 4, cfg.solver.query_batch_size) for n, t in tracked.items()}
+    busiest = max(range(gpus), key=lambda r: (sum(cost[n] for n in owned(owners, r)), -r))
+    mine = {n: tracked[n] for n in owned(owners, busiest)}
+    solve_tracked = mine if mode == "modules" else tracked
 
     documents, documents_source = pc.documents, "plan.documents"
     if documents is None and cfg.data.corpus != "demo":
@@ -231,35 +244,46 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
 
     @cache
     def cov_at(b: int) -> StepCost:
-        return measure(lambda: simulate.covariance_step(model, tracked, meta_batch(b, seq_len), stat, compute))
+        return measure(lambda: simulate.covariance_step(model, tracked, meta_batch(b, seq_len), stat, compute, mine,
+                                                        gpus))
 
     @cache
     def lam_at(b: int) -> StepCost:
-        return measure(lambda: simulate.lambda_step(model, tracked, meta_batch(b, seq_len), stat, compute))
+        return measure(lambda: simulate.lambda_step(model, tracked, meta_batch(b, seq_len), stat, compute, mine,
+                                                    gpus))
 
     @cache
     def query_at(b: int) -> StepCost:
-        return measure(lambda: simulate.query_step(model, tracked, meta_batch(b, seq_len), stat, num_queries))
+        return measure(lambda: simulate.query_step(model, tracked, meta_batch(b, seq_len), stat, num_queries, mine))
 
     # mode `queries`: every GPU runs the whole minibatch for its share of a chunk's queries; mode `data`: every GPU
-    # runs every query of the chunk on its slice of the minibatch (stages/solve.py)
-    rank_minibatch = mb if mode == "queries" else math.ceil(mb / gpus)
+    # runs every query of the chunk on its slice of the minibatch; mode `modules`: every GPU runs the whole
+    # minibatch for every query of the chunk on its own modules (stages/solve.py)
+    rank_minibatch = math.ceil(mb / gpus) if mode == "data" else mb
     rank_queries = math.ceil(chunk_q / gpus) if mode == "queries" else chunk_q
 
     @cache
     def astra_at(q: int) -> StepCost:
         batch = meta_batch(rank_minibatch, seq_len)
         if cfg.solver.product == "fisher":
-            return measure(lambda: simulate.fisher_step(model, tracked, batch, stat, compute, q))
-        return measure(lambda: simulate.astra_step(model, tracked, batch, stat, q, DEFAULT_TANGENT_ELEMENTS))
+            return measure(lambda: simulate.fisher_step(model, tracked, batch, stat, compute, q, solve_tracked))
+        return measure(lambda: simulate.astra_step(model, tracked, batch, stat, q, DEFAULT_TANGENT_ELEMENTS,
+                                                   solve_tracked))
 
     @cache
     def score_at(b: int, q: int = num_queries) -> StepCost:
         return measure(lambda: simulate.score_step(model, tracked, meta_batch(b, seq_len), compute, q))
 
     stages: list[StageEstimate] = []
-    factor_bytes = sum((t.in_dim**2 + t.out_features**2) * stat.itemsize for t in tracked.values())
-    lambda_bytes = d_tracked * stat.itemsize
+
+    def sum_bytes_of(modules: dict[str, TrackedModule]) -> int:  # the A and S sums
+        return sum((t.in_dim**2 + t.out_features**2) * stat.itemsize for t in modules.values())
+
+    def factors_of(modules: dict[str, TrackedModule]) -> int:  # Q_A, d_A, Q_S, d_S, Λ: what the owner keeps
+        return sum(factor_elements(t.shape) for t in modules.values()) * stat.itemsize
+
+    factor_bytes, lambda_bytes = sum_bytes_of(mine), shapes.tracked_parameters(mine) * stat.itemsize
+    solve_lambda_bytes = shapes.tracked_parameters(solve_tracked) * stat.itemsize
 
     def add(name, parameters, resident, what, peak, flops, batch):
         stages.append(StageEstimate(name, parameters, resident, what, peak - resident, flops, seconds(flops), batch))
@@ -268,16 +292,17 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
     cov = cov_at(fb)
     add("covariances", params, factor_bytes, "A, S sums", cov.peak_bytes, scaled(cov, fb, fit_sequences),
         f"factors.batch_size {fb} {tokens}")
-    eig = measure(lambda: simulate.eigen_step(tracked, stat))
+    eig = measure(lambda: simulate.eigen_step(mine, stat))
     eig_flops = float(sum(EIGH_FLOPS_PER_CUBE * d**3 for t in tracked.values() for d in (t.in_dim, t.out_features)))
     add("eigendecomposition", params, factor_bytes, "A, S sums", eig.peak_bytes, eig_flops,
-        f"{2 * len(tracked)} eigh, sharded by module")
+        f"{2 * len(tracked)} eigh, {2 * len(mine)} on the busiest owner")
     lam = lam_at(fb)
-    add("eigenvalue correction", params, factor_bytes + lambda_bytes, "eigenbases, Λ sums", lam.peak_bytes,
+    add("eigenvalue correction", params, factors_of(mine), "eigenbases, Λ sums", lam.peak_bytes,
         scaled(lam, fb, fit_sequences), f"factors.batch_size {fb} {tokens}")
     qry = query_at(min(qb, num_queries))
     query_batches = math.ceil(num_queries / qb)
-    add("query gradients", params, 2 * num_queries * lambda_bytes, f"{num_queries} query gradients (x2 at the concat)",
+    add("query gradients", params, 2 * num_queries * lambda_bytes,
+        f"{num_queries} query gradients of its modules (x2 at the concat)",
         qry.peak_bytes, float(qry.flops) * query_batches, f"{query_batches} batch(es) of {min(qb, num_queries)} {tokens}")
     if cfg.solver.name != "ekfac":
         if cfg.solver.product == "ggn":  # the set-up plus one replayed tangent chunk per chunk of queries
@@ -288,12 +313,12 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
             per_iteration = one.flops + per_chunk * max(0, math.ceil(rank_queries / tangent) - 1)
         else:
             per_iteration = astra_at(rank_queries).flops * cfg.solver.fisher_samples
-        per_iteration += simulate.ekfac_apply_flops(tracked, rank_queries)
-        ranks_busy = gpus if mode == "data" else min(gpus, math.ceil(chunk_q / rank_queries))
+        per_iteration += simulate.ekfac_apply_flops(solve_tracked, rank_queries)
+        ranks_busy = min(gpus, math.ceil(chunk_q / rank_queries)) if mode == "queries" else gpus
         astra_flops = float(per_iteration) * ranks_busy * cfg.solver.iterations * math.ceil(num_queries / chunk_q)
         ast = astra_at(rank_queries)
-        vectors = LIVE_VECTORS_PER_QUERY * rank_queries * lambda_bytes
-        add(f"{cfg.solver.name} chunk ({mode})", solve_params, factor_bytes + lambda_bytes + vectors,
+        vectors = LIVE_VECTORS_PER_QUERY * rank_queries * solve_lambda_bytes
+        add(f"{cfg.solver.name} chunk ({mode})", solve_params, factors_of(solve_tracked) + vectors,
             f"eigenbases, Λ, {LIVE_VECTORS_PER_QUERY} [Q, D] vectors", ast.peak_bytes, astra_flops,
             f"{rank_queries} queries, minibatch {rank_minibatch} {tokens} per GPU, {cfg.solver.product} product, "
             f"{cfg.solver.iterations} it")
@@ -324,6 +349,8 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
         stages=stages,
         store_bytes=store,
         projection_dim=projection_dim,
+        solve_mode=mode,
+        busiest_owner_modules=len(mine),
     )
     if not search:
         return plan

@@ -100,6 +100,27 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         console.print(line, highlight=False)
 
 
+def plan_json(plan: Plan) -> dict:
+    """`dastra plan --json`: the table as one object (bytes, FLOPs and seconds unrounded) and the verdict."""
+    return {
+        "model": plan.model_name, "parameters": plan.num_parameters, "tracked_parameters": plan.tracked_parameters,
+        "tracked_modules": plan.num_tracked_modules, "busiest_owner_modules": plan.busiest_owner_modules,
+        "gpus": plan.gpus, "gpus_per_node": plan.gpus_per_node, "gpu_memory_bytes": plan.gpu_memory,
+        "budget_bytes": plan.budget, "zero_stage": plan.zero_stage, "solve_mode": plan.solve_mode,
+        "documents": plan.documents, "queries": plan.num_queries,
+        "stages": [
+            {"stage": s.stage, "parameter_bytes": s.parameters, "resident_bytes": s.resident,
+             "resident_holds": s.resident_what, "working_bytes": s.working, "bytes_per_gpu": s.per_gpu,
+             "gpu_bytes_per_node": s.per_gpu * plan.gpus_on_a_node, "batch": s.batch, "flops": s.flops,
+             "seconds": s.seconds, "fits": s.per_gpu <= plan.budget}
+            for s in plan.stages
+        ],
+        "max_micro_batch": plan.max_micro_batch, "max_query_chunk": plan.max_query_chunk,
+        "max_scored_queries": plan.max_scored_queries, "store_bytes": plan.store_bytes,
+        "fits": plan.fits, "failing": [s.stage for s in plan.failing()],
+    }
+
+
 def plan_markdown(plan: Plan) -> str:
     lines = [f"- {line}" for line in header_lines(plan)] + [""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]

@@ -14,7 +14,7 @@ answer; those allocate nothing that lives.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -138,25 +138,37 @@ def _forward_backward(
     return inputs, {n: g for n, g in zip(names, grads)}
 
 
+def _routed(pieces: list[torch.Tensor], name: str, owned: Collection[str], ranks: int) -> list[list[torch.Tensor]]:
+    """`distributed.collectives.owner_route` on the busiest rank: an owned module's pieces arrive from every rank
+    (this batch's shape on each), the others leave nothing."""
+    return [[p.clone() for p in pieces] for _ in range(ranks)] if name in owned else []
+
+
 def covariance_step(
-    model: nn.Module, tracked: dict[str, TrackedModule], batch: dict, stat_dtype: torch.dtype, compute: torch.dtype
+    model: nn.Module, tracked: dict[str, TrackedModule], batch: dict, stat_dtype: torch.dtype, compute: torch.dtype,
+    owned: Collection[str] | None = None, ranks: int = 1,
 ) -> None:
-    """Pass 1 of the fit, one batch (`curvature.covariance.collect_covariances`), with the A and S sums."""
-    a_sum = {n: torch.zeros(t.in_dim, t.in_dim, dtype=stat_dtype, device=META) for n, t in tracked.items()}
-    s_sum = {n: torch.zeros(t.out_features, t.out_features, dtype=stat_dtype, device=META) for n, t in tracked.items()}
+    """Pass 1 of the fit, one batch (`curvature.covariance.collect_covariances`), on the rank owning `owned`
+    (default all) of `ranks`: every module captured, the A and S sums of its own modules from every rank's ā, Ds."""
+    owned = list(tracked) if owned is None else owned
+    a_sum = {n: torch.zeros(tracked[n].in_dim, tracked[n].in_dim, dtype=stat_dtype, device=META) for n in owned}
+    s_sum = {n: torch.zeros(tracked[n].out_features, tracked[n].out_features, dtype=stat_dtype, device=META)
+             for n in owned}
     inputs, grads = _forward_backward(model, tracked, batch, sample=True)
     mask = batch["attention_mask"]
     for name, t in tracked.items():
-        a = _activation(inputs[name], t, mask, compute).flatten(0, -2)
-        a_sum[name] += (a.T @ a).to(stat_dtype)
-        del a
-        ds = _output_grad(grads[name], mask, compute).flatten(0, -2)
-        s_sum[name] += (ds.T @ ds).to(stat_dtype)
-        del ds
+        local = [_activation(inputs[name], t, mask, compute).flatten(0, -2),
+                 _output_grad(grads[name], mask, compute).flatten(0, -2)]
+        for a, ds in _routed(local, name, owned, ranks):
+            a_sum[name] += (a.T @ a).to(stat_dtype)
+            s_sum[name] += (ds.T @ ds).to(stat_dtype)
+            del a, ds
+        del local
 
 
 def eigen_step(tracked: dict[str, TrackedModule], stat_dtype: torch.dtype) -> None:
-    """Eigendecomposition (`curvature.eigen.eigendecompose`): every A and S sum stays while eigenbases accumulate."""
+    """Eigendecomposition (`curvature.eigen.eigendecompose`) of the modules of `tracked` (a rank's own): every A
+    and S sum stays while eigenbases accumulate."""
     sums = [torch.zeros(d, d, dtype=stat_dtype, device=META) for t in tracked.values() for d in (t.in_dim, t.out_features)]
     bases = []
     for matrix in sums:
@@ -168,38 +180,48 @@ def eigen_step(tracked: dict[str, TrackedModule], stat_dtype: torch.dtype) -> No
 
 def lambda_step(
     model: nn.Module, tracked: dict[str, TrackedModule], batch: dict, stat_dtype: torch.dtype, compute: torch.dtype,
-    chunk_elements: int = 1 << 25,
+    owned: Collection[str] | None = None, ranks: int = 1, chunk_elements: int = 1 << 25,
 ) -> None:
-    """Pass 2 of the fit, one batch (`curvature.eigen.collect_eigenvalue_correction`), with eigenbases and Λ sums."""
-    q = {n: (torch.zeros(t.in_dim, t.in_dim, dtype=stat_dtype, device=META),
-             torch.zeros(t.out_features, t.out_features, dtype=stat_dtype, device=META)) for n, t in tracked.items()}
-    lam = {n: torch.zeros(*t.shape, dtype=stat_dtype, device=META) for n, t in tracked.items()}
+    """Pass 2 of the fit, one batch (`curvature.eigen.collect_eigenvalue_correction`), on the rank owning `owned`
+    (default all) of `ranks`: its eigenbases and Λ sums, every rank's ā and Ds of its modules rotated there."""
+    owned = list(tracked) if owned is None else owned
+    q = {n: (torch.zeros(tracked[n].in_dim, tracked[n].in_dim, dtype=stat_dtype, device=META),
+             torch.zeros(tracked[n].out_features, tracked[n].out_features, dtype=stat_dtype, device=META))
+         for n in owned}
+    lam = {n: torch.zeros(*tracked[n].shape, dtype=stat_dtype, device=META) for n in owned}
     inputs, grads = _forward_backward(model, tracked, batch, sample=True)
     mask = batch["attention_mask"]
     for name, t in tracked.items():
-        q_a, q_s = q[name]
-        ds_rot = _output_grad(grads[name], mask, compute) @ q_s.to(compute)
-        a_rot = _activation(inputs[name], t, mask, compute) @ q_a.to(compute)
-        total = torch.zeros(*t.shape, dtype=compute, device=META)
-        step = max(1, chunk_elements // max(1, t.shape[0] * t.shape[1]))
-        for start in range(0, ds_rot.shape[0], step):
-            g = torch.einsum("bto,bti->boi", ds_rot[start : start + step], a_rot[start : start + step])
-            total += (g * g).sum(dim=0)
-            del g
-        lam[name] += total.to(stat_dtype)
-        del ds_rot, a_rot, total
+        local = [_activation(inputs[name], t, mask, compute), _output_grad(grads[name], mask, compute)]
+        for a, ds in _routed(local, name, owned, ranks):
+            q_a, q_s = q[name]
+            ds_rot, a_rot = ds @ q_s.to(compute), a @ q_a.to(compute)
+            del a, ds
+            total = torch.zeros(*t.shape, dtype=compute, device=META)
+            step = max(1, chunk_elements // max(1, t.shape[0] * t.shape[1]))
+            for start in range(0, ds_rot.shape[0], step):
+                g = torch.einsum("bto,bti->boi", ds_rot[start : start + step], a_rot[start : start + step])
+                total += (g * g).sum(dim=0)
+                del g
+            lam[name] += total.to(stat_dtype)
+            del ds_rot, a_rot, total
+        del local
 
 
 def query_step(
-    model: nn.Module, tracked: dict[str, TrackedModule], batch: dict, stat_dtype: torch.dtype, num_queries: int
+    model: nn.Module, tracked: dict[str, TrackedModule], batch: dict, stat_dtype: torch.dtype, num_queries: int,
+    owned: Collection[str] | None = None,
 ) -> None:
-    """Query gradients (`scoring.gradients.query_gradients`): one batch, with every query's gradient kept."""
-    kept = [torch.zeros(num_queries, *t.shape, dtype=stat_dtype, device=META) for t in tracked.values()]
+    """Query gradients (`stages.query.rank_query`): one batch, every module captured, every query's gradient of
+    the `owned` modules (default all) formed and kept."""
+    owned = list(tracked) if owned is None else owned
+    kept = [torch.zeros(num_queries, *tracked[n].shape, dtype=stat_dtype, device=META) for n in owned]
     inputs, grads = _forward_backward(model, tracked, batch, sample=False)
     mask = batch["attention_mask"]
     per_sequence = {
-        n: torch.einsum("bto,bti->boi", _output_grad(grads[n], mask, stat_dtype), _activation(inputs[n], t, mask, stat_dtype))
-        for n, t in tracked.items()
+        n: torch.einsum("bto,bti->boi", _output_grad(grads[n], mask, stat_dtype),
+                        _activation(inputs[n], tracked[n], mask, stat_dtype))
+        for n in owned
     }
     del per_sequence, inputs, grads
     concatenated = [torch.cat([k]) for k in kept]  # the final torch.cat of every batch's gradients
@@ -210,20 +232,21 @@ def query_step(
 
 def astra_step(
     model: nn.Module, tracked: dict[str, TrackedModule], batch: dict, stat_dtype: torch.dtype, num_queries: int,
-    max_tangent_elements: int,
+    max_tangent_elements: int, owned: Collection[str] | None = None,
 ) -> None:
-    """One ASTRA iteration on a chunk of `num_queries` queries: the solver's vectors, the EK-FAC factors, and the
-    exact GGN product (`ihvp.products.GGNProduct.product_sum`, double-VJP). FLOPs: the set-up and at most two
-    tangent chunks are replayed (`astra_flops` scales them)."""
+    """One ASTRA iteration on a chunk of `num_queries` queries: the solver's vectors and the EK-FAC factors of the
+    `owned` modules (default all; `ray.solve_mode=modules` gives a rank its own), and the exact GGN product
+    (`ihvp.products.GGNProduct.product_sum`, double-VJP) with tangents on those modules. FLOPs: the set-up and at
+    most two tangent chunks are replayed (`astra_flops` scales them)."""
+    names = list(tracked) if owned is None else list(owned)
     factors = [
-        torch.zeros(d, d, dtype=stat_dtype, device=META) for t in tracked.values() for d in (t.in_dim, t.out_features)
-    ] + [torch.zeros(*t.shape, dtype=stat_dtype, device=META) for t in tracked.values()]
+        torch.zeros(d, d, dtype=stat_dtype, device=META) for n in names for d in (tracked[n].in_dim, tracked[n].out_features)
+    ] + [torch.zeros(*tracked[n].shape, dtype=stat_dtype, device=META) for n in names]
     vectors = [
-        torch.zeros(num_queries, *t.shape, dtype=stat_dtype, device=META)
-        for _ in range(LIVE_VECTORS_PER_QUERY) for t in tracked.values()
+        torch.zeros(num_queries, *tracked[n].shape, dtype=stat_dtype, device=META)
+        for _ in range(LIVE_VECTORS_PER_QUERY) for n in names
     ]
     ggn = GGNProduct(model, tracked, max_tangent_elements=max_tangent_elements)
-    names = list(tracked)
     model_dtype = next(iter(model.parameters())).dtype
     leaves = [tracked[n].weight_matrix().requires_grad_(True) for n in names]
     with torch.enable_grad():
@@ -256,27 +279,26 @@ def astra_step(
 
 def fisher_step(
     model: nn.Module, tracked: dict[str, TrackedModule], batch: dict, stat_dtype: torch.dtype, compute: torch.dtype,
-    num_queries: int,
+    num_queries: int, owned: Collection[str] | None = None,
 ) -> None:
     """One iteration with the hook-only Fisher product (`ihvp.products.FisherProduct.product_sum`, one label
-    sample): the solver's vectors and factors, a forward/backward with capture, the per-sequence coefficients and
-    the weighted gradient sums."""
+    sample): the solver's vectors and factors of the `owned` modules (default all), a forward/backward capturing
+    every module, the per-sequence coefficients and the weighted gradient sums of the owned ones."""
+    names = list(tracked) if owned is None else list(owned)
     factors = [
-        torch.zeros(d, d, dtype=stat_dtype, device=META) for t in tracked.values() for d in (t.in_dim, t.out_features)
-    ] + [torch.zeros(*t.shape, dtype=stat_dtype, device=META) for t in tracked.values()]
-    vectors = {
-        n: torch.zeros(num_queries, *t.shape, dtype=stat_dtype, device=META) for n, t in tracked.items()
-    }
+        torch.zeros(d, d, dtype=stat_dtype, device=META) for n in names for d in (tracked[n].in_dim, tracked[n].out_features)
+    ] + [torch.zeros(*tracked[n].shape, dtype=stat_dtype, device=META) for n in names]
+    vectors = {n: torch.zeros(num_queries, *tracked[n].shape, dtype=stat_dtype, device=META) for n in names}
     others = [torch.zeros_like(v) for _ in range(LIVE_VECTORS_PER_QUERY - 1) for v in vectors.values()]
     v = {n: t.to(compute) for n, t in vectors.items()}
     total = {n: torch.zeros_like(t) for n, t in v.items()}
     inputs, grads = _forward_backward(model, tracked, batch, sample=True)
     mask = batch["attention_mask"]
-    ds = {n: _output_grad(grads[n], mask, compute) for n in tracked}
-    abar = {n: _activation(inputs[n], t, mask, compute) for n, t in tracked.items()}
+    ds = {n: _output_grad(grads[n], mask, compute) for n in names}
+    abar = {n: _activation(inputs[n], tracked[n], mask, compute) for n in names}
     del inputs, grads
     coeff = sequence_scores(ds, abar, v)
-    for n in tracked:
+    for n in names:
         total[n] += weighted_gradient_sum(ds[n], abar[n], coeff)
     del ds, abar, coeff
     result = {n: (t / 1.0).to(stat_dtype) for n, t in total.items()}

@@ -6,7 +6,7 @@ token loss of a sequence with its own labels.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -48,13 +48,16 @@ def example_gradients(
     task: Task = CAUSAL_LM,
     objective: Objective | None = None,
     on_batch: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    keep: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """∇θ objective(z_n) of every example of `batches`, in order: {module: [N, out, in+1]} (`captured_batches`).
 
-    `on_batch(batch)` is called after each batch."""
-    grads: dict[str, list[torch.Tensor]] = {name: [] for name in tracked}
+    `on_batch(batch)` is called after each batch. `keep`: only these modules' gradients are formed and kept (a
+    rank's owned modules); every tracked module is still captured, so every rank runs the same backward."""
+    keep = list(tracked) if keep is None else list(keep)
+    grads: dict[str, list[torch.Tensor]] = {name: [] for name in keep}
     for batch, capture in captured_batches(model, tracked, batches, dtype, task=task, objective=objective):
-        for name, grad in capture.per_sequence_gradients().items():
+        for name, grad in capture.per_sequence_gradients(keep).items():
             grads[name].append(grad)
         if on_batch is not None:
             on_batch(batch)
@@ -69,9 +72,10 @@ def query_gradients(
     on_batch: Callable[[int], None] | None = None,
     *,
     task: Task = CAUSAL_LM,
+    keep: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """∇θ f(z_q) for every query: (query_index [Q], {module: [Q, out, in+1]}); f is `task.measurement` (for the
-    LM, the completion's summed loss)."""
+    """∇θ f(z_q) for every query: (query_index [Q], {module: [Q, out, in+1]} of the modules of `keep`, default
+    all); f is `task.measurement` (for the LM, the completion's summed loss)."""
     ids: list[torch.Tensor] = []
 
     def seen(batch: dict[str, torch.Tensor]) -> None:
@@ -79,5 +83,6 @@ def query_gradients(
         if on_batch is not None:
             on_batch(len(batch["query_index"]))
 
-    grads = example_gradients(model, tracked, batches, dtype, task=task, objective=task.measurement, on_batch=seen)
+    grads = example_gradients(model, tracked, batches, dtype, task=task, objective=task.measurement, on_batch=seen,
+                              keep=keep)
     return torch.cat(ids), grads

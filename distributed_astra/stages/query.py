@@ -1,24 +1,32 @@
 """The query stage: ∇θ f(z_q) on the completion tokens of every query (seeds §1), saved per module in queries/.
 
-The gradients are computed on the executor's ranks from the model they hold (under ZeRO-3 each forward gathers the
-parameters layer by layer, a collective, so every rank runs every query batch); rank 0 returns them.
+Every rank runs every query batch (under ZeRO-3 each forward gathers the parameters layer by layer, a collective)
+and captures every tracked module, but forms and keeps the gradients of the modules it owns only (`ownership`):
+each rank writes its shard `gradients-<rank>.safetensors`, meta.json maps every module to its shard, and nothing
+parameter-sized reaches the driver.
 """
 
 from __future__ import annotations
 
-from distributed_astra.artifacts import atomic_path, save_tensors, write_json
-from distributed_astra.context import QUERY_GRADIENTS_FILE, Context, query_meta
+from pathlib import Path
+
+from distributed_astra.artifacts import atomic_path, rank_file, save_tensors, write_json
+from distributed_astra.context import QUERY_GRADIENTS_STEM, Context, query_meta
 from distributed_astra.curvature.covariance import STAT_DTYPES, batch_to_device
 from distributed_astra.data.sequences import iter_query_batches, load_queries
 from distributed_astra.execution import Rank
+from distributed_astra.ownership import owned, run_owners
 from distributed_astra.progress import progress_bar
 from distributed_astra.scoring.gradients import query_gradients
 from distributed_astra.tracking import metered
 
 
-def rank_query(rank: Rank, queries_path: str) -> dict | None:
-    """Rank 0: {gradients {module: [Q, out, in+1]} in the queries file's order, tokens}; None on the others."""
+def rank_query(rank: Rank, queries_path: str, folder: str) -> dict:
+    """This rank's owned modules' gradients {module: [Q, out, in+1]}, in the queries file's order, written to
+    `folder`/gradients-<rank>.safetensors: {files {module: shard}, tokens, resident_bytes}."""
     cfg = rank.cfg
+    shapes = {n: t.shape for n, t in rank.tracked.items()}
+    mine = owned(run_owners(cfg, shapes, rank.world_size), rank.rank)
     tokens = [0]
 
     def batches():
@@ -27,20 +35,26 @@ def rank_query(rank: Rank, queries_path: str) -> dict | None:
             yield batch_to_device(batch, rank.device)
 
     _, grads = query_gradients(rank.model, rank.tracked, batches(), STAT_DTYPES[cfg.factors.dtype],
-                               on_batch=lambda n: rank.advance("queries", n))
-    return {"gradients": {name: g.cpu() for name, g in grads.items()}, "tokens": tokens[0]} if rank.rank == 0 else None
+                               on_batch=lambda n: rank.advance("queries", n), keep=mine)
+    file = rank_file(QUERY_GRADIENTS_STEM, rank.rank)
+    if grads:
+        save_tensors({n: g.cpu() for n, g in grads.items()}, Path(folder) / file)
+    return {"files": {n: file for n in grads}, "tokens": tokens[0],
+            "resident_bytes": sum(g.numel() * g.element_size() for g in grads.values())}
 
 
 @metered("query")
 def query(ctx: Context) -> None:
-    """queries/: the gradients and meta.json (the query ids as given), atomically."""
+    """queries/: each rank's gradient shard and meta.json (the query ids as given, the module → shard map),
+    atomically; logs query/max_rank_gradient_bytes."""
     ids = [q.query_id for q in load_queries(ctx.queries)]
-    with progress_bar("query gradients", len(ids), "queries") as advance:
-        out = ctx.executor.map(rank_query, str(ctx.queries), cfg=ctx.cfg, what="query gradients",
-                               progress=lambda unit, n: advance(n))[0]
-    grads = out["gradients"]
-    ctx.tracker.count(sequences=len(ids), tokens=out["tokens"])
     with atomic_path(ctx.paths.queries) as tmp:
         tmp.mkdir()
-        save_tensors(grads, tmp / QUERY_GRADIENTS_FILE)
-        write_json(tmp / "meta.json", {**query_meta(ctx), "num_queries": len(ids), "query_ids": ids})
+        with progress_bar("query gradients", len(ids), "queries") as advance:
+            per_rank = ctx.executor.map(rank_query, str(ctx.queries), str(tmp), cfg=ctx.cfg, what="query gradients",
+                                        progress=lambda unit, n: advance(n))
+        files = {n: f for out in per_rank for n, f in out["files"].items()}
+        ctx.tracker.count(sequences=len(ids), tokens=per_rank[0]["tokens"])
+        ctx.tracker.log({"query/max_rank_gradient_bytes": max(out["resident_bytes"] for out in per_rank)})
+        write_json(tmp / "meta.json", {**query_meta(ctx), "num_queries": len(ids), "query_ids": ids,
+                                       "files": {n: files[n] for n in ctx.tracked}})

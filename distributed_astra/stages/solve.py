@@ -46,14 +46,15 @@ import psutil
 import pyarrow as pa
 import torch
 
-from distributed_astra.artifacts import check_meta, load_tensors
+from distributed_astra.artifacts import check_meta
 from distributed_astra.config import SOURCE_SOLVERS
 from distributed_astra.context import (
     Context,
     factor_meta,
     heldout_meta,
     log_rank_memory,
-    query_gradients_file,
+    query_gradients_folder,
+    read_query_gradients,
     solver_logger,
     write_directions,
 )
@@ -97,10 +98,10 @@ def owned_factors(factors: EkfacFactors | str, names: list[str], device: torch.d
 
 
 def owned_gradients(grads: dict[str, torch.Tensor] | str, names: list[str], device: torch.device) -> Vectors:
-    """The query gradients of `names` on `device`: read from the query stage's file (only those modules) or taken
-    from a dict in memory."""
+    """The query gradients of `names` on `device`: read from the query stage's folder (only the shards holding
+    those modules) or taken from a dict in memory."""
     if isinstance(grads, str):
-        return load_tensors(Path(grads), "query gradients", "query", device=str(device), names=names)
+        return read_query_gradients(Path(grads), names, device=str(device))
     return {n: grads[n].to(device) for n in names}
 
 
@@ -379,7 +380,7 @@ def solve(ctx: Context) -> float:
     if cfg.name in SOURCE_SOLVERS:
         raise DastraError(f"internal: solver '{cfg.name}' is solved by stages/source.py")
     check_meta(load_factors_meta(ctx.paths.factors), factor_meta(ctx), f"factors at '{ctx.paths.factors}'", "fit")
-    ids, grads = query_gradients_file(ctx)  # each rank reads the modules it holds
+    ids, grads = query_gradients_folder(ctx)  # each rank reads the modules it holds
     damping = DAMPING_SCALE * stored_mean_lambda(ctx.paths.factors) if cfg.damping == "auto" else float(cfg.damping)
     directions, statuses, trace, heldout, heldout_info = solve_directions(
         ctx, str(ctx.paths.factors), str(grads), damping, [str(q) for q in ids], cfg.name

@@ -1,0 +1,113 @@
+"""The planner at scale: GPT-2 XL, a Pythia-6.9B-shaped and a Llama-2-13B-shaped model, every MLP tracked, 100
+queries, 80 GB GPUs, at 8, 16 and 64 GPUs; writes docs/results/plan_scale.md and prints one final JSON line.
+
+Every figure is `make_plan` on the shipped `configs/models/*.json` shapes (no weights): the meta-device replay of
+each stage step, with the module ownership the runtime uses (`ownership.run_owners`), so the fit, the query stage
+and the ASTRA chunk (`ray.solve_mode=modules`) hold the busiest owner's modules only; scoring holds every query's
+whole directions. Settings: ZeRO-3, bf16 model, float32 statistics, 512-token sequences, the Fisher product
+(hook-only, runs on ZeRO-3 shards), `solver.query_batch_size` = the largest chunk that fits (searched).
+
+    .venv/bin/python benchmarks/bench_plan_scale.py      # about 5-10 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distributed_astra.artifacts import atomic_path
+from distributed_astra.config import load_config
+from distributed_astra.plan import make_plan
+from distributed_astra.plan.estimate import GIB
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+CONFIG = ROOT / "distributed_astra" / "configs" / "gpt2xl.yaml"
+QUERIES = 100
+GPU_COUNTS = (8, 16, 64)
+MODELS = {  # name: (config.json shipped under configs/models, every MLP Linear of the model)
+    "GPT-2 XL": ("configs/models/gpt2-xl.json", ["transformer.h.*.mlp.c_fc", "transformer.h.*.mlp.c_proj"]),
+    "Pythia-6.9B shape": ("configs/models/pythia-6.9b.json", ["gpt_neox.layers.*.mlp.dense_*"]),
+    "Llama-2-13B shape": ("configs/models/llama-2-13b.json", ["model.layers.*.mlp.*_proj"]),
+}
+SOLVE_STAGE = "astra chunk (modules)"
+
+
+def plan_for(model: str, gpus: int, queries_file: Path):
+    shape, tracked = MODELS[model]
+    cfg = load_config(str(CONFIG), [
+        f"plan.hf_config={shape}", f"model.tracked_modules={json.dumps(tracked)}", f"data.queries={queries_file}",
+        "ray.solve_mode=modules", f"plan.gpus={gpus}", "plan.gpu_memory=80GB", "data.max_length=512",
+        "solver.query_batch_size=8",
+    ])
+    return make_plan(cfg)
+
+
+def main() -> None:
+    started = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        queries_file = Path(tmp) / "queries.parquet"
+        pq.write_table(pa.table({"query_id": [f"q{i}" for i in range(QUERIES)], "prompt": ["p"] * QUERIES,
+                                 "completion": ["c"] * QUERIES}), queries_file)
+        for model in MODELS:
+            for gpus in GPU_COUNTS:
+                plan = plan_for(model, gpus, queries_file)
+                by_stage = {s.stage: s for s in plan.stages}
+                rows.append({
+                    "model": model, "gpus": gpus, "parameters": plan.num_parameters,
+                    "tracked_parameters": plan.tracked_parameters, "modules": plan.num_tracked_modules,
+                    "busiest_owner_modules": plan.busiest_owner_modules,
+                    **{f"{s.stage}_gib": round(s.per_gpu / GIB, 2) for s in plan.stages},
+                    "factor_gib": round(by_stage["eigenvalue correction"].resident / GIB, 2),
+                    "solve_resident_gib": round(by_stage[SOLVE_STAGE].resident / GIB, 2),
+                    "max_query_chunk": plan.max_query_chunk, "max_scored_queries": plan.max_scored_queries,
+                    "failing": [s.stage for s in plan.failing()], "fits": plan.fits,
+                    "budget_gib": round(plan.budget / GIB, 2),
+                })
+                print(json.dumps(rows[-1]), flush=True)
+    stages = [k for k in rows[0] if k.endswith("_gib") and k not in ("factor_gib", "solve_resident_gib", "budget_gib")]
+    ratios = {}
+    for model in MODELS:
+        at = {r["gpus"]: r for r in rows if r["model"] == model}
+        ratios[model] = {
+            "factors_64_over_16": round(at[64]["factor_gib"] / at[16]["factor_gib"], 3),
+            "solve_resident_64_over_16": round(at[64]["solve_resident_gib"] / at[16]["solve_resident_gib"], 3),
+        }
+    lines = [
+        "# The planner at scale: every MLP tracked, 100 queries, 80 GB GPUs",
+        "",
+        "`.venv/bin/python benchmarks/bench_plan_scale.py` (module docstring: the settings). GiB per GPU per stage "
+        f"(usable budget {rows[0]['budget_gib']} GiB = 80 GB less plan.memory_reserve); \"owner\" = tracked "
+        "modules on the busiest owner rank; chunk = the largest `solver.query_batch_size` that fits; scored = the "
+        "most queries one scoring pass fits.",
+        "",
+        "| model | GPUs | D tracked | owner | " + " | ".join(s.removesuffix("_gib") for s in stages)
+        + " | chunk | scored | fails |",
+        "|---|---|---|---|" + "---|" * len(stages) + "---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['gpus']} | {r['tracked_parameters'] / 1e9:.2f}B | {r['busiest_owner_modules']}/"
+            f"{r['modules']} | " + " | ".join(f"{r[s]:,.2f}" for s in stages)
+            + f" | {r['max_query_chunk']} | {r['max_scored_queries']} | {', '.join(r['failing']) or '-'} |"
+        )
+    lines += ["", "Per-GPU bytes at 64 over 16 GPUs (factors = the eigenvalue-correction resident; solve = the ASTRA "
+              "chunk's resident factors, Λ and vectors):", ""]
+    lines += [f"- {m}: factors {v['factors_64_over_16']}, solve {v['solve_resident_64_over_16']}"
+              for m, v in ratios.items()]
+    lines.append("")
+    with atomic_path(RESULTS / "plan_scale.md") as out:
+        out.write_text("\n".join(lines))
+    print(json.dumps({"benchmark": "plan_scale", "rows": len(rows), "ratios": ratios,
+                      "fits": {f"{r['model']}@{r['gpus']}": r["fits"] for r in rows},
+                      "seconds": round(time.perf_counter() - started, 1)}))
+
+
+if __name__ == "__main__":
+    main()
