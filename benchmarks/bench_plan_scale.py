@@ -5,7 +5,8 @@ Every figure is `make_plan` on the shipped `configs/models/*.json` shapes (no we
 each stage step, with the module ownership the runtime uses (`ownership.run_owners`), so the fit, the query stage
 and the ASTRA chunk (`ray.solve_mode=modules`) hold the busiest owner's modules only; scoring holds every query's
 whole directions. Settings: ZeRO-3, bf16 model, float32 statistics, 512-token sequences, the Fisher product
-(hook-only, runs on ZeRO-3 shards), `solver.query_batch_size` = the largest chunk that fits (searched).
+(hook-only, runs on ZeRO-3 shards) in micro-batches of 2 sequences (`solver.micro_batch_size`), 4-sequence fit and
+scoring batches; "chunk" is the largest `solver.query_batch_size` that fits (searched).
 
     .venv/bin/python benchmarks/bench_plan_scale.py      # about 5-10 minutes on 2 CPU cores
 """
@@ -43,7 +44,7 @@ def plan_for(model: str, gpus: int, queries_file: Path):
     cfg = load_config(str(CONFIG), [
         f"plan.hf_config={shape}", f"model.tracked_modules={json.dumps(tracked)}", f"data.queries={queries_file}",
         "ray.solve_mode=modules", f"plan.gpus={gpus}", "plan.gpu_memory=80GB", "data.max_length=512",
-        "solver.query_batch_size=8",
+        "solver.query_batch_size=8", "solver.micro_batch_size=2", "factors.batch_size=4", "scoring.batch_size=4",
     ])
     return make_plan(cfg)
 

@@ -132,6 +132,11 @@ class SolverConfig(Section):
         "ggn", description="ggn: exact minibatch GGN·v | fisher: the hook-only sampled-label Fisher·v"
     )
     fisher_samples: int = Field(1, gt=0, description="label samples per token for the Fisher product")
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="sequences per curvature-product pass: a minibatch's G̃·v is summed over micro-batches "
+        "of this many rows (exact, the same label draws; bounds the product's activations); null = the whole "
+        "minibatch (a rank's slice in ray.solve_mode=data)",
+    )
     iterations: int = Field(300, ge=0, description="iterations of sni | lissa | astra per query")
     lr: float = Field(1.0, gt=0, description="step size, read as lr_mode says")
     lr_mode: Literal["auto", "relative", "absolute"] = Field(

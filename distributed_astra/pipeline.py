@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -43,26 +44,30 @@ def reused(ctx: Context, name: str) -> tuple[bool, object]:
     if name == "fit":
         expected = {**factor_meta(ctx), "dtype": ctx.cfg.factors.dtype}
         if meta_matches(ctx.paths.factors, expected):
-            try:
-                for shard in factor_shards(ctx.paths.factors):  # every shard readable, its tensors stay on disk
-                    with open_tensors(shard, "EK-FAC factors", "fit"):
-                        pass
-            except DastraError as exc:
-                console.print(f"[yellow]warning:[/] {exc}: fitting again", highlight=False, soft_wrap=True)
-                return False, None
-            console.print("reusing factors/ (same model, corpus and factors settings)", highlight=False)
-            return True, None
+            return _shards_readable(lambda: factor_shards(ctx.paths.factors), "EK-FAC factors", "fit",
+                                    "reusing factors/ (same model, corpus and factors settings)", "fitting again")
     if name == "query" and meta_matches(ctx.paths.queries, query_meta(ctx)):
-        try:  # every module's shard readable, its tensors stay on disk
-            for shard in set(query_gradient_shards(ctx.paths.queries).values()):
-                with open_tensors(ctx.paths.queries / shard, "query gradients", "query"):
-                    pass
-        except DastraError as exc:
-            console.print(f"[yellow]warning:[/] {exc}: computing them again", highlight=False, soft_wrap=True)
-            return False, None
-        console.print("reusing queries/ (same model and queries)", highlight=False)
-        return True, None
+        return _shards_readable(
+            lambda: [ctx.paths.queries / f for f in set(query_gradient_shards(ctx.paths.queries).values())],
+            "query gradients", "query", "reusing queries/ (same model and queries)", "computing them again",
+        )
     return False, None
+
+
+def _shards_readable(
+    shards: Callable[[], list[Path]], what: str, stage: str, reused: str, otherwise: str
+) -> tuple[bool, None]:
+    """(True, None) with `reused` printed when every shard of a matching artifact opens (its tensors stay on
+    disk); else a warning naming the damage and `otherwise`, and (False, None)."""
+    try:
+        for shard in shards():
+            with open_tensors(shard, what, stage):
+                pass
+    except DastraError as exc:
+        console.print(f"[yellow]warning:[/] {exc}: {otherwise}", highlight=False, soft_wrap=True)
+        return False, None
+    console.print(reused, highlight=False)
+    return True, None
 
 
 def solve(ctx: Context) -> float:

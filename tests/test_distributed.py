@@ -244,15 +244,19 @@ def _copy_inputs(source: Path, run_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "stage, mode, product",
-    [(0, "queries", "ggn"), (0, "data", "ggn"), (3, "data", "fisher"), (0, "modules", "ggn"), (3, "modules", "fisher")],
+    "stage, mode, product, micro",
+    [(0, "queries", "ggn", None), (0, "data", "ggn", None), (3, "data", "fisher", None), (0, "modules", "ggn", None),
+     (3, "modules", "fisher", None), (0, "data", "ggn", 1), (3, "modules", "fisher", 3), (0, "queries", "fisher", None), (0, "modules", "fisher", None)],
 )
 def test_astra_on_two_ranks_equals_single_process(
-    ray_session, single: Path, single_fisher: Path, workspace: Path, tmp_path: Path, stage, mode, product
+    ray_session, single: Path, single_fisher: Path, workspace: Path, tmp_path: Path, stage, mode, product, micro
 ):
+    """The references solve whole minibatches in one process; `micro` sums each product over micro-batches."""
     reference = single if product == "ggn" else single_fisher
     _copy_inputs(reference, tmp_path)
     extra = [f"deepspeed.stage={stage}", f"ray.solve_mode={mode}", f"solver.product={product}"]
+    if micro is not None:
+        extra.append(f"solver.micro_batch_size={micro}")
     if product == "fisher":
         extra.append("solver.fisher_samples=2")
     _stages(_context(workspace, tmp_path, *DISTRIBUTED, *extra), "solve")

@@ -14,9 +14,11 @@ from torch.autograd import forward_ad
 from torch.func import functional_call, jacfwd
 
 from distributed_astra.curvature import fit_ekfac
+from distributed_astra.errors import DastraError
 from distributed_astra.ihvp.products import (
     FisherProduct,
     GGNProduct,
+    MicroBatchedProduct,
     vec_axpy,
     vec_dot,
     vec_norm,
@@ -245,6 +247,26 @@ def test_fisher_product_counts_loss_sequences_only(gpt2_setup):
     assert rel(flatten(again, list(tracked)), flatten(total, list(tracked)) / 3) < 1e-14
     ggn_total, ggn_count = GGNProduct(model, tracked).product_sum(v, batch)
     assert ggn_count == 3
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_micro_batched_product_equals_the_whole_minibatch(gpt2_setup, rows):
+    """Σ over micro-batches of `rows` sequences = the whole minibatch's product: the GGN against the dense G, the
+    Fisher product with 3 label samples bit-for-bit in its label draws (same generator seed, same draw order)."""
+    model, tracked, batch, g = gpt2_setup
+    names = list(tracked)
+    v = random_vectors(tracked, 2, seed=7)
+    micro = MicroBatchedProduct(GGNProduct(model, tracked), rows)
+    total, count = micro.product_sum(v, batch)
+    assert count == 3  # the empty row carries no loss in any micro-batch
+    assert rel(flatten(micro.product(v, batch), names), flatten(v, names) @ g) < 1e-10
+    whole = FisherProduct(model, tracked, num_samples=3, generator=torch.Generator().manual_seed(4)).product(v, batch)
+    split = MicroBatchedProduct(
+        FisherProduct(model, tracked, num_samples=1, generator=torch.Generator().manual_seed(4)), rows, label_samples=3
+    ).product(v, batch)
+    assert rel(flatten(split, names), flatten(whole, names)) < 1e-10
+    with pytest.raises(DastraError, match="solver.micro_batch_size must be >= 1"):
+        MicroBatchedProduct(GGNProduct(model, tracked), 0)
 
 
 # ------------------------------------------------------------------------------------------- helpers

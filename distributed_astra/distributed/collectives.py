@@ -80,6 +80,16 @@ def broadcast_tensors(tensors: list[torch.Tensor], src: int) -> None:
         offset += t.numel()
 
 
+def broadcast_state(state: torch.Tensor, src: int) -> torch.Tensor:
+    """A generator state (a CPU uint8 tensor, the same size on every rank) from rank `src`, through the group's
+    collective device; the state itself outside a group."""
+    if not in_group():
+        return state
+    buffer = state.to(collective_device())
+    dist.broadcast(buffer, src=src)
+    return buffer.cpu()
+
+
 def gather_to(tensors: list[torch.Tensor], dst: int) -> list[list[torch.Tensor]]:
     """Every rank's `tensors` (same count and ranks, any shapes) on rank `dst`, in rank order; [] elsewhere.
 

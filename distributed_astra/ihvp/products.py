@@ -191,6 +191,50 @@ class CurvatureProduct(ABC):
     __call__ = product
 
 
+def batch_rows(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows [start, stop) of a batch: every tensor whose first dimension is the batch's rows is cut, the rest kept."""
+    rows = int(batch["input_ids"].shape[0])
+    return {k: (t[start:stop] if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == rows else t)
+            for k, t in batch.items()}
+
+
+class MicroBatchedProduct(CurvatureProduct):
+    """`inner`'s product_sum over a minibatch as the sum over consecutive micro-batches of at most `rows` rows.
+
+    Σ_{n ∈ B} J_nᵀ H_n J_n v is a sum over sequences, so any row split gives the same product (up to summation
+    order) while only one micro-batch's activations live at a time. `inner` must be a one-sample product; the
+    `label_samples` repeats run sample after sample over the micro-batches in order, which draws the Fisher labels
+    in the order `FisherProduct(num_samples=label_samples)` draws them on the whole minibatch.
+    """
+
+    def __init__(self, inner: CurvatureProduct, rows: int, label_samples: int = 1) -> None:
+        if rows < 1:
+            raise DastraError(f"solver.micro_batch_size must be >= 1, got {rows}")
+        self.inner = inner
+        self.tracked = inner.tracked
+        self.owned = inner.owned
+        self.generator = getattr(inner, "generator", None)  # the label stream the held-out evaluation pins
+        self.rows = int(rows)
+        self.label_samples = int(label_samples)
+
+    def product_sum(self, vectors: Vectors, batch: Batch) -> tuple[Vectors, int]:
+        total_rows = int(batch["input_ids"].shape[0])
+        total: Vectors | None = None
+        count = 0
+        for _ in range(self.label_samples):
+            count = 0
+            for start in range(0, total_rows, self.rows):
+                partial, n = self.inner.product_sum(vectors, batch_rows(batch, start, min(start + self.rows,
+                                                                                          total_rows)))
+                count += n
+                if total is None:
+                    total = partial
+                else:
+                    for name, t in partial.items():
+                        total[name] += t
+        return {n: t / self.label_samples for n, t in total.items()}, count
+
+
 class _TaskOutput(nn.Module):
     """`task.output(model, batch)` as a module of its own, so that `functional_call` can swap the model's weights."""
 

@@ -260,6 +260,9 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
     # runs every query of the chunk on its slice of the minibatch; mode `modules`: every GPU runs the whole
     # minibatch for every query of the chunk on its own modules (stages/solve.py)
     rank_minibatch = math.ceil(mb / gpus) if mode == "data" else mb
+    # solver.micro_batch_size: each product pass sees at most that many rows (ihvp.products.MicroBatchedProduct)
+    passes = math.ceil(rank_minibatch / cfg.solver.micro_batch_size) if cfg.solver.micro_batch_size else 1
+    rank_minibatch = math.ceil(rank_minibatch / passes)
     rank_queries = math.ceil(chunk_q / gpus) if mode == "queries" else chunk_q
 
     @cache
@@ -310,9 +313,9 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
             tangent = max(1, DEFAULT_TANGENT_ELEMENTS // (rank_minibatch * seq_len * vocab))
             one, two = astra_at(min(tangent, rank_queries)), astra_at(min(2 * tangent, rank_queries))
             per_chunk = max(0, two.flops - one.flops)
-            per_iteration = one.flops + per_chunk * max(0, math.ceil(rank_queries / tangent) - 1)
+            per_iteration = (one.flops + per_chunk * max(0, math.ceil(rank_queries / tangent) - 1)) * passes
         else:
-            per_iteration = astra_at(rank_queries).flops * cfg.solver.fisher_samples
+            per_iteration = astra_at(rank_queries).flops * cfg.solver.fisher_samples * passes
         per_iteration += simulate.ekfac_apply_flops(solve_tracked, rank_queries)
         ranks_busy = min(gpus, math.ceil(chunk_q / rank_queries)) if mode == "queries" else gpus
         astra_flops = float(per_iteration) * ranks_busy * cfg.solver.iterations * math.ceil(num_queries / chunk_q)
@@ -320,8 +323,8 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
         vectors = LIVE_VECTORS_PER_QUERY * rank_queries * solve_lambda_bytes
         add(f"{cfg.solver.name} chunk ({mode})", solve_params, factors_of(solve_tracked) + vectors,
             f"eigenbases, Λ, {LIVE_VECTORS_PER_QUERY} [Q, D] vectors", ast.peak_bytes, astra_flops,
-            f"{rank_queries} queries, minibatch {rank_minibatch} {tokens} per GPU, {cfg.solver.product} product, "
-            f"{cfg.solver.iterations} it")
+            f"{rank_queries} queries, {passes} pass(es) of {rank_minibatch} {tokens} per GPU, "
+            f"{cfg.solver.product} product, {cfg.solver.iterations} it")
     scr = score_at(sb)
     add("scoring", params, num_queries * d_tracked * compute.itemsize, f"directions of {num_queries} queries",
         scr.peak_bytes, scaled(scr, sb, sequences), f"scoring.batch_size {sb} {tokens}")

@@ -9,11 +9,11 @@ exactly, so their directions equal one rank's, in either mode (`distributed.solv
   same minibatches; the queries of each chunk are split across ranks (`slice_bounds`), and a rank's part is cut
   again into pieces that fit its free memory (`memory_query_chunk`), each piece started from the chunk's generator
   state. A query's iterates depend only on itself and the shared minibatches, so any split gives the same x.
-  After a chunk, the ranks agree on the longest run (all-reduce max of minibatches drawn) and fast-forward to it,
-  where one process would be. (One exception: LiSSA with several repeats, when some queries of a chunk stop early
-  in a repeat (divergence, `solver.tolerance`), starts their piece's next repeat earlier in the stream than one
-  process would; and with the Fisher product and `solver.heldout_every`, the held-out evaluations' label draws are
-  not replayed by the fast-forward, so later chunks draw other labels than one process: as valid, not equal.
+  After a chunk, the ranks agree on the longest run (all-reduce max of minibatches drawn) and fast-forward the
+  minibatch stream to it; the Fisher product's label stream takes the state the longest piece left (broadcast
+  from its rank: a minibatch can cost several products, e.g. the step-size power iteration), where one process
+  would be. (One exception: LiSSA with several repeats, when some queries of a chunk stop early in a repeat
+  (divergence, `solver.tolerance`), starts their piece's next repeat earlier in the stream than one process would.)
   One rank with one piece per chunk is one process exactly: it just continues its streams.)
 * mode `data` (ZeRO-3 or replicated; `FisherProduct` under ZeRO-3, the GGN where parameters are whole): every rank
   runs every chunk; the sampler draws the same minibatch on every rank, and rank r takes the fixed contiguous slice
@@ -64,6 +64,7 @@ from distributed_astra.distributed.collectives import (
     advance_label_stream,
     all_reduce_counts,
     all_reduce_sum,
+    broadcast_state,
     label_draws,
     slice_bounds,
     sum_over_ranks,
@@ -72,7 +73,16 @@ from distributed_astra.errors import DastraError
 from distributed_astra.execution import Rank
 from distributed_astra.ihvp.ekfac import DAMPING_SCALE
 from distributed_astra.ihvp.monitor import heldout_table, trace_table
-from distributed_astra.ihvp.products import Batch, CurvatureProduct, FisherProduct, GGNProduct, Vectors, label_generator
+from distributed_astra.ihvp.products import (
+    Batch,
+    CurvatureProduct,
+    FisherProduct,
+    GGNProduct,
+    MicroBatchedProduct,
+    Vectors,
+    batch_rows,
+    label_generator,
+)
 from distributed_astra.ihvp.solvers import (
     LIVE_VECTORS_PER_QUERY,
     WHOLE,
@@ -132,8 +142,7 @@ class SlicedProduct(CurvatureProduct):
                 "needs a slice of each minibatch; raise solver.minibatch_size or use ray.solve_mode=queries"
             )
         start, stop = slice_bounds(rows, self.world_size, self.rank)
-        part = {k: (t[start:stop] if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == rows else t)
-                for k, t in batch.items()}
+        part = batch_rows(batch, start, stop)
         per_row = label_draws(batch) // rows
         total: Vectors | None = None
         count = 0
@@ -166,11 +175,10 @@ class CountingSampler:
         return batch
 
 
-def fast_forward(sampler: MinibatchSampler, draws: int, label_samples: int, generator: torch.Generator | None) -> None:
-    """Draw `draws` minibatches (and, for the Fisher product, their label uniforms) as the iterations would."""
+def fast_forward(sampler: MinibatchSampler, draws: int) -> None:
+    """Draw `draws` minibatches as the iterations would."""
     for _ in range(draws):
-        batch = sampler.sample()
-        advance_label_stream(generator, label_samples * label_draws(batch))
+        sampler.sample()
 
 
 def memory_query_chunk(tracked: Mapping, dtype: torch.dtype, device: torch.device) -> int:
@@ -215,11 +223,16 @@ def _rank_solve(
     sampler: MinibatchSampler | None = None
     if cfg.name != "ekfac":  # the iterative solvers need G̃·v on minibatches of the corpus
         combine = sum_over_ranks if split else (lambda t: t)
+        micro = cfg.micro_batch_size
+        # one label sample per call where a wrapper repeats the samples: SlicedProduct around the slice (mode
+        # data), MicroBatchedProduct over the micro-batches
+        inner_samples = 1 if mode == "data" or micro is not None else label_samples
         if labels is None:
             product = GGNProduct(rank.model, rank.tracked, owned=mine, combine=combine)
-        else:  # mode data: one sample per slice call, SlicedProduct repeats it around the slice
-            product = FisherProduct(rank.model, rank.tracked, 1 if mode == "data" else label_samples, labels,
-                                    owned=mine, combine=combine)
+        else:
+            product = FisherProduct(rank.model, rank.tracked, inner_samples, labels, owned=mine, combine=combine)
+        if micro is not None:
+            product = MicroBatchedProduct(product, micro, 1 if mode == "data" else label_samples)
         if mode == "data":
             product = SlicedProduct(product, rank.rank, rank.world_size, label_samples, labels)
         sampler = MinibatchSampler(
@@ -242,7 +255,7 @@ def _rank_solve(
             parts = [(chunk_start + s, min(chunk_start + s + piece, chunk_start + hi)) for s in range(lo, hi, piece)]
         start_state = generator.get_state()
         label_state = labels.get_state() if labels is not None else None
-        longest = 0
+        longest, longest_labels = 0, label_state
         for lo, hi in parts:
             generator.set_state(start_state)
             if labels is not None:
@@ -255,7 +268,10 @@ def _rank_solve(
                 on_iteration=lambda *_: rank.advance("it", 1), sharding=sharding,
             )
             seconds = time.perf_counter() - started
-            longest = max(longest, counting.drawn if counting is not None else 0)
+            drawn = counting.drawn if counting is not None else 0
+            if drawn > longest or longest_labels is label_state:
+                longest = drawn
+                longest_labels = labels.get_state() if labels is not None else None
             if mode != "data" or rank.rank == 0:
                 records.append({
                     "start": lo, "stop": hi, "chunk_start": chunk_start,
@@ -272,8 +288,13 @@ def _rank_solve(
             generator.set_state(start_state)
             if labels is not None:
                 labels.set_state(label_state)
+            mine = longest
             (longest,) = all_reduce_counts(longest, op=torch.distributed.ReduceOp.MAX)
-            fast_forward(sampler, longest, label_samples, labels)
+            fast_forward(sampler, longest)
+            if labels is not None:  # the lowest rank whose piece ran longest holds the stream's end
+                (source,) = all_reduce_counts(rank.rank if mine == longest else rank.world_size,
+                                              op=torch.distributed.ReduceOp.MIN)
+                labels.set_state(broadcast_state(longest_labels, source))
     return records
 
 
