@@ -37,6 +37,7 @@ from distributed_astra.distributed.deepspeed_config import load_ds_config
 from distributed_astra.distributed import solve_mode
 from distributed_astra.errors import DastraError
 from distributed_astra.ownership import balance_by_cost, owned, run_owners
+from distributed_astra.plan import make_plan
 from tests.conftest import QUERIES, WORDS, assert_same_eigendecomposition, corpus_rows, workspace_overrides, write_workspace
 
 RTOL = 1e-5
@@ -211,6 +212,9 @@ def test_fit_on_two_ranks_equals_single_process(
     assert all(0 < held <= total / 2 + largest for held in out["resident_bytes"]), (out["resident_bytes"], total)
     shards = {f for f in json.loads((tmp_path / "factors" / "meta.json").read_text())["ekfac"]["files"].values()}
     assert shards == {"factors-00000.safetensors", "factors-00001.safetensors"}
+    if stage == 0:  # the planner's factors of the busiest owner are what that rank really held
+        planned = {s.stage: s.resident for s in make_plan(ctx.cfg, gpus=2, search=False).stages}
+        assert planned["eigenvalue correction"] == max(out["resident_bytes"])
 
 
 @pytest.mark.parametrize("stage", [0, 3])
@@ -236,6 +240,8 @@ def test_query_gradients_on_two_ranks_are_sharded_by_owner(
     logged = [json.loads(line).get("query/max_rank_gradient_bytes")
               for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [b for b in logged if b is not None] == [max(held)]
+    planned = {s.stage: s.resident for s in make_plan(ctx.cfg, gpus=2, search=False).stages}
+    assert planned["query gradients"] == 2 * max(held)  # the busiest owner's gradients, twice at the concat
 
 
 def _copy_inputs(source: Path, run_dir: Path) -> None:
