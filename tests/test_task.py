@@ -230,6 +230,11 @@ def test_training_and_query_gradients_are_the_tasks_loss_and_measurement(case):
     for objective, reference in ((task.loss, loss), (task.measurement, measure)):
         got = example_gradients(model, tracked, batches(x, y), F64, task=task, objective=objective)
         assert_close_rel(flat(got), per_example_grads(theta, tracked, x, y, reference), 1e-12, case)
+        # written in place into [N, ...] tensors when N is known; one module kept (a rank's own): its gradients only
+        first = next(iter(tracked))
+        kept = example_gradients(model, tracked, batches(x, y), F64, task=task, objective=objective, keep=[first],
+                                 num_examples=len(x))
+        assert list(kept) == [first] and torch.equal(kept[first], got[first])
 
 
 def test_supervised_batches_need_targets():

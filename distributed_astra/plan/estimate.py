@@ -304,8 +304,7 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
         scaled(lam, fb, fit_sequences), f"factors.batch_size {fb} {tokens}")
     qry = query_at(min(qb, num_queries))
     query_batches = math.ceil(num_queries / qb)
-    add("query gradients", params, 2 * num_queries * lambda_bytes,
-        f"{num_queries} query gradients of its modules (x2 at the concat)",
+    add("query gradients", params, num_queries * lambda_bytes, f"{num_queries} query gradients of its modules",
         qry.peak_bytes, float(qry.flops) * query_batches, f"{query_batches} batch(es) of {min(qb, num_queries)} {tokens}")
     if cfg.solver.name != "ekfac":
         if cfg.solver.product == "ggn":  # the set-up plus one replayed tangent chunk per chunk of queries

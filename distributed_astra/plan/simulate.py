@@ -223,9 +223,7 @@ def query_step(
                         _activation(inputs[n], tracked[n], mask, stat_dtype))
         for n in owned
     }
-    del per_sequence, inputs, grads
-    concatenated = [torch.cat([k]) for k in kept]  # the final torch.cat of every batch's gradients
-    del concatenated
+    del per_sequence, inputs, grads, kept
 
 
 

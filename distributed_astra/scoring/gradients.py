@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from distributed_astra.curvature.hooks import GradientCapture
+from distributed_astra.errors import DastraError
 from distributed_astra.models.modules import TrackedModule
 from distributed_astra.task import CAUSAL_LM, Task
 
@@ -49,18 +50,35 @@ def example_gradients(
     objective: Objective | None = None,
     on_batch: Callable[[dict[str, torch.Tensor]], None] | None = None,
     keep: Sequence[str] | None = None,
+    num_examples: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """∇θ objective(z_n) of every example of `batches`, in order: {module: [N, out, in+1]} (`captured_batches`).
 
     `on_batch(batch)` is called after each batch. `keep`: only these modules' gradients are formed and kept (a
-    rank's owned modules); every tracked module is still captured, so every rank runs the same backward."""
+    rank's owned modules); every tracked module is still captured, so every rank runs the same backward.
+    `num_examples` (N, when known): each batch is written into [N, out, in+1] tensors allocated once, instead of
+    concatenated at the end (which holds every gradient twice)."""
     keep = list(tracked) if keep is None else list(keep)
     grads: dict[str, list[torch.Tensor]] = {name: [] for name in keep}
+    filled: dict[str, torch.Tensor] = {}
+    row = 0
     for batch, capture in captured_batches(model, tracked, batches, dtype, task=task, objective=objective):
+        rows = 0
         for name, grad in capture.per_sequence_gradients(keep).items():
-            grads[name].append(grad)
+            if num_examples is None:
+                grads[name].append(grad)
+                continue
+            if name not in filled:
+                filled[name] = grad.new_empty(num_examples, *grad.shape[1:])
+            filled[name][row : row + grad.shape[0]] = grad
+            rows = grad.shape[0]
+        row += rows
         if on_batch is not None:
             on_batch(batch)
+    if num_examples is not None:
+        if row != num_examples and keep:
+            raise DastraError(f"internal: {row} examples where {num_examples} were announced")
+        return filled
     return {name: torch.cat(chunks) for name, chunks in grads.items()}
 
 
@@ -73,6 +91,7 @@ def query_gradients(
     *,
     task: Task = CAUSAL_LM,
     keep: Sequence[str] | None = None,
+    num_queries: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """∇θ f(z_q) for every query: (query_index [Q], {module: [Q, out, in+1]} of the modules of `keep`, default
     all); f is `task.measurement` (for the LM, the completion's summed loss)."""
@@ -84,5 +103,5 @@ def query_gradients(
             on_batch(len(batch["query_index"]))
 
     grads = example_gradients(model, tracked, batches, dtype, task=task, objective=task.measurement, on_batch=seen,
-                              keep=keep)
+                              keep=keep, num_examples=num_queries)
     return torch.cat(ids), grads

@@ -28,14 +28,15 @@ def rank_query(rank: Rank, queries_path: str, folder: str) -> dict:
     shapes = {n: t.shape for n, t in rank.tracked.items()}
     mine = owned(run_owners(cfg, shapes, rank.world_size), rank.rank)
     tokens = [0]
+    queries = load_queries(queries_path)
 
     def batches():
-        for batch in iter_query_batches(load_queries(queries_path), rank.tokenizer, cfg.solver.query_batch_size):
+        for batch in iter_query_batches(queries, rank.tokenizer, cfg.solver.query_batch_size):
             tokens[0] += int(batch["attention_mask"].sum())
             yield batch_to_device(batch, rank.device)
 
     _, grads = query_gradients(rank.model, rank.tracked, batches(), STAT_DTYPES[cfg.factors.dtype],
-                               on_batch=lambda n: rank.advance("queries", n), keep=mine)
+                               on_batch=lambda n: rank.advance("queries", n), keep=mine, num_queries=len(queries))
     file = rank_file(QUERY_GRADIENTS_STEM, rank.rank)
     if grads:
         save_tensors({n: g.cpu() for n, g in grads.items()}, Path(folder) / file)
