@@ -102,7 +102,16 @@ def main() -> None:
               "chunk's resident factors, Λ and vectors):", ""]
     lines += [f"- {m}: factors {v['factors_64_over_16']}, solve {v['solve_resident_64_over_16']}"
               for m, v in ratios.items()]
-    lines.append("")
+    lines += [
+        "",
+        "What does not fit, and why: **scoring** holds every query's whole directions on every scoring actor (100 x D "
+        "x 4 bytes: 366 GiB for GPT-2 XL's MLPs), because scoring is not sharded by module yet; the **query stage** "
+        "of the 13B shape holds 100 queries of its owner's modules plus every module's captured ā and Ds of one "
+        "query batch; below 64 GPUs the 7B/13B ASTRA chunk's own share of v, x and factors is what exceeds the GPU. "
+        "The resident factor and solver state falls as 1/N (the ratios above); the working set of one micro-batch "
+        "(activations, every tracked module's captured ā and Ds) does not.",
+        "",
+    ]
     with atomic_path(RESULTS / "plan_scale.md") as out:
         out.write_text("\n".join(lines))
     print(json.dumps({"benchmark": "plan_scale", "rows": len(rows), "ratios": ratios,
