@@ -255,7 +255,7 @@ def _rank_solve(
             parts = [(chunk_start + s, min(chunk_start + s + piece, chunk_start + hi)) for s in range(lo, hi, piece)]
         start_state = generator.get_state()
         label_state = labels.get_state() if labels is not None else None
-        longest, longest_labels = 0, label_state
+        longest, longest_labels = 0, label_state  # the longest piece here and the label state it left
         for lo, hi in parts:
             generator.set_state(start_state)
             if labels is not None:
@@ -269,7 +269,7 @@ def _rank_solve(
             )
             seconds = time.perf_counter() - started
             drawn = counting.drawn if counting is not None else 0
-            if drawn > longest or longest_labels is label_state:
+            if drawn >= longest:  # pieces of equal length drew the same stream
                 longest = drawn
                 longest_labels = labels.get_state() if labels is not None else None
             if mode != "data" or rank.rank == 0:
@@ -288,11 +288,11 @@ def _rank_solve(
             generator.set_state(start_state)
             if labels is not None:
                 labels.set_state(label_state)
-            mine = longest
+            here = longest
             (longest,) = all_reduce_counts(longest, op=torch.distributed.ReduceOp.MAX)
             fast_forward(sampler, longest)
             if labels is not None:  # the lowest rank whose piece ran longest holds the stream's end
-                (source,) = all_reduce_counts(rank.rank if mine == longest else rank.world_size,
+                (source,) = all_reduce_counts(rank.rank if here == longest else rank.world_size,
                                               op=torch.distributed.ReduceOp.MIN)
                 labels.set_state(broadcast_state(longest_labels, source))
     return records
