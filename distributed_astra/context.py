@@ -51,7 +51,7 @@ from distributed_astra.artifacts import (
 )
 from distributed_astra.config import Config, config_yaml
 from distributed_astra.curvature.covariance import STAT_DTYPES
-from distributed_astra.curvature.factors import model_fingerprint
+from distributed_astra.curvature.factors import model_fingerprint, stored_mean_lambda
 from distributed_astra.data.corpus import Corpus, CorpusStats, corpus_files, open_corpus
 from distributed_astra.data.demo_corpus import build_demo_corpus
 from distributed_astra.data.sequences import (
@@ -67,6 +67,7 @@ from distributed_astra.distributed import is_distributed, validate_distributed
 from distributed_astra.distributed.memory import rank_memory
 from distributed_astra.errors import DastraError
 from distributed_astra.execution import Executor, InProcessExecutor
+from distributed_astra.ihvp.ekfac import DAMPING_SCALE
 from distributed_astra.models.load import check_context_length, context_length, load_causal_lm, load_tokenizer
 from distributed_astra.models.modules import TrackedModule, select_tracked_modules
 from distributed_astra.models.tiny import build_tiny_gpt2, tiny_optimizer_settings, train_tiny_gpt2
@@ -423,6 +424,13 @@ def check_directions(ctx: Context) -> None:
             f"{json.dumps(want)}: score with the settings of the solve, or re-run `dastra fit`, `dastra query` and "
             f"`dastra solve --solver {ctx.cfg.solver.name}` with these"
         )
+
+
+def run_damping(ctx: Context) -> float:
+    """λ of the run: `solver.damping`, or for "auto" kronfluence's DAMPING_SCALE × the mean Λ the fit recorded
+    (`ihvp.ekfac.default_damping` of the same factors, read without loading them)."""
+    damping = ctx.cfg.solver.damping
+    return DAMPING_SCALE * stored_mean_lambda(ctx.paths.factors) if damping == "auto" else float(damping)
 
 
 QUERY_GRADIENTS_STEM = "gradients"  # queries/gradients-<rank>.safetensors: the modules that rank owns

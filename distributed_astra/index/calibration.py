@@ -17,12 +17,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distributed_astra.context import Context, factor_meta
+from distributed_astra.context import Context, factor_meta, run_damping
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import load_factors
 from distributed_astra.data.sequences import iter_document_batches
 from distributed_astra.errors import DastraError
-from distributed_astra.ihvp.ekfac import default_damping, ekfac_inverse
+from distributed_astra.ihvp.ekfac import ekfac_inverse
 from distributed_astra.scoring.gradients import captured_batches
 from distributed_astra.scoring.projection import KroneckerProjection
 
@@ -39,7 +39,7 @@ def preconditioned_queries(
         factors = load_factors(ctx.paths.factors, factor_meta(ctx))
     except DastraError:
         return None
-    damping = default_damping(factors) if ctx.cfg.solver.damping == "auto" else float(ctx.cfg.solver.damping)
+    damping = run_damping(ctx)
     strategy = ctx.cfg.factors.strategy
     compute = product_dtype(ctx.model, ctx.stat_dtype)
     documents = ctx.open_corpus().documents_at(rows)

@@ -12,10 +12,9 @@ against 0.75 at 64 x 64).
 
 from __future__ import annotations
 
-from distributed_astra.context import Context, factor_meta
+from distributed_astra.context import Context, factor_meta, run_damping
 from distributed_astra.curvature.factors import load_factors
 from distributed_astra.errors import DastraError
-from distributed_astra.ihvp.ekfac import default_damping
 from distributed_astra.scoring.projection import KroneckerProjection, WhitenedProjection
 
 def store_projection(ctx: Context) -> KroneckerProjection:
@@ -29,7 +28,7 @@ def store_projection(ctx: Context) -> KroneckerProjection:
         factors = load_factors(ctx.paths.factors, factor_meta(ctx))
     except DastraError:  # factors of another model or corpus: the plain projection (recorded as whitening: null)
         return base
-    damping = default_damping(factors) if ctx.cfg.solver.damping == "auto" else float(ctx.cfg.solver.damping)
+    damping = run_damping(ctx)
     strategy = ctx.cfg.factors.strategy
     bases = {}
     for name in shapes:

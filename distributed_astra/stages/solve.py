@@ -55,10 +55,11 @@ from distributed_astra.context import (
     log_rank_memory,
     query_gradients_folder,
     read_query_gradients,
+    run_damping,
     solver_logger,
     write_directions,
 )
-from distributed_astra.curvature.factors import EkfacFactors, load_factors, load_factors_meta, stored_mean_lambda
+from distributed_astra.curvature.factors import EkfacFactors, load_factors, load_factors_meta
 from distributed_astra.distributed import solve_mode
 from distributed_astra.distributed.collectives import (
     advance_label_stream,
@@ -71,7 +72,6 @@ from distributed_astra.distributed.collectives import (
 )
 from distributed_astra.errors import DastraError
 from distributed_astra.execution import Rank
-from distributed_astra.ihvp.ekfac import DAMPING_SCALE
 from distributed_astra.ihvp.monitor import heldout_table, trace_table
 from distributed_astra.ihvp.products import (
     Batch,
@@ -402,7 +402,7 @@ def solve(ctx: Context) -> float:
         raise DastraError(f"internal: solver '{cfg.name}' is solved by stages/source.py")
     check_meta(load_factors_meta(ctx.paths.factors), factor_meta(ctx), f"factors at '{ctx.paths.factors}'", "fit")
     ids, grads = query_gradients_folder(ctx)  # each rank reads the modules it holds
-    damping = DAMPING_SCALE * stored_mean_lambda(ctx.paths.factors) if cfg.damping == "auto" else float(cfg.damping)
+    damping = run_damping(ctx)
     directions, statuses, trace, heldout, heldout_info = solve_directions(
         ctx, str(ctx.paths.factors), str(grads), damping, [str(q) for q in ids], cfg.name
     )
