@@ -6,8 +6,9 @@ query's [out, in+1] block of m (v, the iterate, the momentum and the product's r
 first onto the least-loaded rank (LPT), weighed by the bytes they cost there (`module_bytes`), so a rank's share is
 at most total/N plus the largest module's.
 
-The runtime (stages/fit.py, stages/solve.py) and the planner (plan/estimate.py) both call `module_owners` with the
-same arguments, so the plan's per-rank bytes are the runtime's. Nothing here touches torch.distributed.
+The runtime (stages/fit.py, stages/query.py, stages/solve.py) and the planner (plan/estimate.py) all call
+`run_owners` with the run's config, so the plan's per-rank bytes are the runtime's. Nothing here touches
+torch.distributed.
 """
 
 from __future__ import annotations
@@ -49,20 +50,26 @@ def balance_by_cost(costs: Mapping[str, float], world_size: int) -> dict[str, in
     return owner
 
 
-def module_owners(
-    shapes: Mapping[str, Shape], world_size: int, stat_bytes: int = 8, vector_bytes: int = 4, queries: int = 1
-) -> dict[str, int]:
-    """{module: owner rank} in the modules' order, balanced by `module_bytes`. With more ranks than modules some
-    ranks own none (they still take their share of the data work)."""
-    owner = balance_by_cost({n: module_bytes(s, stat_bytes, vector_bytes, queries) for n, s in shapes.items()},
-                            world_size)
-    return {n: owner[n] for n in shapes}
+def run_costs(cfg: Config, shapes: Mapping[str, Shape]) -> dict[str, int]:
+    """`module_bytes` of every module with a run's settings: the statistics dtype `factors.dtype`, float32 solver
+    vectors and `solver.query_batch_size` queries."""
+    stat_bytes = STAT_DTYPES[cfg.factors.dtype].itemsize
+    return {n: module_bytes(s, stat_bytes, 4, cfg.solver.query_batch_size) for n, s in shapes.items()}
 
 
 def run_owners(cfg: Config, shapes: Mapping[str, Shape], world_size: int) -> dict[str, int]:
-    """`module_owners` with a run's settings: the statistics dtype `factors.dtype`, float32 solver vectors and
-    `solver.query_batch_size` queries; the fit, the solve and the planner all call this."""
-    return module_owners(shapes, world_size, STAT_DTYPES[cfg.factors.dtype].itemsize, 4, cfg.solver.query_batch_size)
+    """{module: owner rank} in the modules' order, balanced by `run_costs`; the fit, the query stage, the solve and
+    the planner all call this. With more ranks than modules some ranks own none (they still take their share of
+    the fit's and the query stage's data work)."""
+    owner = balance_by_cost(run_costs(cfg, shapes), world_size)
+    return {n: owner[n] for n in shapes}
+
+
+def busiest_owned(cfg: Config, shapes: Mapping[str, Shape], world_size: int) -> list[str]:
+    """The modules of the rank whose owned `run_costs` are largest (the lowest such rank): what the planner sizes."""
+    costs, owners = run_costs(cfg, shapes), run_owners(cfg, shapes, world_size)
+    busiest = max(range(world_size), key=lambda r: (sum(costs[n] for n in owned(owners, r)), -r))
+    return owned(owners, busiest)
 
 
 def owned(owners: Mapping[str, int], rank: int) -> list[str]:

@@ -66,6 +66,11 @@ class ModuleFactors:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ModuleFactors:
         return ModuleFactors(*(getattr(self, f).to(device=device, dtype=dtype) for f in _FIELDS))
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the five tensors (what the module's owner holds)."""
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in _FIELDS)
+
 
 @dataclass
 class EkfacFactors:

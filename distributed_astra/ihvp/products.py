@@ -66,6 +66,17 @@ _FISHER_CHUNK_ELEMENTS = 1 << 25
 
 
 # ============================================================================================ vector helpers
+def on_this_rank(t: torch.Tensor) -> torch.Tensor:
+    """The identity: a sum over modules complete on this rank (the `combine` / `Sharding.reduce` of one rank
+    holding every module)."""
+    return t
+
+
+def vec_nbytes(*xs: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of the tensors of every dict in `xs` (what a rank holds: its query gradients, iterates)."""
+    return sum(t.numel() * t.element_size() for x in xs for t in x.values())
+
+
 def vec_num_queries(x: Vectors) -> int:
     """Q, the leading dimension shared by every module's tensor."""
     sizes = {t.shape[0] for t in x.values()}
@@ -164,10 +175,6 @@ def check_vectors(x: Vectors, tracked: Mapping[str, TrackedModule]) -> int:
 
 
 # ============================================================================================ products
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
 class CurvatureProduct(ABC):
     """G̃_B·v for a minibatch B, on the tracked modules: see the module docstring for the exact definition."""
 
@@ -277,7 +284,7 @@ class GGNProduct(CurvatureProduct):
         *,
         task: Task = CAUSAL_LM,
         owned: list[str] | None = None,
-        combine: Callable[[torch.Tensor], torch.Tensor] = _whole,
+        combine: Callable[[torch.Tensor], torch.Tensor] = on_this_rank,
     ) -> None:
         if jv_mode not in ("vjp", "jvp"):
             raise DastraError(f"GGNProduct jv_mode '{jv_mode}' is not one of: vjp, jvp")
@@ -393,7 +400,7 @@ class FisherProduct(CurvatureProduct):
         *,
         task: Task = CAUSAL_LM,
         owned: list[str] | None = None,
-        combine: Callable[[torch.Tensor], torch.Tensor] = _whole,
+        combine: Callable[[torch.Tensor], torch.Tensor] = on_this_rank,
     ) -> None:
         if num_samples < 1:
             raise DastraError(f"FisherProduct num_samples must be >= 1, got {num_samples}")

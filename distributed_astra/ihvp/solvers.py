@@ -75,6 +75,7 @@ from distributed_astra.ihvp.monitor import (
 from distributed_astra.ihvp.products import (
     CurvatureProduct,
     Vectors,
+    on_this_rank,
     vec_axpy,
     vec_clone,
     vec_num_queries,
@@ -100,10 +101,6 @@ LIVE_VECTORS_PER_QUERY = STATE_VECTORS_PER_QUERY + 2
 
 
 # ============================================================================================ settings
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
 @dataclass(frozen=True)
 class Sharding:
     """The vectors held here are one rank's share of the modules (module ownership, stages/solve.py): `reduce`
@@ -111,7 +108,7 @@ class Sharding:
     `shapes` lists every module's (out, in+1) in model order, so that random draws consume the generator exactly as
     one rank holding every module would. The default is one rank holding everything."""
 
-    reduce: Callable[[torch.Tensor], torch.Tensor] = _whole
+    reduce: Callable[[torch.Tensor], torch.Tensor] = on_this_rank
     shapes: Mapping[str, tuple[int, int]] | None = None
 
     def norm(self, x: Vectors) -> torch.Tensor:

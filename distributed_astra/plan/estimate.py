@@ -34,7 +34,7 @@ from distributed_astra.ihvp.products import DEFAULT_TANGENT_ELEMENTS
 from distributed_astra.ihvp.solvers import LIVE_VECTORS_PER_QUERY
 from distributed_astra.models.load import DTYPES
 from distributed_astra.models.modules import TrackedModule
-from distributed_astra.ownership import factor_elements, module_bytes, owned, run_owners
+from distributed_astra.ownership import busiest_owned, factor_elements
 from distributed_astra.plan import shapes, simulate
 from distributed_astra.plan.simulate import StepCost, measure, meta_batch
 from distributed_astra.scoring.projection import module_dims
@@ -210,10 +210,7 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
     solve_params = zero[0] if mode == "queries" else params
     # the busiest owner (`ownership.run_owners`, the runtime's own placement): the fit and the query stage always
     # keep state by owner, the solve only in mode modules
-    owners = run_owners(cfg, {n: t.shape for n, t in tracked.items()}, gpus)
-    cost = {n: module_bytes(t.shape, stat.itemsize, 4, cfg.solver.query_batch_size) for n, t in tracked.items()}
-    busiest = max(range(gpus), key=lambda r: (sum(cost[n] for n in owned(owners, r)), -r))
-    mine = {n: tracked[n] for n in owned(owners, busiest)}
+    mine = {n: tracked[n] for n in busiest_owned(cfg, {n: t.shape for n, t in tracked.items()}, gpus)}
     solve_tracked = mine if mode == "modules" else tracked
 
     documents, documents_source = pc.documents, "plan.documents"

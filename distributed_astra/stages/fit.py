@@ -52,7 +52,8 @@ def rank_fit(
 ) -> dict:
     """Both passes on this rank's batches, each module's statistics on its owner; over each of `checkpoints` of
     `trajectory` in turn (SOURCE) or at the model's own weights. Writes this rank's modules into `folder`; returns
-    {files, shapes, eigenvalue sums} and, on rank 0, the counts (None when the corpus had no sequence)."""
+    {files, eigenvalue sums, resident bytes, the merged counts (None when the corpus had no sequence), batches,
+    skipped rows}."""
     cfg = rank.cfg.factors
     dtype = STAT_DTYPES[cfg.dtype]
     generator = torch.Generator(device=model_device(rank.model)).manual_seed(cfg.seed)
@@ -103,8 +104,7 @@ def rank_fit(
     return {
         "files": save_factor_shard(factors.modules, folder, rank.rank),
         "lambda_sum": factors.eigenvalue_sum(),
-        "resident_bytes": sum(t.numel() * t.element_size() for f in factors.modules.values()
-                              for t in (f.q_a, f.eigval_a, f.q_s, f.eigval_s, f.lambda_)),
+        "resident_bytes": sum(f.nbytes for f in factors.modules.values()),
         "counts": counts, "num_batches": stream.num_batches, "skipped": skipped,
     }
 

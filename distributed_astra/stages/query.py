@@ -15,6 +15,7 @@ from distributed_astra.context import QUERY_GRADIENTS_STEM, Context, query_meta
 from distributed_astra.curvature.covariance import STAT_DTYPES, batch_to_device
 from distributed_astra.data.sequences import iter_query_batches, load_queries
 from distributed_astra.execution import Rank
+from distributed_astra.ihvp.products import vec_nbytes
 from distributed_astra.ownership import owned, run_owners
 from distributed_astra.progress import progress_bar
 from distributed_astra.scoring.gradients import query_gradients
@@ -41,7 +42,7 @@ def rank_query(rank: Rank, queries_path: str, folder: str) -> dict:
     if grads:
         save_tensors({n: g.cpu() for n, g in grads.items()}, Path(folder) / file)
     return {"files": {n: file for n in grads}, "tokens": tokens[0],
-            "resident_bytes": sum(g.numel() * g.element_size() for g in grads.values())}
+            "resident_bytes": vec_nbytes(grads)}
 
 
 @metered("query")

@@ -82,6 +82,8 @@ from distributed_astra.ihvp.products import (
     Vectors,
     batch_rows,
     label_generator,
+    on_this_rank,
+    vec_nbytes,
 )
 from distributed_astra.ihvp.solvers import (
     LIVE_VECTORS_PER_QUERY,
@@ -222,7 +224,7 @@ def _rank_solve(
     product: CurvatureProduct | None = None
     sampler: MinibatchSampler | None = None
     if cfg.name != "ekfac":  # the iterative solvers need G̃·v on minibatches of the corpus
-        combine = sum_over_ranks if split else (lambda t: t)
+        combine = sum_over_ranks if split else on_this_rank
         micro = cfg.micro_batch_size
         # one label sample per call where a wrapper repeats the samples: SlicedProduct around the slice (mode
         # data), MicroBatchedProduct over the micro-batches
@@ -276,7 +278,7 @@ def _rank_solve(
                 records.append({
                     "start": lo, "stop": hi, "chunk_start": chunk_start,
                     "x": {name: x.cpu() for name, x in result.x.items()}, "status": result.status,
-                    "state_bytes": sum(t.numel() * t.element_size() for d in (grads, result.x) for t in d.values()),
+                    "state_bytes": vec_nbytes(grads, result.x),
                     "iterations": result.iterations, "messages": result.messages, "trace": result.trace.columns(),
                     "heldout": result.heldout.columns(), "heldout_seconds": result.heldout_seconds,
                     "seconds": seconds,
