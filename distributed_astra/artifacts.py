@@ -75,6 +75,14 @@ def rank_file(stem: str, rank: int) -> str:
     return f"{stem}-{rank:05d}.safetensors"
 
 
+def names_by_file(files: dict[str, str], names: list[str]) -> dict[str, list[str]]:
+    """{shard file: the names of `names` it holds, in their order} from a {name: shard file} manifest."""
+    by_file: dict[str, list[str]] = {}
+    for n in names:
+        by_file.setdefault(files[n], []).append(n)
+    return by_file
+
+
 def load_module_tensors(
     folder: Path, files: dict[str, str], names: list[str], what: str, stage: str, device: str = "cpu"
 ) -> dict[str, torch.Tensor]:
@@ -83,11 +91,8 @@ def load_module_tensors(
     missing = [n for n in names if n not in files]
     if missing:
         raise DastraError(f"{what} in '{folder}' lists no shard for {missing}: re-run `dastra {stage}`")
-    by_file: dict[str, list[str]] = {}
-    for n in names:
-        by_file.setdefault(files[n], []).append(n)
     found: dict[str, torch.Tensor] = {}
-    for file, members in by_file.items():
+    for file, members in names_by_file(files, names).items():
         found.update(load_tensors(Path(folder) / file, what, stage, device=device, names=members))
     return {n: found[n] for n in names}
 

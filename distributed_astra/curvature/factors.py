@@ -21,6 +21,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from torch import nn
 from distributed_astra.artifacts import (
     atomic_path,
     check_meta,
+    names_by_file,
     open_tensors,
     rank_file,
     read_meta,
@@ -307,8 +309,11 @@ def factor_fields(out_dir: str | os.PathLike, fields: Iterable[str]) -> Iterator
     out_dir = Path(out_dir)
     info = load_factors_meta(out_dir)[_RESERVED_META_KEY]
     fields = list(fields)
-    for name in info["modules"]:
-        with open_tensors(out_dir / info["files"][name], "EK-FAC factors", "fit") as handle:
+    with ExitStack() as stack:  # each shard opened once
+        handles = {file: stack.enter_context(open_tensors(out_dir / file, "EK-FAC factors", "fit"))
+                   for file in dict.fromkeys(info["files"].values())}
+        for name in info["modules"]:
+            handle = handles[info["files"][name]]
             yield name, {f: handle.get_tensor(f"{name}/{f}") for f in fields}
 
 
@@ -345,11 +350,8 @@ def load_factors(
     unknown = [n for n in wanted if n not in info["modules"]]
     if unknown:
         raise DastraError(f"factors at '{out_dir}' have no module(s) {unknown}: re-run `dastra fit` for this model")
-    by_file: dict[str, list[str]] = {}
-    for name in wanted:
-        by_file.setdefault(info["files"][name], []).append(name)
     loaded: dict[str, ModuleFactors] = {}
-    for file, members in by_file.items():
+    for file, members in names_by_file(info["files"], wanted).items():
         loaded.update(load_factor_shard(out_dir / file, members, device))
     for name, mf in loaded.items():
         shape = info["modules"][name]
