@@ -194,6 +194,15 @@ class ScoringConfig(Section):
     top_k: int = Field(10, gt=0, description="documents kept per query")
     batch_size: int = Field(32, gt=0, description="sequences per scoring batch")
     dense: bool = Field(False, description="also write scores/dense.parquet (N documents x Q queries)")
+    direction_rank: int | None = Field(
+        None, gt=0,
+        description="rank kept of each query's direction per module (truncated SVD on the module's owner, "
+        "kronfluence's query_gradient_low_rank); null: full rank",
+    )
+    direction_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="storage of the held directions (the products run in float32, or float64 for a "
+        "float64 model and factors.dtype)"
+    )
 
 
 class ReportConfig(Section):
@@ -285,6 +294,12 @@ class RayConfig(Section):
         description="auto: queries on replicated models, data under ZeRO-3 | queries (queries split over ranks) | "
         "data (minibatch slices, all-reduce) | modules (each rank holds its modules' factors and query state, "
         "per-GPU memory falls as 1/N; at most one rank per tracked module)",
+    )
+    score_mode: Literal["auto", "replicas", "modules"] = Field(
+        "auto",
+        description="auto: modules under ZeRO-3, replicas otherwise | replicas (independent restartable actors, "
+        "each with the whole model and every direction) | modules (the DeepSpeed group: each rank scores its own "
+        "batches, each direction is held by its module's owner, per-GPU direction memory falls as 1/N)",
     )
 
 

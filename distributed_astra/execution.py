@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -46,6 +46,7 @@ class Rank:
     tokenizer: PreTrainedTokenizerBase
     stage: int = 0  # the effective ZeRO stage (0 or 3)
     progress: Progress | None = None  # (unit, count) live progress: set in process, None on Ray workers
+    held: dict[str, Any] = field(default_factory=dict)  # kept between calls (scoring: its prepared directions)
 
     @property
     def device(self) -> torch.device:
@@ -106,9 +107,10 @@ class InProcessExecutor:
 
     def __init__(self, model: nn.Module, tracked: dict[str, TrackedModule], tokenizer: PreTrainedTokenizerBase):
         self.model, self.tracked, self.tokenizer = model, tracked, tokenizer
+        self.held: dict[str, Any] = {}
 
     def rank(self, cfg: Config, progress: Progress | None = None) -> Rank:
-        return Rank(0, 1, cfg, self.model, self.tracked, self.tokenizer, 0, progress)
+        return Rank(0, 1, cfg, self.model, self.tracked, self.tokenizer, 0, progress, self.held)
 
     def map(self, fn: Callable[..., Any], *args: Any, cfg: Config, what: str, progress: Progress | None = None
             ) -> list[Any]:

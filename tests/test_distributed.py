@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 from distributed_astra import context, pipeline
 from distributed_astra.cli import app
 from distributed_astra.config import load_config
+from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import load_factors
 from distributed_astra.distributed import cluster, is_distributed
 from distributed_astra.distributed.executor import RayExecutor
@@ -38,6 +39,7 @@ from distributed_astra.distributed import solve_mode
 from distributed_astra.errors import DastraError
 from distributed_astra.ownership import balance_by_cost, owned, run_owners
 from distributed_astra.plan import make_plan
+from distributed_astra.stages.score import stored_direction
 from tests.conftest import QUERIES, WORDS, assert_same_eigendecomposition, corpus_rows, workspace_overrides, write_workspace
 
 RTOL = 1e-5
@@ -464,14 +466,15 @@ def test_100_queries_are_scored_in_one_pass_on_two_ranks_as_on_one(
     ray_session, single: Path, workspace: Path, tmp_path: Path
 ):
     """Every query in one corpus pass: one forward per sequence (scoring.batch_size=1) whatever the number of
-    queries, counted by a forward hook on the scoring model, and 2 workers give 1 rank's top-k."""
+    queries, counted by a forward hook on the scoring model; 2 replicas, and 2 ZeRO-3 ranks that forward the
+    batches in turn with the directions held by their modules' owners, give 1 rank's top-k."""
     queries = [{"query_id": i, "prompt": f"{WORDS[i % len(WORDS)]} {WORDS[(7 * i) % len(WORDS)]}",
                 "completion": f" {WORDS[(3 * i + 1) % len(WORDS)]}"} for i in range(100)]
     queries_file = tmp_path / "queries-100.parquet"
     pq.write_table(pa.Table.from_pylist(queries), queries_file)
     extra = (f"data.queries={queries_file}", "solver.name=ekfac", "scoring.batch_size=1", "solver.query_batch_size=50")
-    dirs = [tmp_path / "one", tmp_path / "two"]
-    for run_dir, ranks in zip(dirs, ((), DISTRIBUTED)):
+    dirs = [tmp_path / "one", tmp_path / "replicas", tmp_path / "modules"]
+    for run_dir, ranks in zip(dirs, ((), DISTRIBUTED, (*DISTRIBUTED, "deepspeed.stage=3"))):
         shutil.copytree(single / "factors", run_dir / "factors")
         ctx = _context(workspace, run_dir, *extra, *ranks)
         forwards = [0]
@@ -489,5 +492,34 @@ def test_100_queries_are_scored_in_one_pass_on_two_ranks_as_on_one(
         assert sequences >= 48 and sum(s["num_forwards"] for s in shards) == sequences
         if not ranks:  # in process the scoring model is the context's: the hook saw every forward
             assert forwards[0] - before == sequences
-    _assert_same_topk(dirs[1], dirs[0])
-    assert pq.read_table(dirs[1] / "topk.parquet").num_rows == 100 * 5
+    for run_dir in dirs[1:]:
+        _assert_same_topk(run_dir, dirs[0])
+    assert pq.read_table(dirs[2] / "topk.parquet").num_rows == 100 * 5
+
+
+@pytest.mark.parametrize(
+    "storage", [(), ("scoring.direction_rank=2", "scoring.direction_dtype=bfloat16")], ids=["whole", "rank2-bf16"]
+)
+@pytest.mark.parametrize("stage", [0, 3])
+def test_scoring_by_module_owners_on_two_ranks_equals_one_rank(
+    ray_session, single: Path, workspace: Path, tmp_path: Path, stage: int, storage: tuple[str, ...]
+):
+    """`ray.score_mode: modules`: each rank holds only its modules' directions (whole, or rank-2 bfloat16
+    factors) and every batch is forwarded once by one rank; the top-k equals one process holding them all."""
+    reference, ranks_dir = tmp_path / "one", tmp_path / "two"
+    storage = (*storage, "scoring.batch_size=2")  # a shard is 2-3 batches: steps of 2 ranks, padded at the end
+    for run_dir in (reference, ranks_dir):
+        _prepare_scoring(single, run_dir)
+    _stages(_context(workspace, reference, *storage), "score")
+    ctx = _context(workspace, ranks_dir, *DISTRIBUTED, f"deepspeed.stage={stage}", "ray.score_mode=modules",
+                   *storage)
+    modules = {name: stored_direction(x, ctx.cfg.scoring, product_dtype(ctx.model, ctx.stat_dtype)).nbytes
+               for name, x in load_file(str(ranks_dir / "ihvp" / "astra" / "directions.safetensors")).items()}
+    _stages(ctx, "score")
+    _assert_same_topk(ranks_dir, reference)
+    total, largest = sum(modules.values()), max(modules.values())
+    for shard in json.loads((ranks_dir / "scores" / "manifest.json").read_text())["shards"].values():
+        held = shard["direction_bytes"]
+        assert len(held) == 2 and sum(held) == total  # each module's directions are held by one rank, once
+        assert max(held) <= total / 2 + largest and max(held) < total
+        assert shard["num_forwards"] == -(-shard["num_sequences"] // 2)  # the ranks forward the batches in turn

@@ -1,8 +1,11 @@
 """Inner products and streaming top-k against brute-force references."""
 
+import numpy as np
+import pytest
 import torch
 
 from distributed_astra.scoring.inner_products import module_scores, sequence_scores
+from distributed_astra.scoring.low_rank import low_rank
 from distributed_astra.scoring.topk import StreamingTopK
 
 
@@ -61,3 +64,50 @@ def test_topk_with_fewer_documents_than_k():
     best, ids = top.finish()
     assert ids.tolist() == [[9, 5], [9, 5]]
     assert best.tolist() == [[2.0, 1.0], [3.0, -1.0]]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_low_rank_directions_at_full_rank_give_the_explicit_scores():
+    g = torch.Generator().manual_seed(2)
+    ds = torch.randn(4, 7, 6, generator=g, dtype=torch.float64)
+    a = torch.randn(4, 7, 5, generator=g, dtype=torch.float64)
+    directions = torch.randn(3, 6, 5, generator=g, dtype=torch.float64)
+    factors = low_rank(directions, rank=5, dtype=torch.float64)
+    assert factors.u.shape == (3, 6, 5) and factors.v.shape == (3, 5, 5)
+    assert _rel(module_scores(ds, a, factors), _explicit_scores(ds, a, directions)) <= 1e-12
+    assert low_rank(directions, rank=50, dtype=torch.float64).u.shape[-1] == 5  # capped at min(out, in+1)
+
+
+def test_truncated_directions_score_as_their_reconstruction_with_the_eckart_young_error():
+    """Rank r < min(O, I): the factor path (never forming X) equals the explicit scores of U Vᵀ, and U Vᵀ is the
+    best rank-r approximation: its Frobenius error is the norm of the dropped singular values (numpy's SVD)."""
+    g = torch.Generator().manual_seed(3)
+    ds = torch.randn(5, 4, 8, generator=g, dtype=torch.float64)
+    a = torch.randn(5, 4, 6, generator=g, dtype=torch.float64)
+    directions = torch.randn(4, 8, 6, generator=g, dtype=torch.float64)
+    for r in (1, 3):
+        factors = low_rank(directions, rank=r, dtype=torch.float64)
+        reconstruction = factors.dense()
+        assert _rel(module_scores(ds, a, factors), _explicit_scores(ds, a, reconstruction)) <= 1e-12
+        for q in range(4):
+            dropped = np.linalg.svd(directions[q].numpy(), compute_uv=False)[r:]
+            error = float((directions[q] - reconstruction[q]).norm())
+            assert error == pytest.approx(float(np.sqrt((dropped**2).sum())), rel=1e-10)
+
+
+def test_bfloat16_storage_rounds_the_directions_only():
+    """bfloat16 U, V with products in float64: the scores' relative error is that of the stored numbers (unit
+    round-off 2^-8 per factor, two factors per term), not more."""
+    g = torch.Generator().manual_seed(4)
+    ds = torch.randn(6, 5, 16, generator=g, dtype=torch.float64)
+    a = torch.randn(6, 5, 12, generator=g, dtype=torch.float64)
+    directions = torch.randn(3, 16, 12, generator=g, dtype=torch.float64)
+    exact = module_scores(ds, a, low_rank(directions, rank=12, dtype=torch.float64))
+    rounded = low_rank(directions, rank=12, dtype=torch.bfloat16)
+    assert rounded.u.dtype == torch.bfloat16 and rounded.nbytes == (3 * 16 * 12 + 3 * 12 * 12) * 2
+    error = _rel(module_scores(ds, a, rounded), exact)
+    assert 0 < error <= 2 * 2.0**-8
+    assert _rel(module_scores(ds, a, directions.to(torch.bfloat16)), exact) <= 2.0**-8  # whole bf16 directions

@@ -38,6 +38,18 @@ def solve_mode(cfg: Config) -> str:
     return cfg.ray.solve_mode
 
 
+def score_mode(cfg: Config) -> str:
+    """How scoring runs (stages/score.py), the rule the runtime and the planner share: `replicas` (restartable
+    actors, each with the whole model and every direction) in one process and, under `ray.score_mode: auto`, on
+    replicated models; `modules` (the worker group, directions held by their modules' owners) under ZeRO-3 or
+    when asked for."""
+    if not is_distributed(cfg):
+        return "replicas"
+    if cfg.ray.score_mode == "auto":
+        return "modules" if effective_stage(cfg.deepspeed.stage) == 3 else "replicas"
+    return cfg.ray.score_mode
+
+
 def validate_distributed(cfg: Config) -> None:
     """Checks that need no cluster (called when the context opens): the DeepSpeed JSON against the run config;
     SOURCE sets the ranks' weights to its checkpoints', which needs whole parameters."""

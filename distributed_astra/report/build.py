@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 import distributed_astra
-from distributed_astra.artifacts import atomic_path, check_meta
+from distributed_astra.artifacts import atomic_path, check_meta, load_tensors
 from distributed_astra.context import Context
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import factor_fields, load_factors_meta
@@ -32,9 +32,10 @@ from distributed_astra.ihvp.monitor import heldout_summary
 from distributed_astra.progress import progress_bar
 from distributed_astra.report import plots
 from distributed_astra.report.segments import Segment, best_window, token_segments
+from distributed_astra.scoring.low_rank import LowRank
 from distributed_astra.scoring.tokens import document_token_scores
 from distributed_astra.source.trajectory import Trajectory, load_trajectory, weights
-from distributed_astra.stages.score import scoring_passes
+from distributed_astra.stages.score import scoring_passes, stored_direction
 from distributed_astra.tracking import relative_to_start
 
 TEMPLATE = "template.html.j2"
@@ -73,12 +74,13 @@ def _shown_documents(topk: pa.Table, num_queries: int) -> tuple[list[QueryId], l
 def _load_directions(
     ctx: Context, query_ids: list[QueryId]
 ) -> tuple[Trajectory | None, list[tuple[int | None, dict[str, torch.Tensor]]]]:
-    """The scoring solver's directions of `query_ids`, in that order, in the scoring compute dtype, as
-    (trajectory checkpoint, directions) passes whose terms add up (stages/score.py's `scoring_passes`): one pass at
-    the loaded model (None), or one per checkpoint for source | astra-source, with their trajectory."""
+    """The scoring solver's directions of `query_ids`, in that order, as scoring held them (`stored_direction`:
+    low-rank and bfloat16 storage included), whole in the scoring compute dtype, as (trajectory checkpoint,
+    directions) passes whose terms add up (stages/score.py's `scoring_passes`): one pass at the loaded model
+    (None), or one per checkpoint for source | astra-source, with their trajectory."""
     compute = product_dtype(ctx.model, ctx.stat_dtype)
     solver_dir = ctx.paths.ihvp(ctx.cfg.solver.name)
-    ids, trajectory, passes, _ = scoring_passes(ctx)
+    ids, trajectory, passes = scoring_passes(ctx)
     position = {q: i for i, q in enumerate(ids)}
     absent = [q for q in query_ids if q not in position]
     if absent:
@@ -88,7 +90,17 @@ def _load_directions(
         )
     index = torch.tensor([position[q] for q in query_ids])
     traj = load_trajectory(trajectory) if trajectory is not None else None
-    return traj, [(checkpoint, {name: x[index].to(compute) for name, x in d.items()}) for checkpoint, d in passes]
+    loaded: dict[str, dict[str, torch.Tensor]] = {}
+    for p in passes:
+        if p.file not in loaded:
+            loaded[p.file] = {name: x[index] for name, x in load_tensors(Path(p.file), "solved directions",
+                                                                         "solve").items()}
+
+    def held(x: torch.Tensor) -> torch.Tensor:
+        d = stored_direction(x, ctx.cfg.scoring, compute)
+        return d.dense(compute) if isinstance(d, LowRank) else d.to(compute)
+
+    return traj, [(p.checkpoint, {name: held(x * p.scale) for name, x in loaded[p.file].items()}) for p in passes]
 
 
 def attribute_tokens(ctx: Context, documents: list[ShownDocument], query_ids: list[QueryId]) -> pa.Table:

@@ -5,16 +5,25 @@ its inner product with a direction X_q [O, I] is Σ_t Ds_tᵀ X_q ā_t. Two ways
 sequences of T tokens:
   - materialise the per-sequence gradients: B·T·O·I + B·Q·O·I multiply-adds, B·O·I memory;
   - stay per token (X_q ā_t first): Q·B·T·O·I multiply-adds, B·Q·T·O memory, no O×I per sequence.
-`sequence_scores` picks the cheaper one per module; both give the same numbers.
+`sequence_scores` picks the cheaper one per module; both give the same numbers. A module's directions may also be
+held as rank-r factors (`scoring.low_rank.LowRank`, `scoring.direction_rank`), scored without forming X_q.
 """
 
 from __future__ import annotations
 
 import torch
 
+from distributed_astra.scoring.low_rank import LowRank
 
-def module_scores(ds: torch.Tensor, a: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """[B, Q] scores of one module from Ds [B,T,O], ā [B,T,I] and directions [Q,O,I]."""
+Direction = torch.Tensor | LowRank  # one module's directions of Q queries: [Q, O, I], or its rank-r factors
+
+
+def module_scores(ds: torch.Tensor, a: torch.Tensor, directions: Direction) -> torch.Tensor:
+    """[B, Q] scores of one module from Ds [B,T,O], ā [B,T,I] and its directions ([Q,O,I] in any storage dtype,
+    used in Ds's dtype; or `LowRank` factors)."""
+    if isinstance(directions, LowRank):
+        return directions.scores(ds, a)
+    directions = directions.to(ds.dtype)
     batch, tokens, out_dim = ds.shape
     num_queries, _, in_dim = directions.shape
     materialised_cost = batch * out_dim * in_dim * (tokens + num_queries)
@@ -25,7 +34,7 @@ def module_scores(ds: torch.Tensor, a: torch.Tensor, directions: torch.Tensor) -
 
 
 def sequence_scores(
-    output_grads: dict[str, torch.Tensor], activations: dict[str, torch.Tensor], directions: dict[str, torch.Tensor]
+    output_grads: dict[str, torch.Tensor], activations: dict[str, torch.Tensor], directions: dict[str, Direction]
 ) -> torch.Tensor:
     """[B, Q] = Σ_modules Σ_t Ds_tᵀ X_q ā_t for every sequence of a captured batch."""
     return sum(module_scores(output_grads[name], activations[name], directions[name]) for name in directions)

@@ -18,7 +18,9 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +28,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distributed_astra.artifacts import atomic_path, check_meta, load_tensors, read_directions, read_meta, write_json
-from distributed_astra.config import SOURCE_SOLVERS
+from distributed_astra.artifacts import DIRECTIONS_FILE, atomic_path, check_meta, load_tensors, read_meta, write_json
+from distributed_astra.config import SOURCE_SOLVERS, ScoringConfig
 from distributed_astra.context import Context, check_directions, note_skipped_rows, topk_table
 from distributed_astra.curvature.covariance import STAT_DTYPES, batch_to_device, product_dtype
+from distributed_astra.curvature.hooks import GradientCapture
 from distributed_astra.data.corpus import CorpusShard, CorpusStats
 from distributed_astra.data.sequences import QueryId
+from distributed_astra.distributed import score_mode
+from distributed_astra.distributed.collectives import owner_route, padding_batch, sum_over_ranks
 from distributed_astra.errors import DastraError
 from distributed_astra.execution import Rank
-from distributed_astra.ihvp.products import Vectors
+from distributed_astra.ownership import owned, run_owners
 from distributed_astra.progress import console, progress_bar
 from distributed_astra.scoring.gradients import captured_batches
-from distributed_astra.scoring.inner_products import sequence_scores
+from distributed_astra.scoring.inner_products import Direction, module_scores
+from distributed_astra.scoring.low_rank import DIRECTION_DTYPES, low_rank
 from distributed_astra.scoring.topk import StreamingTopK
 from distributed_astra.source.trajectory import load_trajectory, weights
 from distributed_astra.tracking import metered
@@ -45,46 +51,128 @@ from distributed_astra.tracking import metered
 MANIFEST = "manifest.json"
 
 
+@dataclass(frozen=True)
+class DirectionsPass:
+    """One pass over a shard: the weights (`checkpoint` of the trajectory, or None for the model's own) and the
+    directions scored there, `file` x `scale` (SOURCE: w_ℓ / |C_ℓ|)."""
+
+    checkpoint: int | None
+    file: str
+    scale: float = 1.0
+
+
+def stored_direction(x: torch.Tensor, scoring: ScoringConfig, compute: torch.dtype) -> Direction:
+    """One module's directions x [Q, out, in+1] as scoring holds them: rank `scoring.direction_rank` factors
+    (`low_rank`) or whole, stored in bfloat16 under `scoring.direction_dtype: bfloat16`, else in the products'
+    dtype `compute`. The report's per-token terms use the same rule, so they add up to the scores."""
+    store = DIRECTION_DTYPES[scoring.direction_dtype] if scoring.direction_dtype == "bfloat16" else compute
+    return low_rank(x, scoring.direction_rank, store) if scoring.direction_rank else x.to(store)
+
+
+def held_directions(rank: Rank, passes: Sequence[DirectionsPass], names: list[str], compute: torch.dtype
+                    ) -> list[dict[str, Direction]]:
+    """This rank's directions of `names` for every pass, prepared once per rank and kept (`rank.held`) while the
+    files and the scoring settings stay the same: only these modules are read, scaled and kept on the rank's
+    device as `stored_direction` makes them (low-rank factors are computed here, on the module's owner)."""
+    sc = rank.cfg.scoring
+    key = (tuple((p.checkpoint, p.file, p.scale, os.stat(p.file).st_mtime_ns) for p in passes), tuple(names),
+           sc.direction_rank, sc.direction_dtype, compute)
+    if rank.held.get("directions_key") != key:
+        rank.held.pop("directions", None)  # the previous run's directions go before the new ones are read
+        prepared: dict[tuple[str, float], dict[str, Direction]] = {}  # SOURCE: one copy per segment, not checkpoint
+        for p in passes:
+            if (p.file, p.scale) in prepared:
+                continue
+            tensors = load_tensors(Path(p.file), "solved directions", "solve", names=names)
+            held: dict[str, Direction] = {}
+            for name in names:
+                x = tensors.pop(name).to(rank.device)
+                x = x * p.scale if p.scale != 1.0 else x
+                held[name] = stored_direction(x, sc, compute)
+            prepared[p.file, p.scale] = held
+        rank.held.update(directions=[prepared[p.file, p.scale] for p in passes], directions_key=key)
+    return rank.held["directions"]
+
+
+def rank_steps(rank: Rank, batches: Iterable[dict[str, torch.Tensor]], dtype: torch.dtype
+               ) -> Iterator[tuple[list[dict[str, torch.Tensor]], GradientCapture]]:
+    """(a step's batches, this rank's capture) for the stream in steps of N consecutive batches: batch r of a step
+    is forwarded and captured by rank r, a rank the last step leaves without one runs a `padding_batch` (under
+    ZeRO-3 every forward is a collective). One rank: every batch is a step."""
+    steps: list[list[dict[str, torch.Tensor]]] = []
+
+    def mine() -> Iterator[dict[str, torch.Tensor]]:
+        step: list[dict[str, torch.Tensor]] = []
+        for batch in [*batches, None]:
+            if batch is not None:
+                step.append(batch)
+            if step and (batch is None or len(step) == rank.world_size):
+                steps.append(step)
+                own = step[rank.rank] if rank.rank < len(step) else padding_batch(step[0])
+                yield batch_to_device(own, rank.device)
+                step = []
+
+    for _, capture in captured_batches(rank.model, rank.tracked, mine(), dtype):
+        yield steps.pop(), capture
+
+
+def step_scores(capture: GradientCapture, directions: dict[str, Direction], owners: dict[str, int],
+                rows: list[int], num_queries: int, dtype: torch.dtype) -> torch.Tensor:
+    """[Σ rows, Q]: the scores of one step's batches (rank order, `rows` sequences each; seeds §1, Eq 2). Each
+    module's ā and Ds of every rank's batch reach the module's owner (`owner_route`), which scores them against
+    its directions; the partial scores are summed over ranks. One rank: its batch against every module."""
+    route = owner_route(owners)
+    offsets = [0, *accumulate(rows)]
+    partial = torch.zeros(offsets[-1], num_queries, dtype=dtype, device=capture.output_grad(next(iter(owners))).device)
+    for name in owners:
+        for r, (ds, a) in enumerate(route(name, [capture.output_grad(name), capture.activation(name)])):
+            partial[offsets[r] : offsets[r + 1]] += module_scores(ds, a, directions[name])
+    return sum_over_ranks(partial)
+
+
 def score_shard(
-    rank: Rank, shard: CorpusShard, corpus: str, passes: Sequence[tuple[int | None, Vectors]],
-    trajectory: str | None,
+    rank: Rank, shard: CorpusShard, corpus: str, passes: Sequence[DirectionsPass], trajectory: str | None,
+    num_queries: int,
 ) -> dict[str, Any]:
     """The top-k documents of one shard per query: scores [Q, k'] and document keys [Q, k'] (k' = min(k, docs));
-    every document's scores too under `scoring.dense`. `passes` are (checkpoint of `trajectory` or None for the
-    model's own weights, directions); their sequence scores add up (SOURCE: w_ℓ / |C_ℓ| per checkpoint)."""
+    every document's scores too under `scoring.dense`. The passes' sequence scores add up (SOURCE). On a group of
+    N ranks (`ray.score_mode: modules`) the ranks forward the shard's batches in turn (`rank_steps`), each holds
+    the directions of the modules it owns (`ownership.run_owners`) and scores every rank's ā and Ds of them
+    (`step_scores`): one forward+backward per batch in all, every query at once. Every rank returns the same
+    top-k; `direction_bytes` and the forward counts are its own."""
     started = time.perf_counter()
     cfg = rank.cfg
     compute = product_dtype(rank.model, STAT_DTYPES[cfg.factors.dtype])
     traj = load_trajectory(trajectory) if trajectory is not None else None
+    owners = run_owners(cfg, {n: t.shape for n, t in rank.tracked.items()}, rank.world_size)
+    held = held_directions(rank, passes, owned(owners, rank.rank), compute)
     keys: list[torch.Tensor] = []
     totals: list[torch.Tensor] = []
-    sequences = tokens = 0
+    sequences = tokens = padding = 0
     stats = CorpusStats()
-    forwards = [0]  # the model's forward calls: one per batch per pass, whatever the number of queries
+    forwards = [0]  # the model's forward calls on this rank: one per step per pass, whatever the number of queries
     counter = rank.model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
     try:
-        for number, (checkpoint, directions) in enumerate(passes):
-            w = {n: x.to(device=rank.device, dtype=compute) for n, x in directions.items()}
-            with weights(rank.model, traj.state(checkpoint) if traj is not None else None):
-                batches = (
-                    batch_to_device(b, rank.device)
-                    for b in rank.training_batches(corpus, cfg.scoring.batch_size, shard=shard,
-                                                   stats=stats if number == 0 else None)
-                )
-                for j, (batch, capture) in enumerate(captured_batches(rank.model, rank.tracked, batches, compute)):
-                    scores = sequence_scores(capture.output_grads, capture.activations, w).cpu()
+        for number, (p, directions) in enumerate(zip(passes, held)):
+            with weights(rank.model, traj.state(p.checkpoint) if traj is not None else None):
+                batches = rank.training_batches(corpus, cfg.scoring.batch_size, shard=shard,
+                                                stats=stats if number == 0 else None)
+                for j, (step, capture) in enumerate(rank_steps(rank, batches, compute)):
+                    padding += rank.rank >= len(step)
+                    rows = [len(b["doc_id"]) for b in step] + [1] * (rank.world_size - len(step))
+                    scores = step_scores(capture, directions, owners, rows, num_queries, compute)
+                    scores = scores[: sum(rows[: len(step)])].cpu()  # the padding batches' rows go
                     if traj is not None:
                         scores = scores.to(torch.float64)  # summed over the checkpoints' passes
                     if number == 0:
-                        keys.append(batch["doc_id"].cpu())
+                        keys.append(torch.cat([b["doc_id"] for b in step]))
                         totals.append(scores)
-                        sequences += len(batch["doc_id"])
-                        tokens += int(batch["attention_mask"].sum())
+                        sequences += len(keys[-1])
+                        tokens += sum(int(b["attention_mask"].sum()) for b in step)
                     else:
                         totals[j] += scores
     finally:
         counter.remove()
-    num_queries = next(iter(passes[0][1].values())).shape[0]
     top = StreamingTopK(num_queries, cfg.scoring.top_k, keep_all=cfg.scoring.dense)
     for doc_keys, scores in zip(keys, totals):
         top.update(doc_keys, scores)
@@ -92,7 +180,8 @@ def score_shard(
     result = {
         "shard_id": shard.shard_id, "scores": best, "doc_keys": doc_keys, "num_documents": top.num_documents,
         "num_sequences": sequences, "num_tokens": tokens, "seconds": time.perf_counter() - started, "pid": os.getpid(),
-        "skipped": (stats.skipped_empty, stats.skipped_non_utf8), "num_forwards": forwards[0],
+        "skipped": (stats.skipped_empty, stats.skipped_non_utf8), "num_forwards": forwards[0] - padding,
+        "direction_bytes": [sum(d.nbytes for h in {id(h): h for h in held}.values() for d in h.values())],
     }
     if cfg.scoring.dense:
         result["all_keys"], result["all_scores"] = top.all_scores() if top.num_documents else (None, None)
@@ -166,36 +255,33 @@ def _write_dense(ctx: Context, query_ids: list[QueryId], shard_ids: list[int]) -
         pq.write_table(dense, tmp)
 
 
-def scoring_passes(ctx: Context) -> tuple[list[QueryId], str | None, list[tuple[int | None, Vectors]], list[Path]]:
-    """(query ids, trajectory or None, passes (checkpoint, directions), the directions files) of `solver.name`:
-    one pass at the model's weights, or SOURCE's one pass per checkpoint with w_ℓ / |C_ℓ|, checked against the
-    model and the trajectory they were solved for."""
+def scoring_passes(ctx: Context) -> tuple[list[QueryId], str | None, list[DirectionsPass]]:
+    """(query ids, trajectory or None, the passes) of `solver.name`: one pass at the model's weights, or SOURCE's
+    one pass per checkpoint with w_ℓ / |C_ℓ|, checked against the model and the trajectory they were solved for
+    (the ranks read the directions files themselves, `held_directions`)."""
     name = ctx.cfg.solver.name
     solver_dir = ctx.paths.ihvp(name)
-    if name not in SOURCE_SOLVERS:
-        query_ids, tensors = read_directions(solver_dir, ctx.model_meta())
-        return query_ids, None, [(None, tensors)], [solver_dir / "directions.safetensors"]
     meta = read_meta(solver_dir, "solved directions", "solve")
     check_meta(meta, ctx.model_meta(), "solved directions", "solve")
+    if name not in SOURCE_SOLVERS:
+        path = solver_dir / DIRECTIONS_FILE
+        load_tensors(path, "solved directions", "solve", names=[])  # a missing or damaged file fails here
+        return meta["query_ids"], None, [DirectionsPass(None, str(path))]
     if "segments" not in meta:
         raise DastraError(f"{solver_dir} holds no SOURCE directions: re-run `dastra solve --method {name}`")
     traj = load_trajectory(meta["trajectory"])
-    passes: list[tuple[int | None, Vectors]] = []
-    files = []
+    passes: list[DirectionsPass] = []
     for seg in meta["segments"]:
         path = solver_dir / f"directions_segment{seg['index']}.safetensors"
-        files.append(path)
-        tensors = load_tensors(path, "solved SOURCE directions", f"solve --method {name}")
-        share = 1.0 / len(seg["checkpoints"])
-        w = {module: x * share for module, x in tensors.items()}
+        load_tensors(path, "solved SOURCE directions", f"solve --method {name}", names=[])
         for c in seg["checkpoints"]:
             if c["index"] >= len(traj.checkpoints) or traj.checkpoints[c["index"]].step != c["step"]:
                 raise DastraError(
                     f"trajectory '{meta['trajectory']}' changed since the solve (no checkpoint at step {c['step']}): "
                     f"re-run `dastra solve --method {name}`"
                 )
-            passes.append((c["index"], w))
-    return meta["query_ids"], meta["trajectory"], passes, files
+            passes.append(DirectionsPass(c["index"], str(path), 1.0 / len(seg["checkpoints"])))
+    return meta["query_ids"], meta["trajectory"], passes
 
 
 def _digest(files: list[Path]) -> str:
@@ -211,10 +297,12 @@ def score(ctx: Context, on_shard: Callable[[int, list[int]], None] | None = None
     topk.parquet. `on_shard(shard_id, worker_pids)` runs after each shard is recorded (fault-injection tests)."""
     check_directions(ctx)  # before any work: directions of another corpus, data setting or queries are refused
     cfg = ctx.cfg
-    query_ids, trajectory, passes, files = scoring_passes(ctx)
+    mode = score_mode(cfg)
+    query_ids, trajectory, passes = scoring_passes(ctx)
     plan = ctx.open_corpus().shard_plan(cfg.data.shard_rows)
     meta = {
-        **ctx.model_meta(), "solver": cfg.solver.name, "directions": _digest(files), "plan": plan.fingerprint,
+        **ctx.model_meta(), "solver": cfg.solver.name, "directions": _digest(sorted({Path(p.file) for p in passes})),
+        "plan": plan.fingerprint,
         "config_hash": cfg.section_hash("data", "scoring"), "dense": cfg.scoring.dense,
     }
     scores_dir = ctx.paths.scores
@@ -240,7 +328,7 @@ def score(ctx: Context, on_shard: Callable[[int, list[int]], None] | None = None
                 "rows": [shard.row_start, shard.row_stop], "num_documents": result["num_documents"],
                 "num_sequences": result["num_sequences"], "seconds": round(result["seconds"], 4),
                 "worker_pid": result["pid"], "finished_at": time.time(), "skipped_rows": list(result["skipped"]),
-                "num_forwards": result["num_forwards"],
+                "num_forwards": result["num_forwards"], "direction_bytes": result["direction_bytes"],
             }
             write_json(scores_dir / MANIFEST, manifest)
             for unit in totals:
@@ -254,8 +342,15 @@ def score(ctx: Context, on_shard: Callable[[int, list[int]], None] | None = None
             if on_shard is not None:
                 on_shard(shard.shard_id, ctx.executor.worker_pids())
 
-        ctx.executor.map_shards(score_shard, todo, str(ctx.corpus), passes, trajectory, cfg=cfg, what="scoring",
-                                on_result=record)
+        arguments = (str(ctx.corpus), passes, trajectory, len(query_ids))
+        if mode == "modules":  # one group call per shard: the ranks share it; a dead rank's shard is re-run
+            for shard in todo:
+                per_rank = ctx.executor.map(score_shard, shard, *arguments, cfg=cfg,
+                                            what=f"scoring shard {shard.shard_id}")
+                record(shard, {**per_rank[0], "num_forwards": sum(r["num_forwards"] for r in per_rank),
+                               "direction_bytes": [b for r in per_rank for b in r["direction_bytes"]]})
+        else:
+            ctx.executor.map_shards(score_shard, todo, *arguments, cfg=cfg, what="scoring", on_result=record)
     note_skipped_rows(ctx, *(sum(rec["skipped_rows"][i] for rec in manifest["shards"].values()) for i in (0, 1)))
     shard_ids = [int(s) for s in manifest["shards"]]
     scores, doc_keys = merge_shards(scores_dir, shard_ids, len(query_ids), cfg.scoring.top_k)
