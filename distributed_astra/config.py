@@ -288,7 +288,8 @@ class RayConfig(Section):
     object_store_mb: int = Field(256, gt=0, description="object store of an embedded Ray, in MB")
     connect_timeout_s: float = Field(30.0, gt=0, description="an unreachable ray.address fails after this many seconds")
     timeout_s: float = Field(1800.0, gt=0, description="longest wait for one distributed step (a collective, a shard)")
-    max_restarts: int = Field(2, ge=0, description="restarts of a dead scoring actor; its shard is retried as often")
+    max_restarts: int = Field(2, ge=0, description="restarts after a rank or scoring actor died; "
+                              "its step or shard is re-run as often")
     solve_mode: Literal["auto", "queries", "data", "modules"] = Field(
         "auto",
         description="auto: queries on replicated models, data under ZeRO-3 | queries (queries split over ranks) | "

@@ -3,3 +3,7 @@
 
 class DastraError(Exception):
     """Bad input or a mismatched artifact. The CLI prints `error: <message>` and exits with code 2."""
+
+
+class WorkerDied(DastraError):
+    """A rank's process died (killed, out of memory, lost node): the step can be re-run on a rebuilt group."""

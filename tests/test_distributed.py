@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -523,3 +524,83 @@ def test_scoring_by_module_owners_on_two_ranks_equals_one_rank(
         assert len(held) == 2 and sum(held) == total  # each module's directions are held by one rank, once
         assert max(held) <= total / 2 + largest and max(held) < total
         assert shard["num_forwards"] == -(-shard["num_sequences"] // 2)  # the ranks forward the batches in turn
+
+
+# ------------------------------------------------------------------------------------------ a rank killed mid-step
+def _kill_rank_once_busy(executor: RayExecutor, delay_s: float) -> threading.Thread:
+    """Kills rank 1's process `delay_s` after the worker group exists, from a thread: in the middle of the step the
+    caller starts next (its collectives then fail on rank 0, or the call finds rank 1 dead)."""
+
+    def kill() -> None:
+        deadline = time.monotonic() + 120
+        while executor.group is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay_s)
+        os.kill(executor.worker_pids()[1], signal.SIGKILL)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_a_rank_killed_mid_fit_is_replaced_and_the_factors_are_identical(
+    ray_session, single: Path, workspace: Path, tmp_path: Path, stage: int
+):
+    ctx = _context(workspace, tmp_path, *DISTRIBUTED, f"deepspeed.stage={stage}")
+    ctx.executor.group_for(ctx.cfg)
+    before, pids = ctx.executor.restarts, ctx.executor.worker_pids()
+    killer = _kill_rank_once_busy(ctx.executor, 0.5)
+    _stages(ctx, "fit")
+    killer.join()
+    assert ctx.executor.restarts == before + 1 and not set(ctx.executor.worker_pids()) & set(pids)
+    expected, got = load_factors(single / "factors"), load_factors(tmp_path / "factors")
+    assert got.num_sequences == expected.num_sequences
+    for name in expected.names:
+        assert _rel(got[name].lambda_, expected[name].lambda_) <= RTOL
+        assert_same_eigendecomposition(got[name].eigval_a, got[name].q_a, expected[name].eigval_a, expected[name].q_a,
+                                       RTOL)
+
+
+def test_a_rank_killed_mid_solve_is_replaced_and_the_directions_are_identical(
+    ray_session, single: Path, workspace: Path, tmp_path: Path
+):
+    _copy_inputs(single, tmp_path)
+    ctx = _context(workspace, tmp_path, *DISTRIBUTED, "ray.solve_mode=modules")
+    ctx.executor.group_for(ctx.cfg)
+    before = ctx.executor.restarts
+    killer = _kill_rank_once_busy(ctx.executor, 1.0)
+    _stages(ctx, "solve")
+    killer.join()
+    assert ctx.executor.restarts == before + 1
+    expected = load_file(str(single / "ihvp" / "astra" / "directions.safetensors"))
+    got = load_file(str(tmp_path / "ihvp" / "astra" / "directions.safetensors"))
+    for name, x in expected.items():
+        assert _rel(got[name], x) <= RTOL
+
+
+def test_a_rank_killed_mid_pass_under_zero3_with_low_rank_directions_gives_the_same_topk(
+    ray_session, single: Path, workspace: Path, tmp_path: Path
+):
+    """Scoring by module owners (ZeRO-3, rank-2 directions): rank 1 is killed after the first shard; the group is
+    rebuilt, the unfinished shard re-run, and the top-k is one process's with the same directions."""
+    storage = ("scoring.direction_rank=2",)
+    reference, ranks_dir = tmp_path / "one", tmp_path / "two"
+    for run_dir in (reference, ranks_dir):
+        _prepare_scoring(single, run_dir)
+    _stages(_context(workspace, reference, *storage), "score")
+    ctx = _context(workspace, ranks_dir, *DISTRIBUTED, "deepspeed.stage=3", *storage)
+    before, killed = ctx.executor.restarts, []
+
+    def kill_rank_1(shard_id: int, pids: list[int]) -> None:
+        if not killed:
+            killed.append(pids[1])
+            os.kill(pids[1], signal.SIGKILL)
+
+    try:
+        pipeline.score(ctx, on_shard=kill_rank_1)
+    finally:
+        ctx.tracker.close()
+    assert killed and ctx.executor.restarts == before + 1 and killed[0] not in ctx.executor.worker_pids()
+    _assert_same_topk(ranks_dir, reference)
+    assert len(json.loads((ranks_dir / "scores" / "manifest.json").read_text())["shards"]) == 12

@@ -5,7 +5,7 @@
         results = wait_all([...refs], cfg.ray.timeout_s, "fit")
 
 Every `ray.get` of this package goes through `wait_all`, which turns a timeout or a dead actor into a one-line
-`DastraError` naming the stage and the setting to change.
+`DastraError` naming the stage and the setting to change (`WorkerDied` for a dead actor: the caller may retry).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from distributed_astra.config import RayConfig
-from distributed_astra.errors import DastraError
+from distributed_astra.errors import DastraError, WorkerDied
 from distributed_astra.progress import console
 
 # Environment that every actor needs: one BLAS thread per CPU bundle, offline hubs, DeepSpeed's CPU accelerator when
@@ -153,8 +153,22 @@ def wait_all(refs: Sequence[ray.ObjectRef], timeout_s: float, what: str) -> list
             raise DastraError(str(cause)) from None
         raise DastraError(f"{what}: a Ray worker failed: {str(exc).strip().splitlines()[-1]}") from None
     except RayActorError as exc:
-        raise DastraError(f"{what}: a Ray worker died ({type(exc).__name__}); see its log under /tmp/ray") from None
+        raise WorkerDied(f"{what}: a Ray worker died ({type(exc).__name__}); see its log under /tmp/ray") from None
     return results
+
+
+def dead_actors(actors: Sequence[ray.actor.ActorHandle], timeout_s: float) -> list[int]:
+    """The positions of the actors whose process is gone (their `pid` method raises): after a failed collective,
+    tells a rank that died from the ranks that only lost their peer. One still busy past `timeout_s` is alive."""
+    dead = []
+    for i, actor in enumerate(actors):
+        try:
+            ray.get(actor.pid.remote(), timeout=timeout_s)
+        except RayActorError:
+            dead.append(i)
+        except GetTimeoutError:
+            pass
+    return dead
 
 
 def note(message: str) -> None:

@@ -7,7 +7,9 @@ functions on restartable Ray actors.
     executor.close()                                     # the group, the actors, and a Ray this executor started
 
 One worker group serves every `map` of the executor; it is rebuilt when the model or Ray settings change and
-reloaded when only the DeepSpeed settings do. `map_shards` releases it first (its actors need the same CPUs/GPUs)
+reloaded when only the DeepSpeed settings do. A rank that dies during a `map` (`WorkerDied`) costs that step: the
+group is rebuilt and the step re-run, at most `ray.max_restarts` times; the steps are deterministic, so the result
+is the one an undisturbed run gives. `map_shards` releases it first (its actors need the same CPUs/GPUs)
 and runs each shard on one of `ray.num_workers` independent actors, each holding the model replicated: a dead
 actor is restarted by Ray (`ray.max_restarts`) and its shard retried on it (`max_task_retries`), while the others
 keep going.
@@ -29,7 +31,7 @@ from distributed_astra.config import Config
 from distributed_astra.distributed import cluster
 from distributed_astra.distributed.cluster import note, require_resources, wait_all, worker_env
 from distributed_astra.distributed.worker_group import WorkerGroup
-from distributed_astra.errors import DastraError
+from distributed_astra.errors import DastraError, WorkerDied
 from distributed_astra.execution import Progress, Rank
 from distributed_astra.models.load import load_causal_lm, load_tokenizer
 from distributed_astra.models.modules import select_tracked_modules
@@ -67,6 +69,7 @@ class RayExecutor:
         self.pids: list[int] = []
         self.world_size = 0
         self.stage = 0
+        self.restarts = 0  # worker groups rebuilt after a rank died
 
     def _connect(self, cfg: Config) -> None:
         if not ray.is_initialized():
@@ -90,7 +93,21 @@ class RayExecutor:
 
     def map(self, fn: Callable[..., Any], *args: Any, cfg: Config, what: str, progress: Progress | None = None
             ) -> list[Any]:
-        return self.group_for(cfg).call(fn, *args, cfg=cfg, what=what)
+        restarts = 0
+        while True:
+            try:
+                return self.group_for(cfg).call(fn, *args, cfg=cfg, what=what)
+            except WorkerDied as exc:
+                self.release_group()
+                if restarts == cfg.ray.max_restarts:
+                    raise DastraError(
+                        f"{exc}; ranks died {restarts + 1} times in this step, ray.max_restarts={restarts}: check the "
+                        "ranks' memory and logs or raise ray.max_restarts; finished work is kept: re-run to resume"
+                    ) from None
+                restarts += 1
+                self.restarts += 1
+                note(f"{exc}: rebuilding the {cfg.ray.num_workers} ranks and re-running the step "
+                     f"(restart {restarts} of ray.max_restarts={cfg.ray.max_restarts})")
 
     def map_shards(
         self, fn: Callable[..., Any], shards: Iterable[Any], *args: Any, cfg: Config, what: str,
@@ -149,8 +166,8 @@ class RayExecutor:
             self.pids = []
 
     def worker_pids(self) -> list[int]:
-        """The processes of the shard actors now running (fault-injection tests)."""
-        return list(self.pids)
+        """The processes of the ranks or shard actors now running (fault-injection tests)."""
+        return list(self.group.pids) if self.group is not None else list(self.pids)
 
     def release_group(self) -> None:
         if self.group is not None:

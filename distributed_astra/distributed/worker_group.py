@@ -35,9 +35,9 @@ from torch import nn
 
 from distributed_astra.config import Config
 from distributed_astra.curvature.factors import model_fingerprint
-from distributed_astra.distributed.cluster import bundle, note, require_resources, wait_all, worker_env
+from distributed_astra.distributed.cluster import bundle, dead_actors, note, require_resources, wait_all, worker_env
 from distributed_astra.distributed.deepspeed_config import ds_config_path, effective_stage, load_ds_config
-from distributed_astra.errors import DastraError
+from distributed_astra.errors import DastraError, WorkerDied
 from distributed_astra.execution import Rank
 from distributed_astra.models.load import load_causal_lm, load_tokenizer
 from distributed_astra.models.modules import TrackedModule, select_tracked_modules
@@ -199,6 +199,7 @@ class WorkerGroup:
                 [a.init_process_group.remote(address, port, backend, rc.timeout_s) for a in self.actors],
                 rc.timeout_s, "joining the torch.distributed group",
             )
+            self.pids = wait_all([a.pid.remote() for a in self.actors], rc.timeout_s, "starting the ranks")
             self.stage = -1
             self.reports = self.load(cfg, expected_fingerprint)
         except BaseException:
@@ -229,11 +230,20 @@ class WorkerGroup:
     def call(self, fn: Callable[..., Any], *args: Any, cfg: Config, what: str) -> list[Any]:
         """`fn(rank, *args)` on every rank (same arguments) under the step's `cfg`; results in rank order.
 
-        Arguments go through the object store once (`ray.put`), however many ranks read them.
+        Arguments go through the object store once (`ray.put`), however many ranks read them. A failure with a
+        rank dead raises `WorkerDied` (the survivors' errors are only their lost peer).
         """
         refs = [a if isinstance(a, (str, int, float, bool, type(None))) else ray.put(a) for a in args]
         step = ray.put(cfg)
-        return wait_all([a.run.remote(step, fn, *refs) for a in self.actors], cfg.ray.timeout_s, what)
+        try:
+            return wait_all([a.run.remote(step, fn, *refs) for a in self.actors], cfg.ray.timeout_s, what)
+        except WorkerDied:
+            raise
+        except DastraError as exc:
+            dead = dead_actors(self.actors, cfg.ray.connect_timeout_s)
+            if dead:
+                raise WorkerDied(f"{what}: rank(s) {dead} died") from exc
+            raise
 
     def close(self) -> None:
         for actor in self.actors:
