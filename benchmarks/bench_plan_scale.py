@@ -2,11 +2,11 @@
 queries, 80 GB GPUs, at 8, 16 and 64 GPUs; writes docs/results/plan_scale.md and prints one final JSON line.
 
 Every figure is `make_plan` on the shipped `configs/models/*.json` shapes (no weights): the meta-device replay of
-each stage step, with the module ownership the runtime uses (`ownership.run_owners`), so the fit, the query stage
-and the ASTRA chunk (`ray.solve_mode=modules`) hold the busiest owner's modules only; scoring holds every query's
-whole directions. Settings: ZeRO-3, bf16 model, float32 statistics, 512-token sequences, the Fisher product
-(hook-only, runs on ZeRO-3 shards) in micro-batches of 2 sequences (`solver.micro_batch_size`), 4-sequence fit and
-scoring batches; "chunk" is the largest `solver.query_batch_size` that fits (searched).
+each stage step, with the module ownership the runtime uses (`ownership.run_owners`), so the fit, the query stage,
+the ASTRA chunk (`ray.solve_mode=modules`) and scoring (`ray.score_mode` auto = modules under ZeRO-3) hold the
+busiest owner's modules only. Settings: configs/gpt2xl.yaml's (ZeRO-3, bf16 model, float32 statistics, the Fisher
+product in micro-batches, its scoring direction storage) with every MLP tracked and 512-token sequences; "chunk" is
+the largest `solver.query_batch_size` that fits (searched).
 
     .venv/bin/python benchmarks/bench_plan_scale.py      # about 5-10 minutes on 2 CPU cores
 """
@@ -39,14 +39,19 @@ MODELS = {  # name: (config.json shipped under configs/models, every MLP Linear 
 SOLVE_STAGE = "astra chunk (modules)"
 
 
-def plan_for(model: str, gpus: int, queries_file: Path):
+SCORING_CORPORA = {  # the issue's scoring targets: (model, GPUs, documents, tokens per document)
+    "GPT-2 XL, 1B tokens": ("GPT-2 XL", 8, 1_953_125, 512),
+    "Pythia-6.9B shape, 10^8 x 512 tokens": ("Pythia-6.9B shape", 64, 100_000_000, 512),
+}
+
+
+def plan_for(model: str, gpus: int, queries_file: Path, *extra: str, search: bool = True):
     shape, tracked = MODELS[model]
     cfg = load_config(str(CONFIG), [
         f"plan.hf_config={shape}", f"model.tracked_modules={json.dumps(tracked)}", f"data.queries={queries_file}",
-        "ray.solve_mode=modules", f"plan.gpus={gpus}", "plan.gpu_memory=80GB", "data.max_length=512",
-        "solver.query_batch_size=8", "solver.micro_batch_size=2", "factors.batch_size=4", "scoring.batch_size=4",
+        f"plan.gpus={gpus}", "plan.gpu_memory=80GB", "data.max_length=512", *extra,
     ])
-    return make_plan(cfg)
+    return make_plan(cfg, search=search)
 
 
 def main() -> None:
@@ -72,6 +77,19 @@ def main() -> None:
                     "budget_gib": round(plan.budget / GIB, 2),
                 })
                 print(json.dumps(rows[-1]), flush=True)
+        scoring = []
+        for label, (model, gpus, documents, tokens) in SCORING_CORPORA.items():
+            plan = plan_for(model, gpus, queries_file, f"plan.documents={documents}",
+                            f"plan.tokens_per_document={tokens}", search=False)
+            stage = {s.stage: s for s in plan.stages}["scoring"]
+            floor = 6 * plan.num_parameters * documents * tokens / (gpus * plan.throughput_tflops * 1e12)
+            scoring.append({
+                "corpus": label, "gpus": gpus, "mode": plan.score_mode, "passes": plan.scoring_passes,
+                "per_gpu_gib": round(stage.per_gpu / GIB, 2), "directions_gib": round(stage.resident / GIB, 2),
+                "hours": round(stage.seconds / 3600, 2), "floor_hours": round(floor / 3600, 2),
+                "over_floor": round(stage.seconds / floor, 3),
+            })
+            print(json.dumps(scoring[-1]), flush=True)
     stages = [k for k in rows[0] if k.endswith("_gib") and k not in ("factor_gib", "solve_resident_gib", "budget_gib")]
     ratios = {}
     for model in MODELS:
@@ -104,17 +122,29 @@ def main() -> None:
               for m, v in ratios.items()]
     lines += [
         "",
-        "What does not fit, and why: **scoring** holds every query's whole directions on every scoring actor (100 x D "
-        "x 4 bytes: 366 GiB for GPT-2 XL's MLPs), because scoring is not sharded by module yet; the **query stage** "
-        "of the 13B shape holds 100 queries of its owner's modules plus every module's captured ā and Ds of one "
-        "query batch; below 64 GPUs the 7B/13B ASTRA chunk's own share of v, x and factors is what exceeds the GPU. "
-        "The resident factor and solver state falls as 1/N (the ratios above); the working set of one micro-batch "
-        "(activations, every tracked module's captured ā and Ds) does not.",
+        "## Scoring: one pass for 100 queries",
+        "",
+        "The scoring stage of configs/gpt2xl.yaml's settings (`ray.score_mode` auto: modules under ZeRO-3, each "
+        "rank holding its modules' directions as `scoring.direction_rank` / `scoring.direction_dtype` store them) "
+        "over the issue's corpora; floor = 6 x parameters x tokens / (GPUs x plan.throughput_tflops); the "
+        "predicted time is the meta replay's FLOPs of one step (forward, backward, the owners' products) scaled to "
+        "the corpus, times the passes.",
+        "",
+        "| corpus | GPUs | mode | passes | per GPU GiB | directions GiB | hours | floor hours | x floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(f"| {r['corpus']} | {r['gpus']} | {r['mode']} | {r['passes']} | {r['per_gpu_gib']} | "
+          f"{r['directions_gib']} | {r['hours']} | {r['floor_hours']} | {r['over_floor']} |" for r in scoring),
+        "",
+        "What does not fit, and why: the **query stage** of the 13B shape holds 100 queries of its owner's modules "
+        "in float32 plus every module's captured ā and Ds of one query batch (bf16 storage of the query gradients "
+        "is not built); below 64 GPUs the 7B/13B ASTRA chunk's own share of v, x and factors is what exceeds the "
+        "GPU. The resident factor, solver and direction state falls as 1/N (the ratios above); the working set of "
+        "one micro-batch (activations, every tracked module's captured ā and Ds) does not.",
         "",
     ]
     with atomic_path(RESULTS / "plan_scale.md") as out:
         out.write_text("\n".join(lines))
-    print(json.dumps({"benchmark": "plan_scale", "rows": len(rows), "ratios": ratios,
+    print(json.dumps({"benchmark": "plan_scale", "rows": len(rows), "ratios": ratios, "scoring": scoring,
                       "fits": {f"{r['model']}@{r['gpus']}": r["fits"] for r in rows},
                       "seconds": round(time.perf_counter() - started, 1)}))
 

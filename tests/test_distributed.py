@@ -40,7 +40,7 @@ from distributed_astra.distributed import solve_mode
 from distributed_astra.errors import DastraError
 from distributed_astra.ownership import balance_by_cost, owned, run_owners
 from distributed_astra.plan import make_plan
-from distributed_astra.stages.score import stored_direction
+from distributed_astra.scoring.low_rank import stored_direction
 from tests.conftest import QUERIES, WORDS, assert_same_eigendecomposition, corpus_rows, workspace_overrides, write_workspace
 
 RTOL = 1e-5
@@ -524,6 +524,8 @@ def test_scoring_by_module_owners_on_two_ranks_equals_one_rank(
         assert len(held) == 2 and sum(held) == total  # each module's directions are held by one rank, once
         assert max(held) <= total / 2 + largest and max(held) < total
         assert shard["num_forwards"] == -(-shard["num_sequences"] // 2)  # the ranks forward the batches in turn
+    planned = {s.stage: s.resident for s in make_plan(ctx.cfg, gpus=2, search=False).stages}
+    assert planned["scoring"] == max(held)  # the planner's busiest owner holds what that rank really held
 
 
 # ------------------------------------------------------------------------------------------ a rank killed mid-step

@@ -126,8 +126,8 @@ def test_gpt2xl_config_loads_with_the_paper_settings_and_the_shipped_model_shape
     model = shapes.meta_model(hf, cfg.model.dtype)
     assert shapes.parameter_count(model) == 1_557_611_200
     tracked = shapes.tracked_modules(model, cfg)
-    assert len(tracked) == 48  # c_fc and c_proj of the 24 even blocks
-    assert shapes.tracked_parameters(tracked) == 24 * (6400 * 1601 + 1600 * 6401)
+    assert len(tracked) == 96  # c_fc and c_proj of all 48 blocks
+    assert shapes.tracked_parameters(tracked) == 48 * (6400 * 1601 + 1600 * 6401)
 
 
 def test_hub_id_missing_offline_says_how_to_point_at_a_local_path(monkeypatch):
@@ -163,20 +163,34 @@ def test_dastra_run_refuses_a_config_that_does_not_fit_before_any_work(tmp_path)
 
 
 def test_owned_state_per_gpu_falls_as_one_over_n_with_module_ownership():
-    """The fit's factors and the modules-mode ASTRA chunk's state are the busiest owner's (ownership.run_owners):
-    at N GPUs at most 1/N of the one-GPU figure plus the largest module's; scoring still holds every direction."""
-    cfg = load_config(None, TINY + ["ray.solve_mode=modules", "model.tiny.n_layer=4"])
+    """The fit's factors, the modules-mode ASTRA chunk's state and the modules-mode scoring's directions are the
+    busiest owner's (ownership.run_owners): at N GPUs at most 1/N of the one-GPU figure plus the largest module's."""
+    cfg = load_config(None, TINY + ["ray.solve_mode=modules", "ray.score_mode=modules", "model.tiny.n_layer=4"])
     model = shapes.meta_model(shapes.model_config(cfg), "float32")
     tracked = shapes.tracked_modules(model, cfg)
     plans = {n: make_plan(cfg, gpus=n, search=False) for n in (1, 4)}
     assert plans[4].busiest_owner_modules < plans[1].busiest_owner_modules == len(tracked)
     assert [s.stage for s in plans[4].stages if s.stage.startswith("astra")] == ["astra chunk (modules)"]
-    for stage in ("eigenvalue correction", "astra chunk"):  # one GPU solves in mode queries: the same state
+    for stage in ("eigenvalue correction", "astra chunk", "scoring"):  # one GPU: the same state, replicated
         one, four = ({s.stage.split(" (")[0]: s.resident for s in plans[n].stages}[stage] for n in (1, 4))
         per_module = one / plans[1].tracked_parameters * max(t.shape[0] * t.shape[1] for t in tracked.values())
         assert 0 < four <= one / 4 + 2 * per_module < one, (stage, one, four)
-    scoring = [{s.stage: s.resident for s in plans[n].stages}["scoring"] for n in (1, 4)]
-    assert scoring[0] == scoring[1]
+    assert (plans[1].score_mode, plans[4].score_mode) == ("replicas", "modules")
+
+
+def test_scoring_directions_in_low_rank_and_bfloat16_are_their_closed_forms():
+    """scoring.direction_rank r and direction_dtype: the scoring stage holds Q·r·(out + in+1) numbers per module
+    (r capped at the module's rank) in 2 or 4 bytes; whole float32 directions Q·D·4."""
+    queries = make_plan(load_config(None, TINY), search=False).num_queries
+    model = shapes.meta_model(shapes.model_config(load_config(None, TINY)), "float32")
+    tracked = shapes.tracked_modules(model, load_config(None, TINY))
+    for rank, dtype, itemsize in ((None, "float32", 4), (None, "bfloat16", 2), (8, "float32", 4), (8, "bfloat16", 2)):
+        plan = make_plan(load_config(None, TINY + [f"scoring.direction_rank={rank or 'null'}",
+                                                   f"scoring.direction_dtype={dtype}"]), search=False)
+        numbers = sum(min(rank, *t.shape) * sum(t.shape) if rank else t.shape[0] * t.shape[1]
+                      for t in tracked.values())
+        assert {s.stage: s.resident for s in plan.stages}["scoring"] == queries * numbers * itemsize
+        assert plan.scoring_passes == 1
 
 
 def test_dastra_plan_json_is_the_table_as_one_object():

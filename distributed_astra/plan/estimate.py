@@ -27,7 +27,7 @@ import torch
 
 from distributed_astra.config import Config
 from distributed_astra.curvature.covariance import STAT_DTYPES
-from distributed_astra.distributed import solve_mode
+from distributed_astra.distributed import score_mode, solve_mode
 from distributed_astra.distributed.deepspeed_config import effective_stage
 from distributed_astra.errors import DastraError
 from distributed_astra.ihvp.products import DEFAULT_TANGENT_ELEMENTS
@@ -37,6 +37,7 @@ from distributed_astra.models.modules import TrackedModule
 from distributed_astra.ownership import busiest_owned, factor_elements
 from distributed_astra.plan import shapes, simulate
 from distributed_astra.plan.simulate import StepCost, measure, meta_batch
+from distributed_astra.scoring.low_rank import stored_like
 from distributed_astra.scoring.projection import module_dims
 
 GIB = 1 << 30
@@ -112,6 +113,8 @@ class Plan:
     max_query_chunk: int | None = None  # None: the solver does not iterate (ekfac)
     max_scored_queries: int = 0
     solve_mode: str = "queries"
+    score_mode: str = "replicas"
+    scoring_passes: int | None = None  # corpus passes scoring all queries takes (None: not one query fits)
     busiest_owner_modules: int = 0  # tracked modules the busiest owner rank holds the state of (`ownership`)
 
     @property
@@ -203,15 +206,20 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
     zero = _zero_parameters(num_params, shapes.largest_leaf_parameters(model), gpus, model_bytes)
     stage = effective_stage(cfg.deepspeed.stage)
     params = zero[stage]
+    on_gpus = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_workers": gpus})})
     if stage == 3:  # the run refuses ZeRO-3 + GGN when it solves; plan it anyway
         mode = "modules" if cfg.ray.solve_mode == "modules" else "data"
     else:  # the mode the run picks on `gpus` ranks
-        mode = solve_mode(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_workers": gpus})}))
+        mode = solve_mode(on_gpus)
     solve_params = zero[0] if mode == "queries" else params
+    scoring_mode = score_mode(on_gpus)  # modules: the group's ranks, the owners' directions; replicas: whole
+    score_params = params if scoring_mode == "modules" else zero[0]
     # the busiest owner (`ownership.run_owners`, the runtime's own placement): the fit and the query stage always
     # keep state by owner, the solve only in mode modules
     mine = {n: tracked[n] for n in busiest_owned(cfg, {n: t.shape for n, t in tracked.items()}, gpus)}
     solve_tracked = mine if mode == "modules" else tracked
+    score_tracked = mine if scoring_mode == "modules" else tracked
+    score_world = gpus if scoring_mode == "modules" else 1
 
     documents, documents_source = pc.documents, "plan.documents"
     if documents is None and cfg.data.corpus != "demo":
@@ -272,7 +280,8 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
 
     @cache
     def score_at(b: int, q: int = num_queries) -> StepCost:
-        return measure(lambda: simulate.score_step(model, tracked, meta_batch(b, seq_len), compute, q))
+        return measure(lambda: simulate.score_step(model, tracked, meta_batch(b, seq_len), compute, q, cfg.scoring,
+                                                   score_tracked, score_world))
 
     stages: list[StageEstimate] = []
 
@@ -322,8 +331,17 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
             f"{rank_queries} queries, {passes} pass(es) of {rank_minibatch} {tokens} per GPU, "
             f"{cfg.solver.product} product, {cfg.solver.iterations} it")
     scr = score_at(sb)
-    add("scoring", params, num_queries * d_tracked * compute.itemsize, f"directions of {num_queries} queries",
-        scr.peak_bytes, scaled(scr, sb, sequences), f"scoring.batch_size {sb} {tokens}")
+    # the queries one pass can hold; more than that would take ceil(Q / per pass) passes over the corpus
+    per_pass = _largest_fitting(lambda q: score_at(sb, q).peak_bytes, num_queries, budget - score_params,
+                                limit=num_queries)
+    score_passes = math.ceil(num_queries / per_pass) if per_pass else None
+    held = sum(stored_like(num_queries, t.shape, cfg.scoring, compute, "meta").nbytes for t in score_tracked.values())
+    storage = (f"rank {cfg.scoring.direction_rank} factors" if cfg.scoring.direction_rank else "whole") + (
+        f", {cfg.scoring.direction_dtype}")
+    one_pass = scaled(scr, sb, sequences)
+    add("scoring", score_params, held, f"directions of {num_queries} queries ({storage}) of its modules",
+        scr.peak_bytes, None if one_pass is None or score_passes is None else one_pass * score_passes,
+        f"scoring.batch_size {sb} {tokens}, {scoring_mode}, {score_passes or 'no'} pass(es)")
     projection_dim = _projection_dim(cfg, tracked)
     store_itemsize = torch.empty((), dtype=getattr(torch, cfg.index.store_dtype)).element_size()
     store = documents * projection_dim * store_itemsize if documents else None
@@ -350,18 +368,21 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
         projection_dim=projection_dim,
         solve_mode=mode,
         busiest_owner_modules=len(mine),
+        score_mode=scoring_mode,
+        scoring_passes=score_passes,
     )
     if not search:
         return plan
     free = budget - params
     plan.max_micro_batch = {
         "factors.batch_size": _largest_fitting(lambda b: max(cov_at(b).peak_bytes, lam_at(b).peak_bytes), fb, free),
-        "scoring.batch_size": _largest_fitting(lambda b: score_at(b).peak_bytes, sb, free),
+        "scoring.batch_size": _largest_fitting(lambda b: score_at(b).peak_bytes, sb, budget - score_params),
     }
     if cfg.solver.name != "ekfac":
         per_gpu = _largest_fitting(lambda q: astra_at(q).peak_bytes, rank_queries, budget - solve_params)
         plan.max_query_chunk = per_gpu * gpus if mode == "queries" else per_gpu
-    plan.max_scored_queries = _largest_fitting(lambda q: score_at(sb, q).peak_bytes, num_queries, free)
+    plan.max_scored_queries = _largest_fitting(lambda q: score_at(sb, q).peak_bytes, num_queries,
+                                               budget - score_params)
     return plan
 
 

@@ -51,6 +51,8 @@ def footer_lines(plan: Plan) -> list[str]:
         if plan.max_query_chunk is not None:
             lines.append(f"largest query chunk that fits (solver.query_batch_size): {plan.max_query_chunk}")
         lines.append(f"most queries scored in one pass over the corpus: {plan.max_scored_queries}")
+    lines.append(f"scoring ({plan.score_mode}): every query in {plan.scoring_passes} pass(es) over the corpus"
+                 if plan.scoring_passes else "scoring: not one query's directions fit")
     if plan.store_bytes is not None:
         lines.append(
             f"projected gradient store on disk: {_gib(plan.store_bytes)} GiB "
@@ -107,6 +109,7 @@ def plan_json(plan: Plan) -> dict:
         "tracked_modules": plan.num_tracked_modules, "busiest_owner_modules": plan.busiest_owner_modules,
         "gpus": plan.gpus, "gpus_per_node": plan.gpus_per_node, "gpu_memory_bytes": plan.gpu_memory,
         "budget_bytes": plan.budget, "zero_stage": plan.zero_stage, "solve_mode": plan.solve_mode,
+        "score_mode": plan.score_mode, "scoring_passes": plan.scoring_passes,
         "documents": plan.documents, "queries": plan.num_queries,
         "stages": [
             {"stage": s.stage, "parameter_bytes": s.parameters, "resident_bytes": s.resident,

@@ -24,11 +24,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from distributed_astra.config import ScoringConfig
 from distributed_astra.ihvp.products import GGNProduct, _loss_weights, softmax_ce_hessian, weighted_gradient_sum
 from distributed_astra.ihvp.solvers import LIVE_VECTORS_PER_QUERY
 from distributed_astra.models.lm import forward_logits, summed_token_loss
 from distributed_astra.models.modules import TrackedModule
-from distributed_astra.scoring.inner_products import sequence_scores
+from distributed_astra.scoring.inner_products import module_scores, sequence_scores
+from distributed_astra.scoring.low_rank import stored_like
 
 META = torch.device("meta")
 
@@ -309,13 +311,26 @@ def ekfac_apply_flops(tracked: dict[str, TrackedModule], num_queries: int) -> in
 
 
 def score_step(
-    model: nn.Module, tracked: dict[str, TrackedModule], batch: dict, compute: torch.dtype, num_queries: int
+    model: nn.Module, tracked: dict[str, TrackedModule], batch: dict, compute: torch.dtype, num_queries: int,
+    scoring: ScoringConfig, owned: Collection[str] | None = None, world_size: int = 1,
 ) -> None:
-    """Scoring, one batch (`pipeline.score`: `captured_batches` + `scoring.inner_products.sequence_scores`), with
-    the solved directions of every query."""
-    directions = {n: torch.zeros(num_queries, *t.shape, dtype=compute, device=META) for n, t in tracked.items()}
+    """Scoring, one step (stages/score.py: `captured_batches` + `step_scores`): the directions of the `owned`
+    modules (default all) as `scoring.low_rank.stored_direction` holds them, this rank's batch forwarded and
+    backwarded capturing every module, and, per owned module, the ā and Ds of the `world_size` ranks' batches
+    (`owner_route`) scored against its directions into the step's partial scores."""
+    names = list(tracked) if owned is None else list(owned)
+    directions = {n: stored_like(num_queries, tracked[n].shape, scoring, compute, META) for n in names}
     inputs, grads = _forward_backward(model, tracked, batch, sample=False)
     mask = batch["attention_mask"]
     activations = {n: _activation(inputs[n], t, mask, compute) for n, t in tracked.items()}
     output_grads = {n: _output_grad(grads[n], mask, compute) for n in tracked}
-    sequence_scores(output_grads, activations, directions)
+    del inputs, grads
+    rows = batch["input_ids"].shape[0]
+    partial = torch.zeros(world_size * rows, num_queries, dtype=compute, device=META)
+    for n in names:
+        received = [(output_grads[n], activations[n])] + [
+            (output_grads[n].clone(), activations[n].clone()) for _ in range(world_size - 1)
+        ]
+        for r, (ds, a) in enumerate(received):
+            partial[r * rows : (r + 1) * rows] += module_scores(ds, a, directions[n])
+        del received

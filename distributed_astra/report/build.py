@@ -32,10 +32,10 @@ from distributed_astra.ihvp.monitor import heldout_summary
 from distributed_astra.progress import progress_bar
 from distributed_astra.report import plots
 from distributed_astra.report.segments import Segment, best_window, token_segments
-from distributed_astra.scoring.low_rank import LowRank
+from distributed_astra.scoring.low_rank import LowRank, stored_direction
 from distributed_astra.scoring.tokens import document_token_scores
 from distributed_astra.source.trajectory import Trajectory, load_trajectory, weights
-from distributed_astra.stages.score import scoring_passes, stored_direction
+from distributed_astra.stages.score import scoring_passes
 from distributed_astra.tracking import relative_to_start
 
 TEMPLATE = "template.html.j2"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-DIRECTION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # `scoring.direction_dtype`
+from distributed_astra.config import ScoringConfig
 
 
 @dataclass(frozen=True)
@@ -50,12 +50,17 @@ class LowRank:
         return (pu * pv).view(batch, tokens, num_queries, r).sum(dim=(1, 3))
 
 
+def kept_rank(rank: int, out_dim: int, in_dim: int) -> int:
+    """The rank kept of an [out, in+1] direction: `rank`, or the module's full rank when that is smaller."""
+    return min(rank, out_dim, in_dim)
+
+
 def low_rank(x: torch.Tensor, rank: int, dtype: torch.dtype = torch.float32) -> LowRank:
     """The rank-`rank` truncated SVD of every query's direction of one module (x [Q, out, in+1]), computed in
     float64 on x's device one query at a time (a float64 copy of one [out, in+1] block at most) and stored in
     `dtype`; a module with min(out, in+1) ≤ `rank` keeps its full rank (exact)."""
     num_queries, out_dim, in_dim = x.shape
-    r = min(rank, out_dim, in_dim)
+    r = kept_rank(rank, out_dim, in_dim)
     u = x.new_empty(num_queries, out_dim, r, dtype=dtype)
     v = x.new_empty(num_queries, in_dim, r, dtype=dtype)
     for q in range(num_queries):
@@ -63,3 +68,29 @@ def low_rank(x: torch.Tensor, rank: int, dtype: torch.dtype = torch.float32) -> 
         u[q] = left[:, :r] * s[:r]
         v[q] = right[:r].T
     return LowRank(u, v)
+
+
+def storage_dtype(scoring: ScoringConfig, compute: torch.dtype) -> torch.dtype:
+    """The dtype scoring stores directions in: bfloat16 under `scoring.direction_dtype: bfloat16`, else the
+    products' dtype `compute` (float32; float64 for a float64 model and statistics)."""
+    return torch.bfloat16 if scoring.direction_dtype == "bfloat16" else compute
+
+
+def stored_direction(x: torch.Tensor, scoring: ScoringConfig, compute: torch.dtype) -> torch.Tensor | LowRank:
+    """One module's directions x [Q, out, in+1] as scoring holds them: rank `scoring.direction_rank` factors
+    (`low_rank`) or whole, in `storage_dtype`. The report's per-token terms use the same rule, so they add up to
+    the scores; `stored_like` is its shape for the planner."""
+    store = storage_dtype(scoring, compute)
+    return low_rank(x, scoring.direction_rank, store) if scoring.direction_rank else x.to(store)
+
+
+def stored_like(num_queries: int, shape: tuple[int, int], scoring: ScoringConfig, compute: torch.dtype,
+                device: torch.device | str) -> torch.Tensor | LowRank:
+    """Uninitialised directions of `num_queries` queries of an [out, in+1] module in `stored_direction`'s form
+    (the planner's meta-device replay: no SVD)."""
+    store = storage_dtype(scoring, compute)
+    if not scoring.direction_rank:
+        return torch.empty(num_queries, *shape, dtype=store, device=device)
+    r = kept_rank(scoring.direction_rank, *shape)
+    return LowRank(torch.empty(num_queries, shape[0], r, dtype=store, device=device),
+                   torch.empty(num_queries, shape[1], r, dtype=store, device=device))

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from distributed_astra.artifacts import DIRECTIONS_FILE, atomic_path, check_meta, load_tensors, read_meta, write_json
-from distributed_astra.config import SOURCE_SOLVERS, ScoringConfig
+from distributed_astra.config import SOURCE_SOLVERS
 from distributed_astra.context import Context, check_directions, note_skipped_rows, topk_table
 from distributed_astra.curvature.covariance import STAT_DTYPES, batch_to_device, product_dtype
 from distributed_astra.curvature.hooks import GradientCapture
@@ -43,7 +43,7 @@ from distributed_astra.ownership import owned, run_owners
 from distributed_astra.progress import console, progress_bar
 from distributed_astra.scoring.gradients import captured_batches
 from distributed_astra.scoring.inner_products import Direction, module_scores
-from distributed_astra.scoring.low_rank import DIRECTION_DTYPES, low_rank
+from distributed_astra.scoring.low_rank import stored_direction
 from distributed_astra.scoring.topk import StreamingTopK
 from distributed_astra.source.trajectory import load_trajectory, weights
 from distributed_astra.tracking import metered
@@ -59,14 +59,6 @@ class DirectionsPass:
     checkpoint: int | None
     file: str
     scale: float = 1.0
-
-
-def stored_direction(x: torch.Tensor, scoring: ScoringConfig, compute: torch.dtype) -> Direction:
-    """One module's directions x [Q, out, in+1] as scoring holds them: rank `scoring.direction_rank` factors
-    (`low_rank`) or whole, stored in bfloat16 under `scoring.direction_dtype: bfloat16`, else in the products'
-    dtype `compute`. The report's per-token terms use the same rule, so they add up to the scores."""
-    store = DIRECTION_DTYPES[scoring.direction_dtype] if scoring.direction_dtype == "bfloat16" else compute
-    return low_rank(x, scoring.direction_rank, store) if scoring.direction_rank else x.to(store)
 
 
 def held_directions(rank: Rank, passes: Sequence[DirectionsPass], names: list[str], compute: torch.dtype
