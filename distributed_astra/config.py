@@ -134,8 +134,9 @@ class SolverConfig(Section):
     fisher_samples: int = Field(1, gt=0, description="label samples per token for the Fisher product")
     micro_batch_size: int | None = Field(
         None, gt=0, description="sequences per curvature-product pass: a minibatch's G̃·v is summed over micro-batches "
-        "of this many rows (exact, the same label draws; bounds the product's activations); null = the whole "
-        "minibatch (a rank's slice in ray.solve_mode=data)",
+        "of this many rows (exact, the same label draws; bounds the product's activations), and the query stage "
+        "forwards this many queries at a time; null = the whole minibatch (a rank's slice in ray.solve_mode=data) "
+        "and solver.query_batch_size queries",
     )
     iterations: int = Field(300, ge=0, description="iterations of sni | lissa | astra per query")
     lr: float = Field(1.0, gt=0, description="step size, read as lr_mode says")
@@ -166,6 +167,11 @@ class SolverConfig(Section):
         4, gt=0, description="sequences of the fixed held-out curvature batch (drawn once, with its own generator)"
     )
     seed: int = Field(0, description="minibatch sampling and Fisher labels")
+
+    @property
+    def query_forward_batch(self) -> int:
+        """Queries per forward+backward of the query stage (the runtime's and the planner's rule)."""
+        return self.micro_batch_size or self.query_batch_size
 
 
 class SourceConfig(Section):

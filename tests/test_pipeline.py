@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -198,3 +199,15 @@ def test_iterative_solvers_write_directions_and_a_trace(workspace: Path, tmp_pat
     result = invoke("score", "--solver", solver, *_args(workspace, run_dir))
     assert result.exit_code == 0, result.output
     assert pq.read_table(run_dir / "topk.parquet").num_rows == 15
+
+
+def test_query_stage_forwards_micro_batches_of_queries_with_the_same_gradients(workspace: Path, tmp_path: Path):
+    """solver.micro_batch_size bounds the query stage's forward batch too: one query at a time gives every query
+    the gradients of one batch of all (float32 round-off of the padded batch, rel ≤ 1e-5)."""
+    grads = []
+    for run_dir, extra in ((tmp_path / "batched", ()), (tmp_path / "one-by-one", ("solver.micro_batch_size=1",))):
+        assert invoke("query", *_args(workspace, run_dir, *extra)).exit_code == 0
+        grads.append(load_file(str(run_dir / "queries" / "gradients-00000.safetensors")))
+    assert grads[0].keys() == grads[1].keys() != set()
+    for name, g in grads[0].items():
+        assert float((grads[1][name] - g).norm() / g.norm()) <= 1e-5

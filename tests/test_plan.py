@@ -17,7 +17,7 @@ from distributed_astra.config import load_config
 from distributed_astra.errors import DastraError
 from distributed_astra.models.load import prepare_for_attribution
 from distributed_astra.models.modules import select_tracked_modules
-from distributed_astra.plan import check_fits, make_plan, parse_memory, shapes, simulate
+from distributed_astra.plan import check_fits, does_not_fit, make_plan, parse_memory, shapes, simulate
 from distributed_astra.plan.estimate import GIB, ZERO3_PREFETCH_ELEMENTS
 from distributed_astra.scoring.projection import KroneckerProjection
 
@@ -203,3 +203,17 @@ def test_dastra_plan_json_is_the_table_as_one_object():
     assert [s["bytes_per_gpu"] for s in got["stages"]] == [s.per_gpu for s in expected.stages]
     assert got["fits"] is expected.fits is True and got["failing"] == [] and got["gpus"] == 2
     assert got["max_query_chunk"] == expected.max_query_chunk
+
+
+def test_a_module_too_large_for_one_gpu_is_named_with_the_fix():
+    """Module ownership cannot split a module: when the busiest owner holds one module and a stage it owns does
+    not fit, the error names that module and the stage, and says that more GPUs will not help."""
+    cfg = load_config(None, TINY + ['model.tracked_modules=["transformer.h.0.mlp.c_fc"]', "plan.gpus=4",
+                                    "plan.gpu_memory=1MB", "ray.solve_mode=modules"])
+    plan = make_plan(cfg, search=False)
+    assert plan.busiest_owner == ["transformer.h.0.mlp.c_fc"] and not plan.fits
+    message = str(does_not_fit(plan))
+    assert "transformer.h.0.mlp.c_fc, which more GPUs cannot split" in message
+    assert "model.tracked_modules" in message and "scoring.direction_dtype" in message
+    many = make_plan(load_config(None, TINY + ["plan.gpus=1", "plan.gpu_memory=1MB"]), search=False)
+    assert many.busiest_owner_modules > 1 and "add GPUs" in str(does_not_fit(many))

@@ -82,6 +82,7 @@ class StageEstimate:
     flops: float | None
     seconds: float | None
     batch: str
+    by_owner: bool = False  # the resident state is the busiest owner rank's modules' (`ownership`)
 
     @property
     def per_gpu(self) -> int:
@@ -115,7 +116,11 @@ class Plan:
     solve_mode: str = "queries"
     score_mode: str = "replicas"
     scoring_passes: int | None = None  # corpus passes scoring all queries takes (None: not one query fits)
-    busiest_owner_modules: int = 0  # tracked modules the busiest owner rank holds the state of (`ownership`)
+    busiest_owner: list[str] = field(default_factory=list)  # the tracked modules the busiest owner rank holds
+
+    @property
+    def busiest_owner_modules(self) -> int:
+        return len(self.busiest_owner)
 
     @property
     def gpus_on_a_node(self) -> int:
@@ -294,8 +299,9 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
     factor_bytes, lambda_bytes = sum_bytes_of(mine), shapes.tracked_parameters(mine) * stat.itemsize
     solve_lambda_bytes = shapes.tracked_parameters(solve_tracked) * stat.itemsize
 
-    def add(name, parameters, resident, what, peak, flops, batch):
-        stages.append(StageEstimate(name, parameters, resident, what, peak - resident, flops, seconds(flops), batch))
+    def add(name, parameters, resident, what, peak, flops, batch, by_owner=True):
+        stages.append(StageEstimate(name, parameters, resident, what, peak - resident, flops, seconds(flops), batch,
+                                    by_owner))
 
     tokens = f"x {seq_len} tokens"
     cov = cov_at(fb)
@@ -308,10 +314,11 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
     lam = lam_at(fb)
     add("eigenvalue correction", params, factors_of(mine), "eigenbases, Λ sums", lam.peak_bytes,
         scaled(lam, fb, fit_sequences), f"factors.batch_size {fb} {tokens}")
-    qry = query_at(min(qb, num_queries))
-    query_batches = math.ceil(num_queries / qb)
+    query_batch = min(cfg.solver.query_forward_batch, num_queries)
+    qry = query_at(query_batch)
+    query_batches = math.ceil(num_queries / query_batch)
     add("query gradients", params, num_queries * lambda_bytes, f"{num_queries} query gradients of its modules",
-        qry.peak_bytes, float(qry.flops) * query_batches, f"{query_batches} batch(es) of {min(qb, num_queries)} {tokens}")
+        qry.peak_bytes, float(qry.flops) * query_batches, f"{query_batches} batch(es) of {query_batch} {tokens}")
     if cfg.solver.name != "ekfac":
         if cfg.solver.product == "ggn":  # the set-up plus one replayed tangent chunk per chunk of queries
             vocab = model.get_output_embeddings().out_features
@@ -329,7 +336,7 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
         add(f"{cfg.solver.name} chunk ({mode})", solve_params, factors_of(solve_tracked) + vectors,
             f"eigenbases, Λ, {LIVE_VECTORS_PER_QUERY} [Q, D] vectors", ast.peak_bytes, astra_flops,
             f"{rank_queries} queries, {passes} pass(es) of {rank_minibatch} {tokens} per GPU, "
-            f"{cfg.solver.product} product, {cfg.solver.iterations} it")
+            f"{cfg.solver.product} product, {cfg.solver.iterations} it", by_owner=mode == "modules")
     scr = score_at(sb)
     # the queries one pass can hold; more than that would take ceil(Q / per pass) passes over the corpus
     per_pass = _largest_fitting(lambda q: score_at(sb, q).peak_bytes, num_queries, budget - score_params,
@@ -341,7 +348,8 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
     one_pass = scaled(scr, sb, sequences)
     add("scoring", score_params, held, f"directions of {num_queries} queries ({storage}) of its modules",
         scr.peak_bytes, None if one_pass is None or score_passes is None else one_pass * score_passes,
-        f"scoring.batch_size {sb} {tokens}, {scoring_mode}, {score_passes or 'no'} pass(es)")
+        f"scoring.batch_size {sb} {tokens}, {scoring_mode}, {score_passes or 'no'} pass(es)",
+        by_owner=scoring_mode == "modules")
     projection_dim = _projection_dim(cfg, tracked)
     store_itemsize = torch.empty((), dtype=getattr(torch, cfg.index.store_dtype)).element_size()
     store = documents * projection_dim * store_itemsize if documents else None
@@ -367,7 +375,7 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
         store_bytes=store,
         projection_dim=projection_dim,
         solve_mode=mode,
-        busiest_owner_modules=len(mine),
+        busiest_owner=list(mine),
         score_mode=scoring_mode,
         scoring_passes=score_passes,
     )
@@ -388,6 +396,17 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
 
 def does_not_fit(plan: Plan, also: str = "") -> DastraError:
     """The one-line error of a plan whose stages do not fit: the worst stage, its memory, the budget and the fix."""
+    owner_bound = [s for s in plan.failing() if s.by_owner]
+    if owner_bound and plan.busiest_owner_modules == 1:  # one module on a rank: more ranks do not shrink it
+        worst = max(owner_bound, key=lambda s: s.per_gpu)
+        return DastraError(
+            f"the planner says stage '{worst.stage}' needs {worst.per_gpu / GIB:.2f} GiB per GPU, more than the "
+            f"{plan.budget / GIB:.2f} GiB usable on {plan.device}, and its {worst.resident / GIB:.2f} GiB of "
+            f"{worst.resident_what} belong to one module, {plan.busiest_owner[0]}, which more GPUs cannot split: "
+            "track fewer or smaller modules (model.tracked_modules), store its state in bfloat16 "
+            "(scoring.direction_dtype) or low rank (scoring.direction_rank), or lower solver.query_batch_size"
+            f"{', ' + also if also else ''}"
+        )
     worst = max(plan.failing(), key=lambda s: s.per_gpu)
     return DastraError(
         f"the planner says stage '{worst.stage}' needs {worst.per_gpu / GIB:.2f} GiB per GPU, more than the "

@@ -107,6 +107,7 @@ def plan_json(plan: Plan) -> dict:
     return {
         "model": plan.model_name, "parameters": plan.num_parameters, "tracked_parameters": plan.tracked_parameters,
         "tracked_modules": plan.num_tracked_modules, "busiest_owner_modules": plan.busiest_owner_modules,
+        "busiest_owner": plan.busiest_owner,
         "gpus": plan.gpus, "gpus_per_node": plan.gpus_per_node, "gpu_memory_bytes": plan.gpu_memory,
         "budget_bytes": plan.budget, "zero_stage": plan.zero_stage, "solve_mode": plan.solve_mode,
         "score_mode": plan.score_mode, "scoring_passes": plan.scoring_passes,

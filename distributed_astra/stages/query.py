@@ -32,7 +32,7 @@ def rank_query(rank: Rank, queries_path: str, folder: str) -> dict:
     queries = load_queries(queries_path)
 
     def batches():
-        for batch in iter_query_batches(queries, rank.tokenizer, cfg.solver.query_batch_size):
+        for batch in iter_query_batches(queries, rank.tokenizer, cfg.solver.query_forward_batch):
             tokens[0] += int(batch["attention_mask"].sum())
             yield batch_to_device(batch, rank.device)
 
