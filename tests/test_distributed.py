@@ -32,16 +32,22 @@ from distributed_astra.cli import app
 from distributed_astra.config import load_config
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import load_factors
-from distributed_astra.distributed import cluster, is_distributed
-from distributed_astra.distributed.executor import RayExecutor
+from distributed_astra.distributed import cluster, is_distributed, solve_mode
 from distributed_astra.distributed.collectives import slice_bounds
 from distributed_astra.distributed.deepspeed_config import load_ds_config
-from distributed_astra.distributed import solve_mode
+from distributed_astra.distributed.executor import RayExecutor
 from distributed_astra.errors import DastraError
 from distributed_astra.ownership import balance_by_cost, owned, run_owners
 from distributed_astra.plan import make_plan
 from distributed_astra.scoring.low_rank import stored_direction
-from tests.conftest import QUERIES, WORDS, assert_same_eigendecomposition, corpus_rows, workspace_overrides, write_workspace
+from tests.conftest import (
+    QUERIES,
+    WORDS,
+    assert_same_eigendecomposition,
+    corpus_rows,
+    workspace_overrides,
+    write_workspace,
+)
 
 RTOL = 1e-5
 

@@ -19,6 +19,7 @@ from distributed_astra.cli import app
 from distributed_astra.models.tiny import build_tiny_gpt2
 from tests.conftest import QUERIES, assert_one_line_error, corpus_rows, workspace_overrides, write_workspace
 
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     return write_workspace(tmp_path_factory.mktemp("pipeline"), corpus_rows(48), QUERIES)

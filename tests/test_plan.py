@@ -11,10 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from distributed_astra.ihvp.solvers import LIVE_VECTORS_PER_QUERY
 from distributed_astra.cli import app
 from distributed_astra.config import load_config
 from distributed_astra.errors import DastraError
+from distributed_astra.ihvp.solvers import LIVE_VECTORS_PER_QUERY
 from distributed_astra.models.load import prepare_for_attribution
 from distributed_astra.models.modules import select_tracked_modules
 from distributed_astra.plan import check_fits, does_not_fit, make_plan, parse_memory, shapes, simulate
