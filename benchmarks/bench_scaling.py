@@ -1,11 +1,15 @@
-"""Distributed scaling on this machine: scoring throughput with 1 and 2 Ray workers (one thread each), and the cost
-of ZeRO-3 over ZeRO-0 for the 2-rank fit and the 2-rank data-parallel ASTRA solve (Fisher product).
+"""Distributed scaling on this machine: scoring throughput with 1 and 2 Ray workers (one thread each); the fit and
+the ASTRA solve (Fisher product) at 1 rank and at 2 ranks (ZeRO-0 and ZeRO-3, solve modes data and modules) with
+the communication volume each rank sends per fit and per solver iteration.
 
-One run, one local Ray; the 1- and 2-worker scorings alternate (1, 2, 1, 2, ...) so that machine noise hits both;
-medians reported. Throughput counts the scoring loop only (first shard started to last shard finished, from the
-manifest), not the actors' start-up. Writes docs/results/scaling.md and prints one final JSON line.
+One run, one local Ray; the contenders alternate (1, 2, 1, 2, ...) so that machine noise hits them alike; medians
+reported. Throughput counts the scoring loop only (first shard started to last shard finished, from the manifest),
+not the actors' start-up; stage times exclude the worker group's start-up and model loading. Communication is what
+`distributed.collectives` sends (`sent_bytes`: the all-reduces, owner gathers and broadcasts of this package, logged
+as fit/max_rank_sent_bytes and solve/astra/max_rank_sent_bytes_per_iteration); DeepSpeed's own ZeRO-3 parameter
+all-gathers are on top. Writes docs/results/scaling.md and prints one final JSON line.
 
-    python benchmarks/bench_scaling.py                       # ~3-5 min on the 2-core machine
+    python benchmarks/bench_scaling.py                       # ~5-8 min on the 2-core machine
     python benchmarks/bench_scaling.py --docs 64 --repeats 1 --out /tmp/scaling.md   # smoke run
 """
 
@@ -36,7 +40,8 @@ from distributed_astra import context as run_context  # noqa: E402
 from distributed_astra import pipeline  # noqa: E402
 from distributed_astra.config import load_config  # noqa: E402
 from distributed_astra.data.tokenizer import train_bpe_tokenizer  # noqa: E402
-from distributed_astra.distributed import cluster, stages  # noqa: E402
+from distributed_astra.distributed import cluster  # noqa: E402
+from distributed_astra.distributed.executor import RayExecutor  # noqa: E402
 from distributed_astra.models.tiny import build_tiny_gpt2  # noqa: E402
 
 WORDS = (
@@ -69,37 +74,56 @@ def overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def context(root: Path, run_dir: Path, *extra: str) -> run_context.Context:
-    return run_context.open_context(load_config(None, overrides(root, run_dir, *extra)), "bench")
+def context(root: Path, run_dir: Path, executor: RayExecutor, *extra: str) -> run_context.Context:
+    cfg = load_config(None, overrides(root, run_dir, *extra))
+    return run_context.open_context(cfg, "bench", executor=executor if cfg.ray.num_workers > 1 else None)
 
 
-def scoring_throughput(root: Path, base: Path, workers: int, repeat: int) -> float:
+def scoring_throughput(root: Path, base: Path, executor: RayExecutor, workers: int, repeat: int) -> float:
     """Documents per second of the scoring loop with `workers` actors (a fresh scores/ folder each time)."""
     run_dir = root / f"score-{workers}-{repeat}"
     shutil.copytree(base, run_dir, ignore=shutil.ignore_patterns("scores", "topk.parquet", "wandb", "metrics.jsonl"))
-    ctx = context(root, run_dir, f"ray.num_workers={workers}", "deepspeed.stage=0", "solver.name=ekfac")
-    try:
-        stages.score(ctx)
-    finally:
-        ctx.tracker.close()
+    with context(root, run_dir, executor, f"ray.num_workers={workers}", "deepspeed.stage=0",
+                 "solver.name=ekfac") as ctx:
+        pipeline.score(ctx)
     shards = json.loads((run_dir / "scores" / "manifest.json").read_text())["shards"].values()
     begin = min(s["finished_at"] - s["seconds"] for s in shards)
     end = max(s["finished_at"] for s in shards)
     return sum(s["num_documents"] for s in shards) / (end - begin)
 
 
-def timed_stage(root: Path, base: Path, name: str, stage: int, *extra: str) -> float:
-    run_dir = root / f"{name}-zero{stage}"
+def _logged(run_dir: Path, key: str) -> float:
+    """The last value of `key` in the run's metrics.jsonl."""
+    values = [json.loads(line).get(key) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [v for v in values if v is not None][-1]
+
+
+def timed_stage(root: Path, base: Path, executor: RayExecutor, name: str, label: str, *extra: str
+                ) -> tuple[float, float]:
+    """(seconds, bytes the busiest rank sent: per fit, or per solver iteration) of one stage run."""
+    run_dir = root / f"{name}-{label}"
     ignore = shutil.ignore_patterns("scores", "wandb", "metrics.jsonl")
     shutil.copytree(base, run_dir, ignore=ignore, dirs_exist_ok=True)
-    ctx = context(root, run_dir, "ray.num_workers=2", f"deepspeed.stage={stage}", *extra)
-    try:
-        stages.group_for(ctx)  # start-up and model loading are not part of the stage's time
+    with context(root, run_dir, executor, *extra) as ctx:
+        if ctx.cfg.ray.num_workers > 1:
+            executor.group_for(ctx.cfg)  # start-up and model loading are not part of the stage's time
         started = time.perf_counter()
         getattr(pipeline, name)(ctx)
-        return time.perf_counter() - started
-    finally:
-        ctx.tracker.close()
+        seconds = time.perf_counter() - started
+    key = "fit/max_rank_sent_bytes" if name == "fit" else "solve/astra/max_rank_sent_bytes_per_iteration"
+    return seconds, _logged(run_dir, key)
+
+
+SOLVE = ("solver.name=astra", "solver.product=fisher", "solver.iterations=10", "solver.lr_mode=relative")
+CONTENDERS = {  # label: (stage, overrides)
+    "1 rank": [("fit", ()), ("solve", SOLVE)],
+    "2 ranks, ZeRO-0": [("fit", ("ray.num_workers=2", "deepspeed.stage=0")),
+                        ("solve", (*SOLVE, "ray.num_workers=2", "deepspeed.stage=0", "ray.solve_mode=data"))],
+    "2 ranks, ZeRO-3": [("fit", ("ray.num_workers=2", "deepspeed.stage=3")),
+                        ("solve", (*SOLVE, "ray.num_workers=2", "deepspeed.stage=3", "ray.solve_mode=data"))],
+    "2 ranks, ZeRO-0, solve by module": [
+        ("solve", (*SOLVE, "ray.num_workers=2", "deepspeed.stage=0", "ray.solve_mode=modules"))],
+}
 
 
 def main() -> None:
@@ -111,38 +135,33 @@ def main() -> None:
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
+    executor = RayExecutor(str(root / "model"))
     try:
         build_workspace(root, args.docs)
         cluster.connect(load_config(None, overrides(root, root)).ray)
         base = root / "base"
-        ctx = context(root, base, "solver.name=ekfac")
-        try:  # single-process fit, query gradients and EK-FAC directions: the scorers' input
+        with context(root, base, executor, "solver.name=ekfac") as ctx:  # the scorers' and solvers' inputs
             for name in ("fit", "query", "solve"):
                 getattr(pipeline, name)(ctx)
-        finally:
-            ctx.tracker.close()
 
         throughput: dict[int, list[float]] = {1: [], 2: []}
         for repeat in range(args.repeats):
             for workers in (1, 2) if repeat % 2 == 0 else (2, 1):
-                throughput[workers].append(scoring_throughput(root, base, workers, repeat))
+                throughput[workers].append(scoring_throughput(root, base, executor, workers, repeat))
         one, two = statistics.median(throughput[1]), statistics.median(throughput[2])
 
-        solve_extra = (
-            "solver.name=astra", "solver.product=fisher", "solver.iterations=10", "solver.lr_mode=relative",
-            "ray.solve_mode=data",
-        )
-        timings: dict[str, dict[int, list[float]]] = {"fit": {0: [], 3: []}, "solve": {0: [], 3: []}}
+        runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        order = list(CONTENDERS)
         for repeat in range(args.repeats):
-            for stage in (0, 3) if repeat % 2 == 0 else (3, 0):
-                timings["fit"][stage].append(timed_stage(root, base, "fit", stage))
-                timings["solve"][stage].append(timed_stage(root, base, "solve", stage, *solve_extra))
-        stages.close_session()
+            for label in order if repeat % 2 == 0 else order[::-1]:
+                for name, extra in CONTENDERS[label]:
+                    runs.setdefault((label, name), []).append(timed_stage(root, base, executor, name, label, *extra))
+        executor.close()
         cluster.shutdown()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    med = {k: {s: statistics.median(v) for s, v in d.items()} for k, d in timings.items()}
+    med = {key: (statistics.median(t for t, _ in v), v[0][1]) for key, v in runs.items()}  # bytes: deterministic
     result = {
         "bench": "scaling",
         "documents": args.docs,
@@ -150,12 +169,8 @@ def main() -> None:
         "score_docs_per_s_1_worker": round(one, 2),
         "score_docs_per_s_2_workers": round(two, 2),
         "score_speedup_2_over_1": round(two / one, 3),
-        "fit_s_zero0": round(med["fit"][0], 3),
-        "fit_s_zero3": round(med["fit"][3], 3),
-        "fit_zero3_overhead": round(med["fit"][3] / med["fit"][0], 3),
-        "solve_s_zero0": round(med["solve"][0], 3),
-        "solve_s_zero3": round(med["solve"][3], 3),
-        "solve_zero3_overhead": round(med["solve"][3] / med["solve"][0], 3),
+        "stages": {f"{name} | {label}": {"seconds": round(t, 3), "sent_bytes": int(b)}
+                   for (label, name), (t, b) in med.items()},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
@@ -178,17 +193,18 @@ def main() -> None:
         "only speeds scoring up when a second core is free; with other jobs holding the cores, the two workers share "
         "them.",
         "",
-        "## ZeRO-3 against ZeRO-0 (2 ranks, start-up and model loading excluded)",
+        "## Fit and solve at 1 and 2 ranks, with the communication volume",
         "",
-        "| stage | ZeRO-0 (s) | ZeRO-3 (s) | ZeRO-3 / ZeRO-0 |",
+        "| stage | ranks | seconds (median) | sent per rank (busiest) |",
         "|---|---|---|---|",
-        f"| fit (2 passes) | {med['fit'][0]:.2f} | {med['fit'][3]:.2f} | {med['fit'][3] / med['fit'][0]:.2f}x |",
-        f"| solve (ASTRA, data mode, Fisher product, 10 iterations) | {med['solve'][0]:.2f} | {med['solve'][3]:.2f} | "
-        f"{med['solve'][3] / med['solve'][0]:.2f}x |",
+        *(f"| {name}{' (per iteration sent)' if name == 'solve' else ''} | {label} | {t:.2f} | {b / 1e6:.2f} MB |"
+          for (label, name), (t, b) in med.items()),
         "",
-        "ZeRO-3 gathers every layer's parameters (an all-gather over gloo) in each forward and again in each "
-        "backward, and releases them after use; ZeRO-0 holds them. On a model this small the gathers dominate; "
-        "ZeRO-3 is for models that do not fit one device, where it is the only option.",
+        "The fit sends each module's ā and Ds of every batch to the module's owner (a gather) and nothing back; the "
+        "data-mode solve all-reduces every product (the whole [Q, D] block of the chunk) per iteration; the "
+        "modules-mode solve all-reduces only the per-sequence coefficients of the Fisher product and the scalars of "
+        "the step, because each rank holds its own modules' v, x and factors. ZeRO-3 adds DeepSpeed's parameter "
+        "all-gathers in every forward and backward (not counted above).",
         "",
         "```json",
         json.dumps(result, indent=2),

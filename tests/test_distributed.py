@@ -218,6 +218,7 @@ def test_fit_on_two_ranks_equals_single_process(
     module_bytes = {n: sum(t.numel() * t.element_size() for t in vars(expected[n]).values()) for n in expected.names}
     total, largest = sum(module_bytes.values()), max(module_bytes.values())
     assert sum(out["resident_bytes"]) == total
+    assert all(b > 0 for b in out["sent_bytes"])  # every rank sent its ā and Ds of the modules it does not own
     assert all(0 < held <= total / 2 + largest for held in out["resident_bytes"]), (out["resident_bytes"], total)
     shards = {f for f in json.loads((tmp_path / "factors" / "meta.json").read_text())["ekfac"]["files"].values()}
     assert shards == {"factors-00000.safetensors", "factors-00001.safetensors"}
@@ -281,6 +282,17 @@ def test_astra_on_two_ranks_equals_single_process(
     assert ids[0] == ids[1] == [q["query_id"] for q in QUERIES]
     for name, x in expected.items():
         assert _rel(got[name], x) <= RTOL
+    # communication per iteration (collectives.sent_bytes): data mode all-reduces the chunk's [2, D] product;
+    # modules mode with the Fisher product only per-sequence coefficients and scalars (the GGN product's are
+    # output-space tangents, B x T x vocabulary per query)
+    sent = [json.loads(line).get("solve/astra/max_rank_sent_bytes_per_iteration")
+            for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    sent = [b for b in sent if b is not None][-1]
+    block = 2 * sum(x[0].numel() * x.element_size() for x in expected.values())
+    if mode == "data":
+        assert sent >= block, (sent, block)
+    if mode == "modules" and product == "fisher":
+        assert 0 < sent < block / 100, (sent, block)
     if mode == "modules":  # each rank held v and the iterate of its own modules only: at most total/N + the largest
         total, held = (_max_rank_state_bytes(d) for d in (reference, tmp_path))
         elements = {n: x[0].numel() for n, x in expected.items()}

@@ -14,12 +14,27 @@ Two rules make a distributed stage reproduce the single-process result:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 
 from distributed_astra.models.lm import IGNORE_INDEX
+
+SENT: Counter[str] = Counter()  # bytes this process sent, per collective: `sent_bytes`
+
+
+def sent_bytes() -> dict[str, int]:
+    """Bytes this process has sent through this module's collectives, per kind, as bandwidth-optimal algorithms
+    send them: an all-reduce 2(N−1)/N of its buffer (ring), a gather the rank's padded tensor (nothing on the
+    destination), a broadcast the buffer from the source to N−1 ranks, an all-gather the rank's piece to N−1 ranks.
+    DeepSpeed's own ZeRO-3 parameter gathers are not counted. Take differences around a step."""
+    return dict(SENT)
+
+
+def _sent(kind: str, t: torch.Tensor, times: float) -> None:
+    SENT[kind] += int(t.numel() * t.element_size() * times)
 
 
 def in_group() -> bool:
@@ -45,6 +60,8 @@ def all_reduce_sum(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
         by_dtype.setdefault(t.dtype, []).append(name)
     for dtype, names in by_dtype.items():
         flat = torch.cat([tensors[n].reshape(-1) for n in names])
+        world = dist.get_world_size()
+        _sent("all_reduce", flat, 2 * (world - 1) / world)
         dist.all_reduce(flat)
         offset = 0
         for n in names:
@@ -64,6 +81,7 @@ def all_reduce_counts(*counts: int, op: dist.ReduceOp = dist.ReduceOp.SUM) -> li
     if not in_group():
         return list(counts)
     t = torch.tensor(counts, dtype=torch.float64, device=collective_device())
+    _sent("all_reduce", t, 2 * (dist.get_world_size() - 1) / dist.get_world_size())
     dist.all_reduce(t, op=op)
     return [int(round(v)) for v in t.cpu().tolist()]
 
@@ -73,6 +91,8 @@ def broadcast_tensors(tensors: list[torch.Tensor], src: int) -> None:
     if not in_group():
         return
     flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1).clone()
+    if dist.get_rank() == src:
+        _sent("broadcast", flat, dist.get_world_size() - 1)
     dist.broadcast(flat, src=src)
     offset = 0
     for t in tensors:
@@ -86,6 +106,8 @@ def broadcast_state(state: torch.Tensor, src: int) -> torch.Tensor:
     if not in_group():
         return state
     buffer = state.to(collective_device())
+    if dist.get_rank() == src:
+        _sent("broadcast", buffer, dist.get_world_size() - 1)
     dist.broadcast(buffer, src=src)
     return buffer.cpu()
 
@@ -101,6 +123,7 @@ def gather_to(tensors: list[torch.Tensor], dst: int) -> list[list[torch.Tensor]]
     rank, world = dist.get_rank(), dist.get_world_size()
     dims = torch.tensor([d for t in tensors for d in t.shape], dtype=torch.long, device=device)
     every = [torch.empty_like(dims) for _ in range(world)]
+    _sent("all_gather", dims, world - 1)
     dist.all_gather(every, dims)
     shapes: list[list[tuple[int, ...]]] = []
     for flat in every:
@@ -115,6 +138,8 @@ def gather_to(tensors: list[torch.Tensor], dst: int) -> list[list[torch.Tensor]]
         padded = t.new_zeros(largest, device=device)
         padded[tuple(slice(0, n) for n in t.shape)] = t
         received = [torch.empty_like(padded) for _ in range(world)] if rank == dst else None
+        if rank != dst:
+            _sent("gather", padded, 1)
         dist.gather(padded, received, dst=dst)
         if rank == dst:
             for r, piece in enumerate(received):

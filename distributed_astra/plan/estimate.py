@@ -408,8 +408,10 @@ def does_not_fit(plan: Plan, also: str = "") -> DastraError:
             f"{', ' + also if also else ''}"
         )
     worst = max(plan.failing(), key=lambda s: s.per_gpu)
+    scoring = "; scoring: store the directions in bfloat16 or low rank (scoring.direction_dtype, " \
+        "scoring.direction_rank), held by module owners (ray.score_mode=modules)" if worst.stage == "scoring" else ""
     return DastraError(
         f"the planner says stage '{worst.stage}' needs {worst.per_gpu / GIB:.2f} GiB per GPU, more than the "
         f"{plan.budget / GIB:.2f} GiB usable on {plan.device}: lower the batch sizes / solver.query_batch_size "
-        f"to what the table says fits, add GPUs (plan.gpus, ray.num_workers){', ' + also if also else ''}"
+        f"to what the table says fits, add GPUs (plan.gpus, ray.num_workers){scoring}{', ' + also if also else ''}"
     )

@@ -23,9 +23,13 @@ def module_scores(ds: torch.Tensor, a: torch.Tensor, directions: Direction) -> t
     used in Ds's dtype; or `LowRank` factors)."""
     if isinstance(directions, LowRank):
         return directions.scores(ds, a)
-    directions = directions.to(ds.dtype)
     batch, tokens, out_dim = ds.shape
     num_queries, _, in_dim = directions.shape
+    if directions.dtype != ds.dtype and num_queries > batch:
+        # stored in another dtype (bfloat16): cast B queries at a time, a copy no larger than B sequence gradients
+        blocks = [module_scores(ds, a, directions[q : q + batch]) for q in range(0, num_queries, batch)]
+        return torch.cat(blocks, dim=1)
+    directions = directions.to(ds.dtype)
     materialised_cost = batch * out_dim * in_dim * (tokens + num_queries)
     per_token_cost = num_queries * batch * tokens * out_dim * in_dim
     if materialised_cost <= per_token_cost:

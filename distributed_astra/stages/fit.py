@@ -36,7 +36,7 @@ from distributed_astra.curvature.covariance import STAT_DTYPES, CovarianceStats,
 from distributed_astra.curvature.eigen import LambdaStats, collect_eigenvalue_correction, eigendecompose
 from distributed_astra.curvature.factors import build_factors, mean_from_sums, save_factor_shard, write_factors_meta
 from distributed_astra.data.corpus import CorpusStats
-from distributed_astra.distributed.collectives import RankBatches, all_reduce_counts, owner_route
+from distributed_astra.distributed.collectives import RankBatches, all_reduce_counts, owner_route, sent_bytes
 from distributed_astra.errors import DastraError
 from distributed_astra.execution import Rank
 from distributed_astra.ownership import owned, run_owners
@@ -53,7 +53,8 @@ def rank_fit(
     """Both passes on this rank's batches, each module's statistics on its owner; over each of `checkpoints` of
     `trajectory` in turn (SOURCE) or at the model's own weights. Writes this rank's modules into `folder`; returns
     {files, eigenvalue sums, resident bytes, the merged counts (None when the corpus had no sequence), batches,
-    skipped rows}."""
+    skipped rows, the bytes this rank sent through collectives}."""
+    sent_before = sum(sent_bytes().values())
     cfg = rank.cfg.factors
     dtype = STAT_DTYPES[cfg.dtype]
     generator = torch.Generator(device=model_device(rank.model)).manual_seed(cfg.seed)
@@ -106,6 +107,7 @@ def rank_fit(
         "lambda_sum": factors.eigenvalue_sum(),
         "resident_bytes": sum(f.nbytes for f in factors.modules.values()),
         "counts": counts, "num_batches": stream.num_batches, "skipped": skipped,
+        "sent_bytes": sum(sent_bytes().values()) - sent_before,
     }
 
 
@@ -142,6 +144,7 @@ def fit_factors(
         "num_tokens": num_tokens, "num_sequences": num_sequences, "num_batches": outs[0]["num_batches"],
         "mean_lambda": mean_from_sums(*lambda_sum),
         "resident_bytes": [out["resident_bytes"] for out in outs],
+        "sent_bytes": [out["sent_bytes"] for out in outs],
     }
 
 
@@ -160,7 +163,7 @@ def fit(ctx: Context) -> dict:
     ctx.tracker.log({
         "fit/num_sequences": out["num_sequences"], "fit/mean_lambda": out["mean_lambda"],
         "fit/num_ranks": ctx.executor.world_size, "fit/num_batches": out["num_batches"],
-        "fit/max_rank_factor_bytes": max(out["resident_bytes"]),
+        "fit/max_rank_factor_bytes": max(out["resident_bytes"]), "fit/max_rank_sent_bytes": max(out["sent_bytes"]),
     })
     ctx.tracker.count(tokens=2 * out["num_tokens"], sequences=2 * out["num_sequences"])  # both passes, all ranks
     log_rank_memory(ctx, "fit")

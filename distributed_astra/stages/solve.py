@@ -67,6 +67,7 @@ from distributed_astra.distributed.collectives import (
     all_reduce_sum,
     broadcast_state,
     label_draws,
+    sent_bytes,
     slice_bounds,
     sum_over_ranks,
 )
@@ -263,7 +264,7 @@ def _rank_solve(
             if labels is not None:
                 labels.set_state(label_state)
             counting = CountingSampler(sampler) if sampler is not None else None
-            started = time.perf_counter()
+            started, sent_before = time.perf_counter(), sum(sent_bytes().values())
             result = solve_ihvp(
                 {n: g[lo:hi] for n, g in grads.items()}, preconditioner, product, counting, cfg, damping,
                 query_ids=[str(q) for q in range(lo, hi)], heldout=heldout,
@@ -281,7 +282,7 @@ def _rank_solve(
                     "state_bytes": vec_nbytes(grads, result.x),
                     "iterations": result.iterations, "messages": result.messages, "trace": result.trace.columns(),
                     "heldout": result.heldout.columns(), "heldout_seconds": result.heldout_seconds,
-                    "seconds": seconds,
+                    "seconds": seconds, "sent_bytes": sum(sent_bytes().values()) - sent_before,
                     "heldout_batch_size": 0 if heldout is None else int(heldout["input_ids"].shape[0]),
                     "sequences": counting.sequences if counting is not None else 0,
                     "tokens": counting.tokens if counting is not None else 0,
@@ -355,8 +356,11 @@ def solve_directions(
             rank_solve, str(ctx.corpus), factors, grads, damping, mode, trajectory, tuple(checkpoints),
             cfg=ctx.cfg, what=f"solve ({logger_name})", progress=lambda unit, n: advance(n),
         )
-    ctx.tracker.log({f"solve/{logger_name}/max_rank_state_bytes": max(
-        p["state_bytes"] for records in per_rank for p in records)})
+    ctx.tracker.log({
+        f"solve/{logger_name}/max_rank_state_bytes": max(p["state_bytes"] for records in per_rank for p in records),
+        f"solve/{logger_name}/max_rank_sent_bytes_per_iteration": max(
+            p["sent_bytes"] / max(1, *p["iterations"]) for records in per_rank for p in records),
+    })
     if mode == "modules":  # the ranks ran the same pieces, each holding its modules' blocks
         for i, p in enumerate(per_rank[0]):
             p["x"] = {n: x for records in per_rank for n, x in records[i]["x"].items()}
