@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from distributed_astra.scoring import inner_products
 from distributed_astra.scoring.inner_products import module_scores, sequence_scores
 from distributed_astra.scoring.low_rank import low_rank
 from distributed_astra.scoring.topk import StreamingTopK
@@ -113,11 +114,12 @@ def test_bfloat16_storage_rounds_the_directions_only():
     assert _rel(module_scores(ds, a, directions.to(torch.bfloat16)), exact) <= 2.0**-8  # whole bf16 directions
 
 
-def test_stored_directions_in_another_dtype_are_cast_a_batch_of_queries_at_a_time():
-    """bfloat16 directions of more queries than sequences are scored block by block: the same scores as casting
+def test_stored_directions_in_another_dtype_are_cast_a_block_of_queries_at_a_time(monkeypatch):
+    """bfloat16 directions of more queries than a cast block are scored block by block: the same scores as casting
     them all at once (so the float32 copy never holds every query)."""
     g = torch.Generator().manual_seed(5)
     ds = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
     a = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
     stored = torch.randn(7, 6, 4, generator=g, dtype=torch.float64).to(torch.bfloat16)
+    monkeypatch.setattr(inner_products, "CAST_BLOCK_ELEMENTS", 2 * 6 * 4)  # blocks of 2 queries
     assert _rel(module_scores(ds, a, stored), module_scores(ds, a, stored.to(torch.float64))) <= 1e-12

@@ -42,6 +42,7 @@ from distributed_astra.scoring.projection import module_dims
 
 GIB = 1 << 30
 ZERO3_PREFETCH_ELEMENTS = 50_000_000  # stage3_prefetch_bucket_size of configs/ds/zero3.json (DeepSpeed's default)
+MAX_SEARCHED_QUERIES = 1 << 16  # the search for the most queries one scoring pass holds stops here
 EIGH_FLOPS_PER_CUBE = 9  # eigh with eigenvectors: about 9 n³ (tridiagonal reduction plus back-transformation)
 
 
@@ -390,7 +391,7 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
         per_gpu = _largest_fitting(lambda q: astra_at(q).peak_bytes, rank_queries, budget - solve_params)
         plan.max_query_chunk = per_gpu * gpus if mode == "queries" else per_gpu
     plan.max_scored_queries = _largest_fitting(lambda q: score_at(sb, q).peak_bytes, num_queries,
-                                               budget - score_params)
+                                               budget - score_params, limit=MAX_SEARCHED_QUERIES)
     return plan
 
 

@@ -16,6 +16,7 @@ import torch
 from distributed_astra.scoring.low_rank import LowRank
 
 Direction = torch.Tensor | LowRank  # one module's directions of Q queries: [Q, O, I], or its rank-r factors
+CAST_BLOCK_ELEMENTS = 1 << 26  # directions stored in another dtype are cast at most this many numbers at a time
 
 
 def module_scores(ds: torch.Tensor, a: torch.Tensor, directions: Direction) -> torch.Tensor:
@@ -25,9 +26,11 @@ def module_scores(ds: torch.Tensor, a: torch.Tensor, directions: Direction) -> t
         return directions.scores(ds, a)
     batch, tokens, out_dim = ds.shape
     num_queries, _, in_dim = directions.shape
-    if directions.dtype != ds.dtype and num_queries > batch:
-        # stored in another dtype (bfloat16): cast B queries at a time, a copy no larger than B sequence gradients
-        blocks = [module_scores(ds, a, directions[q : q + batch]) for q in range(0, num_queries, batch)]
+    block = max(batch, CAST_BLOCK_ELEMENTS // (out_dim * in_dim))
+    if directions.dtype != ds.dtype and num_queries > block:
+        # stored in another dtype (bfloat16): cast a block of queries at a time, a copy no larger than B sequence
+        # gradients or CAST_BLOCK_ELEMENTS numbers
+        blocks = [module_scores(ds, a, directions[q : q + block]) for q in range(0, num_queries, block)]
         return torch.cat(blocks, dim=1)
     directions = directions.to(ds.dtype)
     materialised_cost = batch * out_dim * in_dim * (tokens + num_queries)
