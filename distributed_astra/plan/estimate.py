@@ -42,7 +42,7 @@ from distributed_astra.scoring.projection import module_dims
 
 GIB = 1 << 30
 ZERO3_PREFETCH_ELEMENTS = 50_000_000  # stage3_prefetch_bucket_size of configs/ds/zero3.json (DeepSpeed's default)
-MAX_SEARCHED_QUERIES = 1 << 16  # the search for the most queries one scoring pass holds stops here
+MAX_SEARCHED_QUERIES = 1024  # the search for the most queries one scoring pass holds stops here (replays cost Q)
 EIGH_FLOPS_PER_CUBE = 9  # eigh with eigenvectors: about 9 n³ (tridiagonal reduction plus back-transformation)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from distributed_astra.plan.estimate import GIB, Plan
+from distributed_astra.plan.estimate import GIB, MAX_SEARCHED_QUERIES, Plan
 
 
 def _gib(n: int | None) -> str:
@@ -50,7 +50,8 @@ def footer_lines(plan: Plan) -> list[str]:
         )
         if plan.max_query_chunk is not None:
             lines.append(f"largest query chunk that fits (solver.query_batch_size): {plan.max_query_chunk}")
-        lines.append(f"most queries scored in one pass over the corpus: {plan.max_scored_queries}")
+        capped = " (the search stops there)" if plan.max_scored_queries == MAX_SEARCHED_QUERIES else ""
+        lines.append(f"most queries scored in one pass over the corpus: {plan.max_scored_queries}{capped}")
     lines.append(f"scoring ({plan.score_mode}): every query in {plan.scoring_passes} pass(es) over the corpus"
                  if plan.scoring_passes else "scoring: not one query's directions fit")
     if plan.store_bytes is not None:

@@ -16,7 +16,7 @@ import torch
 from distributed_astra.scoring.low_rank import LowRank
 
 Direction = torch.Tensor | LowRank  # one module's directions of Q queries: [Q, O, I], or its rank-r factors
-CAST_BLOCK_ELEMENTS = 1 << 26  # directions stored in another dtype are cast at most this many numbers at a time
+CAST_BLOCK_ELEMENTS = 1 << 28  # directions stored in another dtype are cast at most this many numbers at a time
 
 
 def module_scores(ds: torch.Tensor, a: torch.Tensor, directions: Direction) -> torch.Tensor:
