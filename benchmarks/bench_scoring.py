@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
+from bench_fit_score import cpu_name  # noqa: E402  (this script's folder is on sys.path)
 
 from distributed_astra.artifacts import atomic_path  # noqa: E402
 from distributed_astra.config import ScoringConfig, load_config  # noqa: E402
@@ -83,16 +84,6 @@ SECTION_ORDER = [THROUGHPUT, FIDELITY]
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def command_line() -> str:
@@ -415,8 +406,9 @@ def throughput_section(ctx: dict, tracked) -> list[str]:
         + "; ".join(f"r < {lo:.1f}-{hi:.1f} at Q = {q}" for q, (lo, hi) in break_even(tracked, ctx["qs"]).items())
         + " over the modules, and `LowRank.scores` has no materialised alternative. It pays where the dense "
         "directions do not fit (Q·Σ O·I numbers per rank: "
-        f"{mib(full['direction_bytes'])} MiB here at Q = {qmax} in float32; for GPT-2 XL's 192 projection "
-        "modules about 1.2 GB per query). Its one-off cost is the prepare column: `low_rank` runs a full float64 "
+        f"{mib(full['direction_bytes'])} MiB here at Q = {qmax} in float32; configs/gpt2xl.yaml's 96 MLP modules "
+        "hold 0.98 G numbers, 3.9 GB, per query) and on wide modules with long sequences: at GPT-2 XL's c_fc "
+        "(6400x1601, T = 512) the break-even at Q = 100 is r ≈ 15. Its one-off cost is the prepare column: `low_rank` runs a full float64 "
         "SVD of every query's [out, in+1] block, one query at a time, each time the directions are loaded "
         "(`held_directions`, once per rank per run).",
         "- bfloat16 storage halves the bytes; dense bfloat16 directions are cast to the products' dtype in every "
