@@ -19,8 +19,9 @@ What runs, in order, each through the package's own functions:
    (vocabulary 1024, at most the model's), statistics in `factors.dtype` (float32 by default, as configs/gpt2xl.yaml).
 4. 20 ASTRA iterations (`ihvp.solvers.solve`, the exact `GGNProduct` or `--product fisher`, `ekfac_preconditioner`)
    for the gradients of random sequences, factors and vectors on the device; seconds per iteration from the
-   solver's per-iteration callback. Learning rate `relative` (α = λ, configs/gpt2xl.yaml), damping 0.1·mean(Λ),
-   patience above the iteration count so that all 20 iterations run.
+   solver's per-iteration callback. Learning rate `relative` (α = lr·λ, `--lr` 1 as configs/gpt2xl.yaml), damping
+   0.1·mean(Λ), patience above the iteration count so that all 20 iterations run. A query that diverges (ASTRA
+   falls back to the EK-FAC solution) fails the check.
 5. Scoring throughput: `scoring.gradients.captured_batches` + `scoring.inner_products.sequence_scores` with Q = 1
    and Q = 16 random directions against a plain forward + `loss.backward()` of the same batches and the same
    (frozen, attribution-prepared) model, so the ratio is the cost of the capture and the inner products; each
@@ -248,7 +249,7 @@ def check_config(shape: Shape, device: torch.device, folder: Path, corpus: Path,
         f"factors.dtype={args.stat_dtype}", f"factors.batch_size={shape.fit_batch}",
         f"factors.max_sequences={shape.fit_sequences}",
         "solver.name=astra", "solver.baselines=[]", f"solver.product={args.product}", "solver.lr_mode=relative",
-        "solver.lr=1.0", f"solver.iterations={args.iterations}", f"solver.patience={args.iterations + 1}",
+        f"solver.lr={args.lr}", f"solver.iterations={args.iterations}", f"solver.patience={args.iterations + 1}",
         "solver.tolerance=0", "solver.heldout_every=0", f"solver.minibatch_size={shape.minibatch}",
         f"solver.query_batch_size={args.queries}", f"scoring.batch_size={shape.score_batch}",
         f"ray.use_gpu={'true' if device.type == 'cuda' else 'false'}", "ray.num_workers=1", "deepspeed.stage=0",
@@ -347,7 +348,14 @@ def check_solve(
         raise CheckFailed(f"ASTRA ran {ran} iteration(s), expected {cfg.solver.iterations}")
     if not all(bool(torch.isfinite(t).all()) for t in result.x.values()):
         raise CheckFailed("ASTRA's directions are not finite")
-    return {**measured(), "solve_iterations": ran, "solve_fell_back": int(result.fell_back.sum())}
+    figures = {**measured(), "solve_iterations": ran, "solve_fell_back": int(result.fell_back.sum())}
+    if result.fell_back.any():
+        diverged = CheckFailed(
+            f"ASTRA diverged for {figures['solve_fell_back']} of {len(result.fell_back)} queries by iteration {ran} "
+            f"(fell back to the EK-FAC solution) at --lr {cfg.solver.lr} (alpha = lr x damping {damping:.3g}); "
+            "try a lower --lr")
+        raise PartialFailure(figures) from diverged
+    return figures
 
 
 def fastest(device: torch.device, work, repeats: int = SCORING_REPEATS) -> float:
@@ -550,7 +558,7 @@ def describe(shape: Shape, args: argparse.Namespace, model: torch.nn.Module, tra
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     """Every check in order; a failing check is recorded (`<name>_error`, `failed`) and the others still run."""
-    device = torch.device(args.device)
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device(args.device)
     shape = SHAPES[args.device]
     started = time.perf_counter()
     figures: dict[str, object] = {"device": args.device}
@@ -593,14 +601,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--stat-dtype", default="float32", help="factors.dtype: float32 or float64")
     parser.add_argument("--iterations", type=int, default=20, help="ASTRA iterations")
     parser.add_argument("--queries", type=int, default=1, help="queries solved together")
+    parser.add_argument("--lr", type=float, default=1.0, help="solver.lr, relative to the damping (alpha = lr x lambda)")
     parser.add_argument("--gpu-memory", default=None, help="planner budget per GPU (default: this device's)")
     args = parser.parse_args(argv)
     for name, value, allowed in (("--device", args.device, DEVICES), ("--product", args.product, ("ggn", "fisher")),
                                  ("--stat-dtype", args.stat_dtype, tuple(STAT_DTYPES))):
         if value not in allowed:
             raise CheckFailed(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
-    if args.iterations < 2 or args.queries < 1:
-        raise CheckFailed("--iterations must be at least 2 and --queries at least 1")
+    if args.iterations < 2 or args.queries < 1 or not args.lr > 0:
+        raise CheckFailed("--iterations must be at least 2, --queries at least 1 and --lr above 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CheckFailed("--device cuda: no CUDA device here (torch.cuda.is_available() is False); use --device cpu")
     if args.gpu_memory is None:
