@@ -209,6 +209,11 @@ class ScoringConfig(Section):
         "float32", description="storage of the held directions (the products run in float32, or float64 for a "
         "float64 model and factors.dtype)"
     )
+    queries_per_pass: int | None = Field(
+        None, gt=0,
+        description="queries scored in one pass over the corpus: more take one pass per chunk of this many, one "
+        "after another in the same `dastra score` (`dastra plan` prints how many fit); null: every query in one pass",
+    )
 
 
 class ReportConfig(Section):

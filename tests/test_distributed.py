@@ -546,6 +546,55 @@ def test_scoring_by_module_owners_on_two_ranks_equals_one_rank(
     assert planned["scoring"] == max(held)  # the planner's busiest owner holds what that rank really held
 
 
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("ranks", [(), (*DISTRIBUTED, "deepspeed.stage=3", "ray.score_mode=modules")],
+                         ids=["one-rank", "two-ranks-zero3-modules"])
+def test_queries_in_chunks_take_one_pass_each_resume_and_give_the_one_pass_scores(
+    ray_session, single: Path, workspace: Path, tmp_path: Path, capsys, ranks: tuple[str, ...]
+):
+    """`scoring.queries_per_pass=2` for 3 queries: two passes over the corpus in one `score` (it says so), each with
+    its own manifest; interrupted in the second pass and re-run, the first pass's shards are not redone; the top-k
+    and every document's dense scores equal one pass over every query."""
+    reference, chunked = tmp_path / "one-pass", tmp_path / "chunked"
+    for run_dir in (reference, chunked):
+        _prepare_scoring(single, run_dir)
+    _stages(_context(workspace, reference, "scoring.dense=true"), "score")
+    settings = ("scoring.dense=true", "scoring.queries_per_pass=2", *ranks)
+    seen: list[int] = []
+
+    def stop_in_second_pass(shard_id: int, pids: list[int]) -> None:
+        seen.append(shard_id)
+        if len(seen) == 12 + 3:  # 12 shards in the first pass, then 3 of the second
+            raise _Interrupted
+
+    ctx = _context(workspace, chunked, *settings)
+    try:
+        with pytest.raises(_Interrupted):
+            pipeline.score(ctx, on_shard=stop_in_second_pass)
+    finally:
+        ctx.tracker.close()
+    assert "3 queries in 2 passes over the corpus, at most 2 at a time" in capsys.readouterr().err
+    first, second = (chunked / "scores" / f"queries-{a:06d}-{b:06d}" / "manifest.json" for a, b in ((0, 2), (2, 3)))
+    before = json.loads(first.read_text())["shards"]
+    assert len(before) == 12 and len(json.loads(second.read_text())["shards"]) == 3
+
+    _stages(_context(workspace, chunked, *settings), "score")
+    assert json.loads(first.read_text())["shards"] == before  # the finished pass was not redone
+    _assert_same_topk(chunked, reference)
+    for manifest in (first, second):
+        shards = json.loads(manifest.read_text())["shards"].values()
+        assert len(shards) == 12  # one forward per batch of scoring.batch_size=8 in each pass, whatever the queries
+        assert all(s["num_forwards"] == -(-s["num_sequences"] // 8) for s in shards)
+    got, want = (pq.read_table(d / "scores" / "dense.parquet") for d in (chunked, reference))
+    assert got.column_names == want.column_names and got.column("doc_id") == want.column("doc_id")
+    for name in got.column_names[1:]:
+        g, w = (torch.tensor(t.column(name).to_numpy()) for t in (got, want))
+        assert _rel(g, w) <= RTOL, name
+
+
 # ------------------------------------------------------------------------------------------ a rank killed mid-step
 def _kill_rank_once_busy(executor: RayExecutor, delay_s: float) -> threading.Thread:
     """Kills rank 1's process `delay_s` after the worker group exists, from a thread: in the middle of the step the

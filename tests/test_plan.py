@@ -20,6 +20,7 @@ from distributed_astra.models.modules import select_tracked_modules
 from distributed_astra.plan import check_fits, does_not_fit, make_plan, parse_memory, shapes, simulate
 from distributed_astra.plan.estimate import GIB, ZERO3_PREFETCH_ELEMENTS
 from distributed_astra.scoring.projection import KroneckerProjection
+from distributed_astra.stages.score import query_chunks
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.tiny.vocab_size=300", "model.tiny.n_layer=2", "model.tiny.n_embd=32", "model.tiny.n_head=2",
@@ -191,6 +192,23 @@ def test_scoring_directions_in_low_rank_and_bfloat16_are_their_closed_forms():
                       for t in tracked.values())
         assert {s.stage: s.resident for s in plan.stages}["scoring"] == queries * numbers * itemsize
         assert plan.scoring_passes == 1
+
+
+def test_queries_per_pass_holds_that_many_directions_and_multiplies_the_scoring_time():
+    """scoring.queries_per_pass: the scoring stage holds one chunk's directions, and its time is the passes over the
+    corpus (stages/score.py's query_chunks) times one pass's."""
+    whole = make_plan(load_config(None, TINY), search=False)
+    queries = whole.num_queries
+    assert queries >= 3
+    per_pass = queries // 2
+    chunked = make_plan(load_config(None, TINY + [f"scoring.queries_per_pass={per_pass}"]), search=False)
+    assert chunked.scoring_passes == len(query_chunks(queries, per_pass)) == -(-queries // per_pass)
+    one, several = ({s.stage: s for s in p.stages}["scoring"] for p in (whole, chunked))
+    assert several.resident * queries == one.resident * per_pass
+    explicit = make_plan(load_config(None, TINY + [f"scoring.queries_per_pass={queries}"]), search=False)
+    assert {s.stage: s for s in explicit.stages}["scoring"].seconds == one.seconds and explicit.scoring_passes == 1
+    # every pass forwards the whole corpus again and scores fewer queries than the one pass of them all
+    assert one.seconds < several.seconds < one.seconds * chunked.scoring_passes
 
 
 def test_dastra_plan_json_is_the_table_as_one_object():

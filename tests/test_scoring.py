@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from distributed_astra.scoring import inner_products
 from distributed_astra.scoring.inner_products import module_scores, sequence_scores
@@ -123,3 +124,18 @@ def test_stored_directions_in_another_dtype_are_cast_a_block_of_queries_at_a_tim
     stored = torch.randn(7, 6, 4, generator=g, dtype=torch.float64).to(torch.bfloat16)
     monkeypatch.setattr(inner_products, "CAST_BLOCK_ELEMENTS", 2 * 6 * 4)  # blocks of 2 queries
     assert _rel(module_scores(ds, a, stored), module_scores(ds, a, stored.to(torch.float64))) <= 1e-12
+
+
+def test_cast_blocks_form_the_per_sequence_gradients_once(monkeypatch):
+    """Blocks of bfloat16 queries share one bmm of the per-sequence gradients: the FLOPs of the materialised path
+    stay 2·B·O·I·(T + Q), as with float32 directions, over 10 cast blocks (meta tensors)."""
+    batch, tokens, out_dim, in_dim, queries = 4, 64, 512, 129, 100
+    monkeypatch.setattr(inner_products, "CAST_BLOCK_ELEMENTS", 10 * out_dim * in_dim)  # blocks of 10 queries
+    ds = torch.empty(batch, tokens, out_dim, device="meta")
+    a = torch.empty(batch, tokens, in_dim, device="meta")
+    expected = 2 * batch * out_dim * in_dim * (tokens + queries)
+    for dtype in (torch.float32, torch.bfloat16):
+        stored = torch.empty(queries, out_dim, in_dim, device="meta", dtype=dtype)
+        with FlopCounterMode(display=False) as flops:
+            module_scores(ds, a, stored)
+        assert flops.get_total_flops() == expected, dtype

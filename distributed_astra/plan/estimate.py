@@ -116,7 +116,7 @@ class Plan:
     max_scored_queries: int = 0
     solve_mode: str = "queries"
     score_mode: str = "replicas"
-    scoring_passes: int | None = None  # corpus passes scoring all queries takes (None: not one query fits)
+    scoring_passes: int = 1  # corpus passes scoring all queries takes: one per scoring.queries_per_pass chunk
     busiest_owner: list[str] = field(default_factory=list)  # the tracked modules the busiest owner rank holds
 
     @property
@@ -338,18 +338,16 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
             f"eigenbases, Λ, {LIVE_VECTORS_PER_QUERY} [Q, D] vectors", ast.peak_bytes, astra_flops,
             f"{rank_queries} queries, {passes} pass(es) of {rank_minibatch} {tokens} per GPU, "
             f"{cfg.solver.product} product, {cfg.solver.iterations} it", by_owner=mode == "modules")
-    scr = score_at(sb)
-    # the queries one pass can hold; more than that would take ceil(Q / per pass) passes over the corpus
-    per_pass = _largest_fitting(lambda q: score_at(sb, q).peak_bytes, num_queries, budget - score_params,
-                                limit=num_queries)
-    score_passes = math.ceil(num_queries / per_pass) if per_pass else None
-    held = sum(stored_like(num_queries, t.shape, cfg.scoring, compute, "meta").nbytes for t in score_tracked.values())
+    per_pass = min(cfg.scoring.queries_per_pass or num_queries, num_queries)  # stages/score.py's query_chunks
+    score_passes = math.ceil(num_queries / per_pass)
+    scr = score_at(sb, per_pass)
+    held = sum(stored_like(per_pass, t.shape, cfg.scoring, compute, "meta").nbytes for t in score_tracked.values())
     storage = (f"rank {cfg.scoring.direction_rank} factors" if cfg.scoring.direction_rank else "whole") + (
         f", {cfg.scoring.direction_dtype}")
     one_pass = scaled(scr, sb, sequences)
-    add("scoring", score_params, held, f"directions of {num_queries} queries ({storage}) of its modules",
-        scr.peak_bytes, None if one_pass is None or score_passes is None else one_pass * score_passes,
-        f"scoring.batch_size {sb} {tokens}, {scoring_mode}, {score_passes or 'no'} pass(es)",
+    add("scoring", score_params, held, f"directions of {per_pass} queries ({storage}) of its modules",
+        scr.peak_bytes, None if one_pass is None else one_pass * score_passes,
+        f"scoring.batch_size {sb} {tokens}, {scoring_mode}, {score_passes} pass(es) of {per_pass} queries",
         by_owner=scoring_mode == "modules")
     projection_dim = _projection_dim(cfg, tracked)
     store_itemsize = torch.empty((), dtype=getattr(torch, cfg.index.store_dtype)).element_size()
@@ -409,8 +407,10 @@ def does_not_fit(plan: Plan, also: str = "") -> DastraError:
             f"{', ' + also if also else ''}"
         )
     worst = max(plan.failing(), key=lambda s: s.per_gpu)
+    most = f"={plan.max_scored_queries}" if plan.max_scored_queries else ""
     scoring = "; scoring: store the directions in bfloat16 or low rank (scoring.direction_dtype, " \
-        "scoring.direction_rank), held by module owners (ray.score_mode=modules)" if worst.stage == "scoring" else ""
+        "scoring.direction_rank), held by module owners (ray.score_mode=modules), or score fewer queries per pass " \
+        f"(scoring.queries_per_pass{most})" if worst.stage == "scoring" else ""
     return DastraError(
         f"the planner says stage '{worst.stage}' needs {worst.per_gpu / GIB:.2f} GiB per GPU, more than the "
         f"{plan.budget / GIB:.2f} GiB usable on {plan.device}: lower the batch sizes / solver.query_batch_size "

@@ -51,9 +51,10 @@ def footer_lines(plan: Plan) -> list[str]:
         if plan.max_query_chunk is not None:
             lines.append(f"largest query chunk that fits (solver.query_batch_size): {plan.max_query_chunk}")
         capped = " (the search stops there)" if plan.max_scored_queries == MAX_SEARCHED_QUERIES else ""
-        lines.append(f"most queries scored in one pass over the corpus: {plan.max_scored_queries}{capped}")
+        lines.append(f"most queries scored in one pass over the corpus (scoring.queries_per_pass): "
+                     f"{plan.max_scored_queries}{capped}")
     lines.append(f"scoring ({plan.score_mode}): every query in {plan.scoring_passes} pass(es) over the corpus"
-                 if plan.scoring_passes else "scoring: not one query's directions fit")
+                 + (" (scoring.queries_per_pass)" if plan.scoring_passes > 1 else ""))
     if plan.store_bytes is not None:
         lines.append(
             f"projected gradient store on disk: {_gib(plan.store_bytes)} GiB "

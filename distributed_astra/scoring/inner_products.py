@@ -26,20 +26,20 @@ def module_scores(ds: torch.Tensor, a: torch.Tensor, directions: Direction) -> t
         return directions.scores(ds, a)
     batch, tokens, out_dim = ds.shape
     num_queries, _, in_dim = directions.shape
-    block = max(batch, CAST_BLOCK_ELEMENTS // (out_dim * in_dim))
-    if directions.dtype != ds.dtype and num_queries > block:
-        # stored in another dtype (bfloat16): cast a block of queries at a time, a copy no larger than B sequence
-        # gradients or CAST_BLOCK_ELEMENTS numbers
-        blocks = [module_scores(ds, a, directions[q : q + block]) for q in range(0, num_queries, block)]
-        return torch.cat(blocks, dim=1)
-    directions = directions.to(ds.dtype)
-    materialised_cost = batch * out_dim * in_dim * (tokens + num_queries)
-    per_token_cost = num_queries * batch * tokens * out_dim * in_dim
-    if materialised_cost <= per_token_cost:
-        # one [B, O·I] @ [O·I, Q] matmul: torch's einsum of the same contraction can be several times slower on CPU
-        grads = torch.bmm(ds.transpose(1, 2), a)
-        return grads.reshape(batch, -1) @ directions.reshape(num_queries, -1).T
-    return torch.einsum("bto,bqto->bq", ds, torch.einsum("qoi,bti->bqto", directions, a))
+    materialise = batch * out_dim * in_dim * (tokens + num_queries) <= num_queries * batch * tokens * out_dim * in_dim
+    # the per-sequence gradients [B, O·I], once for every query, as one bmm
+    grads = torch.bmm(ds.transpose(1, 2), a).reshape(batch, -1) if materialise else None
+    # directions stored in another dtype (bfloat16) are cast a block of queries at a time: a copy no larger than
+    # B sequence gradients or CAST_BLOCK_ELEMENTS numbers
+    block = num_queries if directions.dtype == ds.dtype else max(batch, CAST_BLOCK_ELEMENTS // (out_dim * in_dim))
+    parts = []
+    for start in range(0, num_queries, block):
+        x = directions[start : start + block].to(ds.dtype)
+        if grads is not None:  # one [B, O·I] @ [O·I, q] matmul: torch's einsum of it can be several times slower
+            parts.append(grads @ x.reshape(len(x), -1).T)
+        else:
+            parts.append(torch.einsum("bto,bqto->bq", ds, torch.einsum("qoi,bti->bqto", x, a)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def sequence_scores(

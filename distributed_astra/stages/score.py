@@ -33,7 +33,7 @@ from distributed_astra.config import SOURCE_SOLVERS
 from distributed_astra.context import Context, check_directions, note_skipped_rows, topk_table
 from distributed_astra.curvature.covariance import STAT_DTYPES, batch_to_device, product_dtype
 from distributed_astra.curvature.hooks import GradientCapture
-from distributed_astra.data.corpus import CorpusShard, CorpusStats
+from distributed_astra.data.corpus import CorpusShard, CorpusStats, ShardPlan
 from distributed_astra.data.sequences import QueryId
 from distributed_astra.distributed import score_mode
 from distributed_astra.distributed.collectives import owner_route, padding_batch, sum_over_ranks
@@ -61,14 +61,15 @@ class DirectionsPass:
     scale: float = 1.0
 
 
-def held_directions(rank: Rank, passes: Sequence[DirectionsPass], names: list[str], compute: torch.dtype
-                    ) -> list[dict[str, Direction]]:
-    """This rank's directions of `names` for every pass, prepared once per rank and kept (`rank.held`) while the
-    files and the scoring settings stay the same: only these modules are read, scaled and kept on the rank's
-    device as `stored_direction` makes them (low-rank factors are computed here, on the module's owner)."""
+def held_directions(rank: Rank, passes: Sequence[DirectionsPass], names: list[str], compute: torch.dtype,
+                    queries: tuple[int, int]) -> list[dict[str, Direction]]:
+    """This rank's directions of `names` and of the queries [q0, q1) for every pass, prepared once per rank and
+    kept (`rank.held`) while the files, the queries and the scoring settings stay the same: only these modules and
+    queries are read, scaled and kept on the rank's device as `stored_direction` makes them (low-rank factors are
+    computed here, on the module's owner)."""
     sc = rank.cfg.scoring
     key = (tuple((p.checkpoint, p.file, p.scale, os.stat(p.file).st_mtime_ns) for p in passes), tuple(names),
-           sc.direction_rank, sc.direction_dtype, compute)
+           tuple(queries), sc.direction_rank, sc.direction_dtype, compute)
     if rank.held.get("directions_key") != key:
         rank.held.pop("directions", None)  # the previous run's directions go before the new ones are read
         prepared: dict[tuple[str, float], dict[str, Direction]] = {}  # SOURCE: one copy per segment, not checkpoint
@@ -78,7 +79,7 @@ def held_directions(rank: Rank, passes: Sequence[DirectionsPass], names: list[st
             tensors = load_tensors(Path(p.file), "solved directions", "solve", names=names)
             held: dict[str, Direction] = {}
             for name in names:
-                x = tensors.pop(name).to(rank.device)
+                x = tensors.pop(name)[queries[0] : queries[1]].to(rank.device)
                 x = x * p.scale if p.scale != 1.0 else x
                 held[name] = stored_direction(x, sc, compute)
             prepared[p.file, p.scale] = held
@@ -124,9 +125,10 @@ def step_scores(capture: GradientCapture, directions: dict[str, Direction], owne
 
 def score_shard(
     rank: Rank, shard: CorpusShard, corpus: str, passes: Sequence[DirectionsPass], trajectory: str | None,
-    num_queries: int,
+    queries: tuple[int, int],
 ) -> dict[str, Any]:
-    """The top-k documents of one shard per query: scores [Q, k'] and document keys [Q, k'] (k' = min(k, docs));
+    """The top-k documents of one shard per query of [q0, q1): scores [Q, k'] and document keys [Q, k']
+    (k' = min(k, docs));
     every document's scores too under `scoring.dense`. The passes' sequence scores add up (SOURCE). On a group of
     N ranks (`ray.score_mode: modules`) the ranks forward the shard's batches in turn (`rank_steps`), each holds
     the directions of the modules it owns (`ownership.run_owners`) and scores every rank's ā and Ds of them
@@ -137,7 +139,8 @@ def score_shard(
     compute = product_dtype(rank.model, STAT_DTYPES[cfg.factors.dtype])
     traj = load_trajectory(trajectory) if trajectory is not None else None
     owners = run_owners(cfg, {n: t.shape for n, t in rank.tracked.items()}, rank.world_size)
-    held = held_directions(rank, passes, owned(owners, rank.rank), compute)
+    held = held_directions(rank, passes, owned(owners, rank.rank), compute, queries)
+    num_queries = queries[1] - queries[0]
     keys: list[torch.Tensor] = []
     totals: list[torch.Tensor] = []
     sequences = tokens = padding = 0
@@ -235,14 +238,23 @@ def merge_shards(scores_dir: Path, shard_ids: list[int], num_queries: int, k: in
     return best, torch.gather(doc_keys, 1, index)
 
 
-def _write_dense(ctx: Context, query_ids: list[QueryId], shard_ids: list[int]) -> None:
-    """scores/dense.parquet: the N x Q matrix of every document's scores (`scoring.dense`), from the shards."""
-    files = [_shard_file(ctx.paths.scores, sid, "dense") for sid in sorted(shard_ids)]
-    table = pa.concat_tables([pq.read_table(f) for f in files if f.is_file()])
-    keys = table.column("doc_key").to_pylist()
+def _write_dense(ctx: Context, query_ids: list[QueryId], chunks: list[tuple[Path, list[int]]]) -> None:
+    """scores/dense.parquet: the N x Q matrix of every document's scores (`scoring.dense`), from the shards of each
+    query chunk (scores dir, shard ids; every chunk's shards list the same documents in the same order)."""
+    columns: list[pa.ChunkedArray] = []
+    keys: list[int] | None = None
+    for scores_dir, shard_ids in chunks:
+        files = [_shard_file(scores_dir, sid, "dense") for sid in sorted(shard_ids)]
+        table = pa.concat_tables([pq.read_table(f) for f in files if f.is_file()])
+        chunk_keys = table.column("doc_key").to_pylist()
+        if keys is not None and chunk_keys != keys:
+            raise DastraError(f"{scores_dir}: its dense scores list other documents than the first query chunk's: "
+                              "delete scores/ and re-run `dastra score`")
+        keys = chunk_keys
+        columns += [table.column(f"q{i}") for i in range(table.num_columns - 1)]
     doc_ids = ctx.open_corpus().doc_ids(keys)
     dense = pa.table({"doc_id": [doc_ids[key] for key in keys],
-                      **{f"q{q}": table.column(f"q{i}") for i, q in enumerate(query_ids)}})
+                      **{f"q{q}": column for q, column in zip(query_ids, columns)}})
     with atomic_path(ctx.paths.scores / "dense.parquet") as tmp:
         pq.write_table(dense, tmp)
 
@@ -283,13 +295,25 @@ def _digest(files: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+def query_chunks(num_queries: int, per_pass: int | None) -> list[tuple[int, int]]:
+    """[q0, q1) of each pass over the corpus: every query at once, or `scoring.queries_per_pass` at a time."""
+    step = max(1, per_pass or num_queries)
+    return [(q, min(q + step, num_queries)) for q in range(0, num_queries, step)]
+
+
+def chunk_dir(scores_dir: Path, queries: tuple[int, int], num_chunks: int) -> Path:
+    """Where one query chunk's shards and manifest go: scores/ itself when one pass holds every query."""
+    return scores_dir if num_chunks == 1 else scores_dir / f"queries-{queries[0]:06d}-{queries[1]:06d}"
+
+
 @metered(lambda ctx: f"score/{ctx.cfg.solver.name}")
 def score(ctx: Context, on_shard: Callable[[int, list[int]], None] | None = None) -> pa.Table:
     """Every shard of the corpus scored (module docstring), resumable from scores/manifest.json, merged into
-    topk.parquet. `on_shard(shard_id, worker_pids)` runs after each shard is recorded (fault-injection tests)."""
+    topk.parquet. More queries than `scoring.queries_per_pass` take one pass over the corpus per chunk of them, each
+    with its own manifest (scores/queries-<q0>-<q1>/), resumable the same way. `on_shard(shard_id, worker_pids)`
+    runs after each shard is recorded (fault-injection tests)."""
     check_directions(ctx)  # before any work: directions of another corpus, data setting or queries are refused
     cfg = ctx.cfg
-    mode = score_mode(cfg)
     query_ids, trajectory, passes = scoring_passes(ctx)
     plan = ctx.open_corpus().shard_plan(cfg.data.shard_rows)
     meta = {
@@ -297,20 +321,57 @@ def score(ctx: Context, on_shard: Callable[[int, list[int]], None] | None = None
         "plan": plan.fingerprint,
         "config_hash": cfg.section_hash("data", "scoring"), "dense": cfg.scoring.dense,
     }
-    scores_dir = ctx.paths.scores
+    chunks = query_chunks(len(query_ids), cfg.scoring.queries_per_pass)
+    if len(chunks) > 1:
+        console.print(f"note: {len(query_ids)} queries in {len(chunks)} passes over the corpus, at most "
+                      f"{cfg.scoring.queries_per_pass} at a time (scoring.queries_per_pass)", highlight=False)
+    scope = f"score/{cfg.solver.name}"
+    ctx.tracker.define_axis(scope, f"{scope}/shard")
+    progress = {"shards": 0, "of": len(plan.shards) * len(chunks), "sequences": 0, "tokens": 0,
+                "started": time.perf_counter()}
+    best, keys, manifests = [], [], []  # per chunk
+    for queries in chunks:
+        scores_dir = chunk_dir(ctx.paths.scores, queries, len(chunks))
+        manifest = _score_chunk(ctx, plan, {**meta, "queries": list(queries)}, scores_dir, queries,
+                                (str(ctx.corpus), passes, trajectory), progress, on_shard)
+        shard_ids = [int(sid) for sid in manifest["shards"]]
+        scores, doc_keys = merge_shards(scores_dir, shard_ids, queries[1] - queries[0], cfg.scoring.top_k)
+        best.append(scores)
+        keys.append(doc_keys)
+        manifests.append((scores_dir, shard_ids, manifest))
+    first = manifests[0][2]["shards"]  # every chunk reads the same shards
+    note_skipped_rows(ctx, *(sum(rec["skipped_rows"][i] for rec in first.values()) for i in (0, 1)))
+    table = topk_table(ctx, query_ids, torch.cat(best), torch.cat(keys))
+    if cfg.scoring.dense:
+        _write_dense(ctx, query_ids, [(d, ids) for d, ids, _ in manifests])
+    ctx.tracker.log({
+        f"{scope}/num_documents": sum(rec["num_documents"] for rec in first.values()),
+        f"{scope}/num_queries": len(query_ids), f"{scope}/num_shards": len(first),
+        f"{scope}/num_query_chunks": len(chunks), f"{scope}/num_workers": ctx.executor.world_size,
+    })
+    ctx.tracker.count(sequences=progress["sequences"], tokens=progress["tokens"])
+    return table
+
+
+def _score_chunk(ctx: Context, plan: ShardPlan, meta: dict[str, Any], scores_dir: Path, queries: tuple[int, int],
+                 arguments: tuple, progress: dict[str, Any], on_shard: Callable[[int, list[int]], None] | None
+                 ) -> dict[str, Any]:
+    """One pass over the corpus for the queries [q0, q1): the unfinished shards of scores_dir's manifest scored and
+    recorded one by one (file, then manifest entry, both atomic). Returns the finished manifest."""
+    cfg = ctx.cfg
     done = finished_shards(scores_dir, meta)
     todo = [s for s in plan.shards if str(s.shard_id) not in done]
     if done:
-        console.print(f"note: resuming: {len(done)} of {len(plan.shards)} shards already scored (scores/{MANIFEST}), "
-                      f"{len(todo)} to go", highlight=False)
+        console.print(f"note: resuming: {len(done)} of {len(plan.shards)} shards already scored "
+                      f"({scores_dir.relative_to(ctx.paths.scores.parent)}/{MANIFEST}), {len(todo)} to go",
+                      highlight=False)
     manifest = {"meta": meta, "plan": plan.to_json(), "shards": dict(done)}
     write_json(scores_dir / MANIFEST, manifest)
     scope = f"score/{cfg.solver.name}"
-    ctx.tracker.define_axis(scope, f"{scope}/shard")
-    started = time.perf_counter()
-    totals = {"documents": 0, "sequences": 0, "tokens": 0}
+    progress["shards"] += len(done)
+    label = "score shards" + ("" if progress["of"] == len(plan.shards) else f", queries {queries[0]}-{queries[1] - 1}")
 
-    with progress_bar("score shards", len(plan.shards), "shards") as advance:
+    with progress_bar(label, len(plan.shards), "shards") as advance:
         advance(len(done))
 
         def record(shard: CorpusShard, result: dict[str, Any]) -> None:
@@ -323,19 +384,19 @@ def score(ctx: Context, on_shard: Callable[[int, list[int]], None] | None = None
                 "num_forwards": result["num_forwards"], "direction_bytes": result["direction_bytes"],
             }
             write_json(scores_dir / MANIFEST, manifest)
-            for unit in totals:
-                totals[unit] += result[f"num_{unit}"]
-
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            ctx.tracker.log({f"{scope}/shard": len(manifest["shards"]), f"{scope}/sequences": totals["sequences"],
-                             f"{scope}/fraction": len(manifest["shards"]) / max(1, len(plan.shards)),
-                             f"{scope}/sequences_per_s_so_far": totals["sequences"] / elapsed})
+            progress["shards"] += 1
+            progress["sequences"] += result["num_sequences"]
+            progress["tokens"] += result["num_tokens"]
+            elapsed = max(time.perf_counter() - progress["started"], 1e-9)
+            ctx.tracker.log({f"{scope}/shard": progress["shards"], f"{scope}/sequences": progress["sequences"],
+                             f"{scope}/fraction": progress["shards"] / max(1, progress["of"]),
+                             f"{scope}/sequences_per_s_so_far": progress["sequences"] / elapsed})
             advance(1)
             if on_shard is not None:
                 on_shard(shard.shard_id, ctx.executor.worker_pids())
 
-        arguments = (str(ctx.corpus), passes, trajectory, len(query_ids))
-        if mode == "modules":  # one group call per shard: the ranks share it; a dead rank's shard is re-run
+        arguments = (*arguments, queries)
+        if score_mode(cfg) == "modules":  # one group call per shard: the ranks share it; a dead rank's shard re-runs
             for shard in todo:
                 per_rank = ctx.executor.map(score_shard, shard, *arguments, cfg=cfg,
                                             what=f"scoring shard {shard.shard_id}")
@@ -343,16 +404,4 @@ def score(ctx: Context, on_shard: Callable[[int, list[int]], None] | None = None
                                "direction_bytes": [b for r in per_rank for b in r["direction_bytes"]]})
         else:
             ctx.executor.map_shards(score_shard, todo, *arguments, cfg=cfg, what="scoring", on_result=record)
-    note_skipped_rows(ctx, *(sum(rec["skipped_rows"][i] for rec in manifest["shards"].values()) for i in (0, 1)))
-    shard_ids = [int(s) for s in manifest["shards"]]
-    scores, doc_keys = merge_shards(scores_dir, shard_ids, len(query_ids), cfg.scoring.top_k)
-    table = topk_table(ctx, query_ids, scores, doc_keys)
-    if cfg.scoring.dense:
-        _write_dense(ctx, query_ids, shard_ids)
-    num_documents = sum(rec["num_documents"] for rec in manifest["shards"].values())
-    ctx.tracker.log({
-        f"{scope}/num_documents": num_documents, f"{scope}/num_queries": len(query_ids),
-        f"{scope}/num_shards": len(manifest["shards"]), f"{scope}/num_workers": ctx.executor.world_size,
-    })
-    ctx.tracker.count(sequences=totals["sequences"], tokens=totals["tokens"])
-    return table
+    return manifest
