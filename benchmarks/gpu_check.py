@@ -19,9 +19,9 @@ What runs, in order, each through the package's own functions:
    (vocabulary 1024, at most the model's), statistics in `factors.dtype` (float32 by default, as configs/gpt2xl.yaml).
 4. 20 ASTRA iterations (`ihvp.solvers.solve`, the exact `GGNProduct` or `--product fisher`, `ekfac_preconditioner`)
    for the gradients of random sequences, factors and vectors on the device; seconds per iteration from the
-   solver's per-iteration callback. Learning rate `relative` (α = lr·λ, `--lr` 1 as configs/gpt2xl.yaml), damping
-   0.1·mean(Λ), patience above the iteration count so that all 20 iterations run. A query that diverges (ASTRA
-   falls back to the EK-FAC solution) fails the check.
+   solver's per-iteration callback. Learning rate `relative` (α = lr·λ, `--lr` 1 as configs/gpt2xl.yaml; or
+   `--lr-mode`), damping 0.1·mean(Λ), patience above the iteration count so that all 20 iterations run. A query
+   that diverges (ASTRA falls back to the EK-FAC solution) fails the check.
 5. Scoring throughput: `scoring.gradients.captured_batches` + `scoring.inner_products.sequence_scores` with Q = 1
    and Q = 16 random directions against a plain forward + `loss.backward()` of the same batches and the same
    (frozen, attribution-prepared) model, so the ratio is the cost of the capture and the inner products; each
@@ -248,7 +248,7 @@ def check_config(shape: Shape, device: torch.device, folder: Path, corpus: Path,
         f"data.corpus={corpus}", "data.queries=demo", f"data.max_length={shape.seq_len}",
         f"factors.dtype={args.stat_dtype}", f"factors.batch_size={shape.fit_batch}",
         f"factors.max_sequences={shape.fit_sequences}",
-        "solver.name=astra", "solver.baselines=[]", f"solver.product={args.product}", "solver.lr_mode=relative",
+        "solver.name=astra", "solver.baselines=[]", f"solver.product={args.product}", f"solver.lr_mode={args.lr_mode}",
         f"solver.lr={args.lr}", f"solver.iterations={args.iterations}", f"solver.patience={args.iterations + 1}",
         "solver.tolerance=0", "solver.heldout_every=0", f"solver.minibatch_size={shape.minibatch}",
         f"solver.query_batch_size={args.queries}", f"scoring.batch_size={shape.score_batch}",
@@ -352,8 +352,8 @@ def check_solve(
     if result.fell_back.any():
         diverged = CheckFailed(
             f"ASTRA diverged for {figures['solve_fell_back']} of {len(result.fell_back)} queries by iteration {ran} "
-            f"(fell back to the EK-FAC solution) at --lr {cfg.solver.lr} (alpha = lr x damping {damping:.3g}); "
-            "try a lower --lr")
+            f"(fell back to the EK-FAC solution) at --lr {cfg.solver.lr} --lr-mode {cfg.solver.lr_mode} (damping "
+            f"{damping:.3g}); try a lower --lr or --lr-mode auto")
         raise PartialFailure(figures) from diverged
     return figures
 
@@ -601,11 +601,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--stat-dtype", default="float32", help="factors.dtype: float32 or float64")
     parser.add_argument("--iterations", type=int, default=20, help="ASTRA iterations")
     parser.add_argument("--queries", type=int, default=1, help="queries solved together")
-    parser.add_argument("--lr", type=float, default=1.0, help="solver.lr, relative to the damping (alpha = lr x lambda)")
+    parser.add_argument("--lr", type=float, default=1.0, help="solver.lr (under relative: alpha = lr x lambda)")
+    parser.add_argument("--lr-mode", default="relative", help="solver.lr_mode: relative, absolute or auto")
     parser.add_argument("--gpu-memory", default=None, help="planner budget per GPU (default: this device's)")
     args = parser.parse_args(argv)
     for name, value, allowed in (("--device", args.device, DEVICES), ("--product", args.product, ("ggn", "fisher")),
-                                 ("--stat-dtype", args.stat_dtype, tuple(STAT_DTYPES))):
+                                 ("--stat-dtype", args.stat_dtype, tuple(STAT_DTYPES)),
+                                 ("--lr-mode", args.lr_mode, ("relative", "absolute", "auto"))):
         if value not in allowed:
             raise CheckFailed(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
     if args.iterations < 2 or args.queries < 1 or not args.lr > 0:
