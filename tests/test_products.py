@@ -15,6 +15,7 @@ from torch.func import functional_call, jacfwd
 
 from distributed_astra.curvature import fit_ekfac
 from distributed_astra.errors import DastraError
+from distributed_astra.ihvp import products
 from distributed_astra.ihvp.products import (
     FisherProduct,
     GGNProduct,
@@ -25,6 +26,7 @@ from distributed_astra.ihvp.products import (
     vec_num_queries,
     vec_put,
     vec_take,
+    weighted_gradient_sum,
 )
 from distributed_astra.models.lm import IGNORE_INDEX
 from distributed_astra.models.load import prepare_for_attribution
@@ -282,3 +284,22 @@ def test_vector_helpers():
     assert w["a"].shape == (1, 1, 3)
     vec_put(x, torch.tensor([0]), w)
     assert torch.equal(x["a"][0], x["a"][1])
+
+
+@pytest.mark.parametrize("queries", [1, 3], ids=["per-token", "per-sequence"])
+def test_weighted_gradient_sum_is_the_explicit_sum_in_both_orders_and_chunks(monkeypatch, queries: int):
+    """Σ_n coeff[n, q] Σ_t Ds_{n,t} ā_{n,t}ᵀ against explicit outer products (float64): Q = 1 takes the per-token
+    order, Q = 3 the per-sequence gradients; chunks of one or two sequences at a time."""
+    g = torch.Generator().manual_seed(3)
+    ds = torch.randn(5, 4, 6, generator=g, dtype=torch.float64)
+    abar = torch.randn(5, 4, 3, generator=g, dtype=torch.float64)
+    coeff = torch.randn(5, queries, generator=g, dtype=torch.float64)
+    expected = torch.zeros(queries, 6, 3, dtype=torch.float64)
+    for n in range(5):
+        gradient = sum(torch.outer(ds[n, t], abar[n, t]) for t in range(4))
+        for q in range(queries):
+            expected[q] += coeff[n, q] * gradient
+    per_sequence = 6 * 3 if queries > 1 else queries * 4 * 6  # one sequence's O·I, or its Q·T·O per token
+    monkeypatch.setattr(products, "_FISHER_CHUNK_ELEMENTS", 2 * per_sequence)  # 2 sequences per chunk: 3 chunks
+    got = weighted_gradient_sum(ds, abar, coeff)
+    assert float((got - expected).norm() / expected.norm()) <= 1e-12

@@ -19,6 +19,13 @@ Direction = torch.Tensor | LowRank  # one module's directions of Q queries: [Q, 
 CAST_BLOCK_ELEMENTS = 1 << 28  # directions stored in another dtype are cast at most this many numbers at a time
 
 
+def materialise_per_sequence(batch: int, tokens: int, out_dim: int, in_dim: int, num_queries: int) -> bool:
+    """Whether forming the B per-sequence gradients (B·O·I·(T+Q) multiply-adds) is cheaper than the per-token
+    form (Q·B·T·O·I) for Q directions of an [O, I] module: the one rule of `module_scores` and its transpose
+    (`ihvp.products.weighted_gradient_sum`)."""
+    return batch * out_dim * in_dim * (tokens + num_queries) <= num_queries * batch * tokens * out_dim * in_dim
+
+
 def module_scores(ds: torch.Tensor, a: torch.Tensor, directions: Direction) -> torch.Tensor:
     """[B, Q] scores of one module from Ds [B,T,O], ā [B,T,I] and its directions ([Q,O,I] in any storage dtype,
     used in Ds's dtype; or `LowRank` factors)."""
@@ -26,7 +33,7 @@ def module_scores(ds: torch.Tensor, a: torch.Tensor, directions: Direction) -> t
         return directions.scores(ds, a)
     batch, tokens, out_dim = ds.shape
     num_queries, _, in_dim = directions.shape
-    materialise = batch * out_dim * in_dim * (tokens + num_queries) <= num_queries * batch * tokens * out_dim * in_dim
+    materialise = materialise_per_sequence(batch, tokens, out_dim, in_dim, num_queries)
     # the per-sequence gradients [B, O·I], once for every query, as one bmm
     grads = torch.bmm(ds.transpose(1, 2), a).reshape(batch, -1) if materialise else None
     # directions stored in another dtype (bfloat16) are cast a block of queries at a time: a copy no larger than
