@@ -155,6 +155,11 @@ class SolverConfig(Section):
     )
     patience: int = Field(10, gt=0, description="iterations of rising h (or of tiny |Δh|) before stopping a query")
     query_batch_size: int = Field(16, gt=0, description="queries solved together, sharing each curvature minibatch")
+    state_dtype: Literal["factors", "bfloat16"] = Field(
+        "factors", description="storage of the query gradients v, the solver's [Q, D] vectors (iterate, momentum, "
+        "product) and the solved directions: factors = factors.dtype | bfloat16, half the bytes (the preconditioner "
+        "still runs in factors.dtype, the dot products in float32 at least)",
+    )
     heldout_every: int = Field(
         10,
         ge=0,

@@ -396,12 +396,13 @@ def _file_digest(path: Path) -> str:
 
 
 def query_meta(ctx: Context) -> dict[str, object]:
-    """What the query gradients depend on: the model, the queries file (path and content) and the statistics dtype."""
+    """What the query gradients depend on: the model, the queries file (path and content), the statistics dtype and
+    their storage (`solver.state_dtype`)."""
     if "queries_digest" not in ctx.memo:
         ctx.memo["queries_digest"] = _file_digest(ctx.queries)
     return {
         **ctx.model_meta(), "queries": str(ctx.queries), "queries_digest": ctx.memo["queries_digest"],
-        "factors.dtype": ctx.cfg.factors.dtype,
+        "factors.dtype": ctx.cfg.factors.dtype, "solver.state_dtype": ctx.cfg.solver.state_dtype,
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from distributed_astra.cli import app
+from distributed_astra.curvature.factors import load_factors
+from distributed_astra.ihvp.ekfac import ekfac_inverse
 from distributed_astra.models.tiny import build_tiny_gpt2
 from tests.conftest import QUERIES, assert_one_line_error, corpus_rows, workspace_overrides, write_workspace
 
@@ -212,3 +215,34 @@ def test_query_stage_forwards_micro_batches_of_queries_with_the_same_gradients(w
     assert grads[0].keys() == grads[1].keys() != set()
     for name, g in grads[0].items():
         assert float((grads[1][name] - g).norm() / g.norm()) <= 1e-5
+
+
+def test_bfloat16_state_stores_the_rounded_query_gradients_and_solves_from_them(workspace: Path, tmp_path: Path):
+    """solver.state_dtype=bfloat16: the query stage keeps exactly the float32 gradients rounded to bfloat16; the
+    EK-FAC directions are P(v) of those stored numbers (the preconditioner in float32), within bfloat16's rounding
+    of the result (2^-8 relative) of a float64 reference; ASTRA runs on bfloat16 state and scores."""
+    full, half = tmp_path / "float32", tmp_path / "bfloat16"
+    bf16 = ("solver.state_dtype=bfloat16",)
+    assert invoke("fit", *_args(workspace, full)).exit_code == 0
+    assert invoke("query", *_args(workspace, full)).exit_code == 0
+    shutil.copytree(full / "factors", half / "factors")
+    assert invoke("query", *_args(workspace, half, *bf16)).exit_code == 0
+    v32, v16 = (load_file(str(d / "queries" / "gradients-00000.safetensors")) for d in (full, half))
+    assert v16.keys() == v32.keys() != set()
+    for name, g in v32.items():
+        assert v16[name].dtype == torch.bfloat16 and torch.equal(v16[name], g.to(torch.bfloat16)), name
+    assert invoke("solve", "--solver", "ekfac", *_args(workspace, half, *bf16)).exit_code == 0
+    directions = load_file(str(half / "ihvp" / "ekfac" / "directions.safetensors"))
+    damping = json.loads((half / "ihvp" / "ekfac" / "meta.json").read_text())["damping"]
+    reference = ekfac_inverse(load_factors(half / "factors").to(dtype=torch.float64),
+                              {n: v.to(torch.float64) for n, v in v16.items()}, damping)
+    for name, want in reference.items():
+        got = directions[name].to(torch.float64)
+        assert float((got - want).norm() / want.norm()) <= 2.0**-8, name
+    extra = ("solver.iterations=4", "solver.query_batch_size=2", *bf16)
+    result = invoke("solve", "--solver", "astra", *_args(workspace, half, *extra))
+    assert result.exit_code == 0, result.output
+    solved = load_file(str(half / "ihvp" / "astra" / "directions.safetensors"))
+    assert solved and all(t.dtype == torch.bfloat16 for t in solved.values())
+    assert invoke("score", "--solver", "astra", *_args(workspace, half, *extra)).exit_code == 0
+    assert pq.read_table(half / "topk.parquet").num_rows == 15

@@ -194,6 +194,19 @@ def test_scoring_directions_in_low_rank_and_bfloat16_are_their_closed_forms():
         assert plan.scoring_passes == 1
 
 
+def test_bfloat16_state_holds_the_query_gradients_and_solver_vectors_in_two_bytes():
+    """solver.state_dtype=bfloat16: the query stage keeps Q·D numbers in 2 bytes instead of factors.dtype's 8 (tiny:
+    float64 statistics), the ASTRA chunk its LIVE_VECTORS_PER_QUERY vectors per query; the factors do not change."""
+    plans = {dtype: make_plan(load_config(None, TINY + [f"solver.state_dtype={dtype}"]), search=False)
+             for dtype in ("factors", "bfloat16")}
+    wide, half = ({s.stage.split(" (")[0]: s for s in plans[dtype].stages} for dtype in ("factors", "bfloat16"))
+    d, queries = plans["factors"].tracked_parameters, plans["factors"].num_queries
+    chunk = min(load_config(None, TINY).solver.query_batch_size, queries)
+    assert wide["query gradients"].resident - half["query gradients"].resident == (8 - 2) * queries * d
+    assert wide["astra chunk"].resident - half["astra chunk"].resident == (8 - 2) * LIVE_VECTORS_PER_QUERY * chunk * d
+    assert wide["eigenvalue correction"].resident == half["eigenvalue correction"].resident
+
+
 def test_queries_per_pass_holds_that_many_directions_and_multiplies_the_scoring_time():
     """scoring.queries_per_pass: the scoring stage holds one chunk's directions, and its time is the passes over the
     corpus (stages/score.py's query_chunks) times one pass's."""

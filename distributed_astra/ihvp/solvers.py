@@ -118,6 +118,11 @@ class Sharding:
 
 WHOLE = Sharding()
 
+def state_storage(cfg: SolverConfig, stat_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of v and of the solver's vectors (`solver.state_dtype`): bfloat16, or the statistics' dtype."""
+    return torch.bfloat16 if cfg.state_dtype == "bfloat16" else stat_dtype
+
+
 def step_size(cfg: SolverConfig, damping: float, mu_max: float | None = None) -> float:
     """α: cfg.lr × λ ("relative", seeds Table 3), cfg.lr ("absolute", Fig 3) or cfg.lr / μ̂ ("auto", μ̂ = mu_max)."""
     if cfg.lr_mode == "auto":

@@ -31,7 +31,7 @@ from distributed_astra.distributed import score_mode, solve_mode
 from distributed_astra.distributed.deepspeed_config import effective_stage
 from distributed_astra.errors import DastraError
 from distributed_astra.ihvp.products import DEFAULT_TANGENT_ELEMENTS
-from distributed_astra.ihvp.solvers import LIVE_VECTORS_PER_QUERY
+from distributed_astra.ihvp.solvers import LIVE_VECTORS_PER_QUERY, state_storage
 from distributed_astra.models.load import DTYPES
 from distributed_astra.models.modules import TrackedModule
 from distributed_astra.ownership import busiest_owned, factor_elements
@@ -208,6 +208,7 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
     model_bytes = DTYPES[cfg.model.dtype].itemsize
     stat = STAT_DTYPES[cfg.factors.dtype]
     compute = torch.float64 if stat == torch.float64 and DTYPES[cfg.model.dtype] == torch.float64 else torch.float32
+    state = state_storage(cfg.solver, stat)  # v and the solver's vectors
     seq_len = cfg.data.max_length
     zero = _zero_parameters(num_params, shapes.largest_leaf_parameters(model), gpus, model_bytes)
     stage = effective_stage(cfg.deepspeed.stage)
@@ -265,7 +266,8 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
 
     @cache
     def query_at(b: int) -> StepCost:
-        return measure(lambda: simulate.query_step(model, tracked, meta_batch(b, seq_len), stat, num_queries, mine))
+        return measure(lambda: simulate.query_step(model, tracked, meta_batch(b, seq_len), stat, num_queries, mine,
+                                                   state))
 
     # mode `queries`: every GPU runs the whole minibatch for its share of a chunk's queries; mode `data`: every GPU
     # runs every query of the chunk on its slice of the minibatch; mode `modules`: every GPU runs the whole
@@ -280,9 +282,9 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
     def astra_at(q: int) -> StepCost:
         batch = meta_batch(rank_minibatch, seq_len)
         if cfg.solver.product == "fisher":
-            return measure(lambda: simulate.fisher_step(model, tracked, batch, stat, compute, q, solve_tracked))
+            return measure(lambda: simulate.fisher_step(model, tracked, batch, stat, compute, q, solve_tracked, state))
         return measure(lambda: simulate.astra_step(model, tracked, batch, stat, q, DEFAULT_TANGENT_ELEMENTS,
-                                                   solve_tracked))
+                                                   solve_tracked, state))
 
     @cache
     def score_at(b: int, q: int = num_queries) -> StepCost:
@@ -297,8 +299,8 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
     def factors_of(modules: dict[str, TrackedModule]) -> int:  # Q_A, d_A, Q_S, d_S, Λ: what the owner keeps
         return sum(factor_elements(t.shape) for t in modules.values()) * stat.itemsize
 
-    factor_bytes, lambda_bytes = sum_bytes_of(mine), shapes.tracked_parameters(mine) * stat.itemsize
-    solve_lambda_bytes = shapes.tracked_parameters(solve_tracked) * stat.itemsize
+    factor_bytes, vector_bytes = sum_bytes_of(mine), shapes.tracked_parameters(mine) * state.itemsize
+    solve_vector_bytes = shapes.tracked_parameters(solve_tracked) * state.itemsize
 
     def add(name, parameters, resident, what, peak, flops, batch, by_owner=True):
         stages.append(StageEstimate(name, parameters, resident, what, peak - resident, flops, seconds(flops), batch,
@@ -318,7 +320,7 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
     query_batch = min(cfg.solver.query_forward_batch, num_queries)
     qry = query_at(query_batch)
     query_batches = math.ceil(num_queries / query_batch)
-    add("query gradients", params, num_queries * lambda_bytes, f"{num_queries} query gradients of its modules",
+    add("query gradients", params, num_queries * vector_bytes, f"{num_queries} query gradients of its modules",
         qry.peak_bytes, float(qry.flops) * query_batches, f"{query_batches} batch(es) of {query_batch} {tokens}")
     if cfg.solver.name != "ekfac":
         if cfg.solver.product == "ggn":  # the set-up plus one replayed tangent chunk per chunk of queries
@@ -333,7 +335,7 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_memory: str | None = Non
         ranks_busy = min(gpus, math.ceil(chunk_q / rank_queries)) if mode == "queries" else gpus
         astra_flops = float(per_iteration) * ranks_busy * cfg.solver.iterations * math.ceil(num_queries / chunk_q)
         ast = astra_at(rank_queries)
-        vectors = LIVE_VECTORS_PER_QUERY * rank_queries * solve_lambda_bytes
+        vectors = LIVE_VECTORS_PER_QUERY * rank_queries * solve_vector_bytes
         add(f"{cfg.solver.name} chunk ({mode})", solve_params, factors_of(solve_tracked) + vectors,
             f"eigenbases, Λ, {LIVE_VECTORS_PER_QUERY} [Q, D] vectors", ast.peak_bytes, astra_flops,
             f"{rank_queries} queries, {passes} pass(es) of {rank_minibatch} {tokens} per GPU, "

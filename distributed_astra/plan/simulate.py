@@ -212,12 +212,12 @@ def lambda_step(
 
 def query_step(
     model: nn.Module, tracked: dict[str, TrackedModule], batch: dict, stat_dtype: torch.dtype, num_queries: int,
-    owned: Collection[str] | None = None,
+    owned: Collection[str] | None = None, state_dtype: torch.dtype | None = None,
 ) -> None:
     """Query gradients (`stages.query.rank_query`): one batch, every module captured, every query's gradient of
-    the `owned` modules (default all) formed and kept."""
+    the `owned` modules (default all) formed in `stat_dtype` and kept in `state_dtype` (default the same)."""
     owned = list(tracked) if owned is None else owned
-    kept = [torch.zeros(num_queries, *tracked[n].shape, dtype=stat_dtype, device=META) for n in owned]
+    kept = [torch.zeros(num_queries, *tracked[n].shape, dtype=state_dtype or stat_dtype, device=META) for n in owned]
     inputs, grads = _forward_backward(model, tracked, batch, sample=False)
     mask = batch["attention_mask"]
     per_sequence = {
@@ -232,9 +232,10 @@ def query_step(
 
 def astra_step(
     model: nn.Module, tracked: dict[str, TrackedModule], batch: dict, stat_dtype: torch.dtype, num_queries: int,
-    max_tangent_elements: int, owned: Collection[str] | None = None,
+    max_tangent_elements: int, owned: Collection[str] | None = None, state_dtype: torch.dtype | None = None,
 ) -> None:
-    """One ASTRA iteration on a chunk of `num_queries` queries: the solver's vectors and the EK-FAC factors of the
+    """One ASTRA iteration on a chunk of `num_queries` queries: the solver's vectors (in `state_dtype`, default
+    `stat_dtype`) and the EK-FAC factors of the
     `owned` modules (default all; `ray.solve_mode=modules` gives a rank its own), and the exact GGN product
     (`ihvp.products.GGNProduct.product_sum`, double-VJP) with tangents on those modules. FLOPs: the set-up and at
     most two tangent chunks are replayed (`astra_flops` scales them)."""
@@ -243,7 +244,7 @@ def astra_step(
         torch.zeros(d, d, dtype=stat_dtype, device=META) for n in names for d in (tracked[n].in_dim, tracked[n].out_features)
     ] + [torch.zeros(*tracked[n].shape, dtype=stat_dtype, device=META) for n in names]
     vectors = [
-        torch.zeros(num_queries, *tracked[n].shape, dtype=stat_dtype, device=META)
+        torch.zeros(num_queries, *tracked[n].shape, dtype=state_dtype or stat_dtype, device=META)
         for _ in range(LIVE_VECTORS_PER_QUERY) for n in names
     ]
     ggn = GGNProduct(model, tracked, max_tangent_elements=max_tangent_elements)
@@ -279,16 +280,18 @@ def astra_step(
 
 def fisher_step(
     model: nn.Module, tracked: dict[str, TrackedModule], batch: dict, stat_dtype: torch.dtype, compute: torch.dtype,
-    num_queries: int, owned: Collection[str] | None = None,
+    num_queries: int, owned: Collection[str] | None = None, state_dtype: torch.dtype | None = None,
 ) -> None:
     """One iteration with the hook-only Fisher product (`ihvp.products.FisherProduct.product_sum`, one label
-    sample): the solver's vectors and factors of the `owned` modules (default all), a forward/backward capturing
+    sample): the solver's vectors (in `state_dtype`, default `stat_dtype`) and factors of the `owned` modules
+    (default all), a forward/backward capturing
     every module, the per-sequence coefficients and the weighted gradient sums of the owned ones."""
     names = list(tracked) if owned is None else list(owned)
     factors = [
         torch.zeros(d, d, dtype=stat_dtype, device=META) for n in names for d in (tracked[n].in_dim, tracked[n].out_features)
     ] + [torch.zeros(*tracked[n].shape, dtype=stat_dtype, device=META) for n in names]
-    vectors = {n: torch.zeros(num_queries, *tracked[n].shape, dtype=stat_dtype, device=META) for n in names}
+    vectors = {n: torch.zeros(num_queries, *tracked[n].shape, dtype=state_dtype or stat_dtype, device=META)
+               for n in names}
     others = [torch.zeros_like(v) for _ in range(LIVE_VECTORS_PER_QUERY - 1) for v in vectors.values()]
     v = {n: t.to(compute) for n, t in vectors.items()}
     total = {n: torch.zeros_like(t) for n, t in v.items()}

@@ -51,13 +51,15 @@ def example_gradients(
     on_batch: Callable[[dict[str, torch.Tensor]], None] | None = None,
     keep: Sequence[str] | None = None,
     num_examples: int | None = None,
+    store: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """∇θ objective(z_n) of every example of `batches`, in order: {module: [N, out, in+1]} (`captured_batches`).
 
     `on_batch(batch)` is called after each batch. `keep`: only these modules' gradients are formed and kept (a
     rank's owned modules); every tracked module is still captured, so every rank runs the same backward.
     `num_examples` (N, when known): each batch is written into [N, out, in+1] tensors allocated once, instead of
-    concatenated at the end (which holds every gradient twice)."""
+    concatenated at the end (which holds every gradient twice). `store`: the kept gradients' dtype (default
+    `dtype`, in which they are formed; bfloat16 halves what is kept)."""
     keep = list(tracked) if keep is None else list(keep)
     grads: dict[str, list[torch.Tensor]] = {name: [] for name in keep}
     filled: dict[str, torch.Tensor] = {}
@@ -66,10 +68,10 @@ def example_gradients(
         rows = 0
         for name, grad in capture.per_sequence_gradients(keep).items():
             if num_examples is None:
-                grads[name].append(grad)
+                grads[name].append(grad if store is None else grad.to(store))
                 continue
             if name not in filled:
-                filled[name] = grad.new_empty(num_examples, *grad.shape[1:])
+                filled[name] = grad.new_empty(num_examples, *grad.shape[1:], dtype=store or grad.dtype)
             filled[name][row : row + grad.shape[0]] = grad
             rows = grad.shape[0]
         row += rows
@@ -92,9 +94,10 @@ def query_gradients(
     task: Task = CAUSAL_LM,
     keep: Sequence[str] | None = None,
     num_queries: int | None = None,
+    store: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """∇θ f(z_q) for every query: (query_index [Q], {module: [Q, out, in+1]} of the modules of `keep`, default
-    all); f is `task.measurement` (for the LM, the completion's summed loss)."""
+    all, kept in `store`, default `dtype`); f is `task.measurement` (for the LM, the completion's summed loss)."""
     ids: list[torch.Tensor] = []
 
     def seen(batch: dict[str, torch.Tensor]) -> None:
@@ -103,5 +106,5 @@ def query_gradients(
             on_batch(len(batch["query_index"]))
 
     grads = example_gradients(model, tracked, batches, dtype, task=task, objective=task.measurement, on_batch=seen,
-                              keep=keep, num_examples=num_queries)
+                              keep=keep, num_examples=num_queries, store=store)
     return torch.cat(ids), grads

@@ -16,6 +16,7 @@ from distributed_astra.curvature.covariance import STAT_DTYPES, batch_to_device
 from distributed_astra.data.sequences import iter_query_batches, load_queries
 from distributed_astra.execution import Rank
 from distributed_astra.ihvp.products import vec_nbytes
+from distributed_astra.ihvp.solvers import state_storage
 from distributed_astra.ownership import owned, run_owners
 from distributed_astra.progress import progress_bar
 from distributed_astra.scoring.gradients import query_gradients
@@ -23,8 +24,9 @@ from distributed_astra.tracking import metered
 
 
 def rank_query(rank: Rank, queries_path: str, folder: str) -> dict:
-    """This rank's owned modules' gradients {module: [Q, out, in+1]}, in the queries file's order, written to
-    `folder`/gradients-<rank>.safetensors: {files {module: shard}, tokens, resident_bytes}."""
+    """This rank's owned modules' gradients {module: [Q, out, in+1]} in `solver.state_dtype`'s storage, in the
+    queries file's order, written to `folder`/gradients-<rank>.safetensors: {files {module: shard}, tokens,
+    resident_bytes}."""
     cfg = rank.cfg
     shapes = {n: t.shape for n, t in rank.tracked.items()}
     mine = owned(run_owners(cfg, shapes, rank.world_size), rank.rank)
@@ -36,8 +38,9 @@ def rank_query(rank: Rank, queries_path: str, folder: str) -> dict:
             tokens[0] += int(batch["attention_mask"].sum())
             yield batch_to_device(batch, rank.device)
 
-    _, grads = query_gradients(rank.model, rank.tracked, batches(), STAT_DTYPES[cfg.factors.dtype],
-                               on_batch=lambda n: rank.advance("queries", n), keep=mine, num_queries=len(queries))
+    stat = STAT_DTYPES[cfg.factors.dtype]
+    _, grads = query_gradients(rank.model, rank.tracked, batches(), stat, on_batch=lambda n: rank.advance("queries", n),
+                               keep=mine, num_queries=len(queries), store=state_storage(cfg.solver, stat))
     file = rank_file(QUERY_GRADIENTS_STEM, rank.rank)
     if grads:
         save_tensors({n: g.cpu() for n, g in grads.items()}, Path(folder) / file)
