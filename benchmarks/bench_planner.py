@@ -8,6 +8,9 @@ GGN product), and reports the peak RSS (`ru_maxrss`). Measured = parameters + (p
 model). Predicted = the planner's per-GPU memory of that stage for the same config.
 
     .venv/bin/python benchmarks/bench_planner.py            # prints a final JSON line
+
+One rank and one process here; the same check per rank of a 2-rank gloo group, for the sharded fit and the
+modules-mode solve, is benchmarks/bench_planner_ranks.py (docs/results/planner_ranks.md).
 """
 
 from __future__ import annotations
