@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -596,16 +597,21 @@ def test_queries_in_chunks_take_one_pass_each_resume_and_give_the_one_pass_score
 
 
 # ------------------------------------------------------------------------------------------ a rank killed mid-step
-def _kill_rank_once_busy(executor: RayExecutor, delay_s: float) -> threading.Thread:
-    """Kills rank 1's process `delay_s` after the worker group exists, from a thread: in the middle of the step the
-    caller starts next (its collectives then fail on rank 0, or the call finds rank 1 dead)."""
+def _kill_rank_once_busy(executor: RayExecutor, cpu_s: float = 0.02) -> threading.Thread:
+    """Kills rank 1's process, from a thread, once it has used `cpu_s` seconds of CPU more than when the worker
+    group existed: as soon as the step the caller starts next keeps it busy (or, if it is idle for long, just
+    before that step reaches it). Either way the step fails on rank 0 or finds rank 1 dead; a time delay instead
+    would miss a step that finishes sooner on a faster machine."""
 
     def kill() -> None:
         deadline = time.monotonic() + 120
         while executor.group is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(delay_s)
-        os.kill(executor.worker_pids()[1], signal.SIGKILL)
+            time.sleep(0.001)
+        worker = psutil.Process(executor.worker_pids()[1])
+        start = sum(worker.cpu_times()[:2])
+        while sum(worker.cpu_times()[:2]) - start < cpu_s and time.monotonic() < deadline:
+            time.sleep(0.001)
+        worker.send_signal(signal.SIGKILL)
 
     thread = threading.Thread(target=kill, daemon=True)
     thread.start()
@@ -619,7 +625,7 @@ def test_a_rank_killed_mid_fit_is_replaced_and_the_factors_are_identical(
     ctx = _context(workspace, tmp_path, *DISTRIBUTED, f"deepspeed.stage={stage}")
     ctx.executor.group_for(ctx.cfg)
     before, pids = ctx.executor.restarts, ctx.executor.worker_pids()
-    killer = _kill_rank_once_busy(ctx.executor, 0.5)
+    killer = _kill_rank_once_busy(ctx.executor)
     _stages(ctx, "fit")
     killer.join()
     assert ctx.executor.restarts == before + 1 and not set(ctx.executor.worker_pids()) & set(pids)
@@ -638,7 +644,7 @@ def test_a_rank_killed_mid_solve_is_replaced_and_the_directions_are_identical(
     ctx = _context(workspace, tmp_path, *DISTRIBUTED, "ray.solve_mode=modules")
     ctx.executor.group_for(ctx.cfg)
     before = ctx.executor.restarts
-    killer = _kill_rank_once_busy(ctx.executor, 1.0)
+    killer = _kill_rank_once_busy(ctx.executor)
     _stages(ctx, "solve")
     killer.join()
     assert ctx.executor.restarts == before + 1
