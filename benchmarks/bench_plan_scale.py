@@ -6,9 +6,10 @@ each stage step, with the module ownership the runtime uses (`ownership.run_owne
 the ASTRA chunk (`ray.solve_mode=modules`) and scoring (`ray.score_mode` auto = modules under ZeRO-3) hold the
 busiest owner's modules only. Settings: configs/gpt2xl.yaml's (ZeRO-3, bf16 model, float32 statistics, the Fisher
 product in micro-batches, its scoring direction storage) with every MLP tracked and 512-token sequences; "chunk" is
-the largest `solver.query_batch_size` that fits (searched).
+the largest `solver.query_batch_size` that fits (searched). A second table gives the 7B and 13B shapes at 16 and 64
+GPUs with `solver.state_dtype: bfloat16` and `scoring.queries_per_pass` at the most one pass fits.
 
-    .venv/bin/python benchmarks/bench_plan_scale.py      # about 5-10 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/bench_plan_scale.py      # about 15 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ MODELS = {  # name: (config.json shipped under configs/models, every MLP Linear 
 }
 SOLVE_STAGE = "astra chunk (modules)"
 
+
+BF16_STATE = ("solver.state_dtype=bfloat16",)  # v, the solver's vectors and the directions in 2 bytes
+LARGE = ("Pythia-6.9B shape", "Llama-2-13B shape")
 
 SCORING_CORPORA = {  # the issue's scoring targets: (model, GPUs, documents, tokens per document)
     "GPT-2 XL, 1B tokens": ("GPT-2 XL", 8, 1_953_125, 512),
@@ -77,6 +81,19 @@ def main() -> None:
                     "budget_gib": round(plan.budget / GIB, 2),
                 })
                 print(json.dumps(rows[-1]), flush=True)
+        state = []  # the large shapes with bfloat16 state, scored in as many passes as memory needs
+        for model in LARGE:
+            for gpus in GPU_COUNTS[1:]:
+                searched = plan_for(model, gpus, queries_file, *BF16_STATE)
+                per_pass = max(1, min(QUERIES, searched.max_scored_queries))
+                plan = plan_for(model, gpus, queries_file, *BF16_STATE, f"scoring.queries_per_pass={per_pass}",
+                                search=False)
+                state.append({
+                    "model": model, "gpus": gpus, **{f"{s.stage}_gib": round(s.per_gpu / GIB, 2) for s in plan.stages},
+                    "max_query_chunk": searched.max_query_chunk, "queries_per_pass": per_pass,
+                    "passes": plan.scoring_passes, "failing": [s.stage for s in plan.failing()], "fits": plan.fits,
+                })
+                print(json.dumps(state[-1]), flush=True)
         scoring = []
         for label, (model, gpus, documents, tokens) in SCORING_CORPORA.items():
             plan = plan_for(model, gpus, queries_file, f"plan.documents={documents}",
@@ -91,6 +108,7 @@ def main() -> None:
             })
             print(json.dumps(scoring[-1]), flush=True)
     stages = [k for k in rows[0] if k.endswith("_gib") and k not in ("factor_gib", "solve_resident_gib", "budget_gib")]
+    state_stages = [k for k in state[0] if k.endswith("_gib")]
     ratios = {}
     for model in MODELS:
         at = {r["gpus"]: r for r in rows if r["model"] == model}
@@ -136,15 +154,31 @@ def main() -> None:
           f"{r['directions_gib']} | {r['hours']} | {r['floor_hours']} | {r['over_floor']} |" for r in scoring),
         "",
         "What does not fit, and why: the **query stage** of the 13B shape holds 100 queries of its owner's modules "
-        "in float32 plus every module's captured ā and Ds of one query batch (bf16 storage of the query gradients "
-        "is not built); below 64 GPUs the 7B/13B ASTRA chunk's own share of v, x and factors is what exceeds the "
-        "GPU. The resident factor, solver and direction state falls as 1/N (the ratios above); the working set of "
-        "one micro-batch (activations, every tracked module's captured ā and Ds) does not.",
+        "in float32 plus every module's captured ā and Ds of one query batch (in bfloat16 it fits: the next "
+        "table); below 64 GPUs the 7B/13B ASTRA chunk's own share of v, x and factors is what exceeds the GPU. "
+        "The resident factor, solver and direction "
+        "state falls as 1/N (the ratios above); the working set of one micro-batch (activations, every tracked "
+        "module's captured ā and Ds) does not.",
+        "",
+        "## The large shapes with bfloat16 state",
+        "",
+        "The same settings plus `solver.state_dtype: bfloat16` (the query gradients v, the solver's vectors and the "
+        "solved directions in 2 bytes; statistics and factors stay float32) and `scoring.queries_per_pass` set to "
+        "the most queries one scoring pass fits (searched, at most 100), so `dastra score` takes `passes` passes "
+        "over the corpus. chunk = the largest `solver.query_batch_size` that fits.",
+        "",
+        "| model | GPUs | " + " | ".join(s.removesuffix("_gib") for s in state_stages)
+        + " | chunk | queries per pass | passes | fails |",
+        "|---|---|" + "---|" * len(state_stages) + "---|---|---|---|",
+        *(f"| {r['model']} | {r['gpus']} | " + " | ".join(f"{r[s]:,.2f}" for s in state_stages)
+          + f" | {r['max_query_chunk']} | {r['queries_per_pass']} | {r['passes']} | {', '.join(r['failing']) or '-'} |"
+          for r in state),
         "",
     ]
     with atomic_path(RESULTS / "plan_scale.md") as out:
         out.write_text("\n".join(lines))
     print(json.dumps({"benchmark": "plan_scale", "rows": len(rows), "ratios": ratios, "scoring": scoring,
+                      "bf16_state_fits": {f"{r['model']}@{r['gpus']}": r["fits"] for r in state},
                       "fits": {f"{r['model']}@{r['gpus']}": r["fits"] for r in rows},
                       "seconds": round(time.perf_counter() - started, 1)}))
 
