@@ -126,6 +126,11 @@ CONTENDERS = {  # label: (stage, overrides)
 }
 
 
+def volume(sent: float) -> str:
+    """Bytes sent, in MB from 10 kB up (a modules-mode iteration sends a few hundred bytes)."""
+    return f"{sent / 1e6:.2f} MB" if sent >= 1e4 else f"{sent:.0f} B"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=384)
@@ -197,7 +202,7 @@ def main() -> None:
         "",
         "| stage | ranks | seconds (median) | sent per rank (busiest) |",
         "|---|---|---|---|",
-        *(f"| {name}{' (per iteration sent)' if name == 'solve' else ''} | {label} | {t:.2f} | {b / 1e6:.2f} MB |"
+        *(f"| {name}{' (per iteration sent)' if name == 'solve' else ''} | {label} | {t:.2f} | {volume(b)} |"
           for (label, name), (t, b) in med.items()),
         "",
         "The fit sends each module's ā and Ds of every batch to the module's owner (a gather) and nothing back; the "
