@@ -38,6 +38,7 @@ from distributed_astra.distributed.collectives import slice_bounds
 from distributed_astra.distributed.deepspeed_config import load_ds_config
 from distributed_astra.distributed.executor import RayExecutor
 from distributed_astra.errors import DastraError
+from distributed_astra.ihvp.monitor import DIVERGED
 from distributed_astra.ownership import balance_by_cost, owned, run_owners
 from distributed_astra.plan import make_plan
 from distributed_astra.scoring.low_rank import stored_direction
@@ -718,3 +719,31 @@ def test_four_ranks_own_the_state_by_module_and_give_one_process_results(
     for shard in json.loads((run_dir / "scores" / "manifest.json").read_text())["shards"].values():
         assert len(shard["direction_bytes"]) == 4 and sum(shard["direction_bytes"]) == sum(modules.values())
         assert max(shard["direction_bytes"]) <= sum(modules.values()) / 4 + max(modules.values())
+
+
+def test_four_ranks_with_two_tracked_modules_leave_two_ranks_to_data_work(
+    ray_session, workspace: Path, tmp_path: Path
+):
+    """More ranks than tracked modules: the two ranks that own none still forward their share of the batches (the
+    ZeRO-3 fit, the data-mode solve, modules-mode scoring), and the results equal one process; only
+    `ray.solve_mode=modules`, where a rank's work is its modules, is refused before any work, naming the fixes."""
+    two = ('model.tracked_modules=["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]', "solver.product=fisher",
+           "solver.lr=0.2", "solver.baselines=[]")  # lr 0.2: no query falls back to EK-FAC on these 2 modules
+    reference, ranks = tmp_path / "one", tmp_path / "four"
+    _stages(_context(workspace, reference, *two), "fit", "query", "solve", "score")
+    assert DIVERGED not in json.loads((reference / "ihvp" / "astra" / "meta.json").read_text())["status"]
+    four = (*two, "ray.num_workers=4", "deepspeed.stage=3")
+    (out,) = _stages(_context(workspace, ranks, *four), "fit")
+    assert sorted(out["resident_bytes"])[:2] == [0, 0] and min(sorted(out["resident_bytes"])[2:]) > 0
+    expected, got = load_factors(reference / "factors"), load_factors(ranks / "factors")
+    for name in expected.names:
+        assert _rel(got[name].lambda_, expected[name].lambda_) <= RTOL
+    _stages(_context(workspace, ranks, *four), "query")
+    ctx = _context(workspace, ranks, *four, "ray.solve_mode=modules")
+    try:
+        with pytest.raises(DastraError, match="ray.solve_mode=modules gives each of the 4 ranks"):
+            pipeline.solve(ctx)
+    finally:
+        ctx.tracker.close()
+    _stages(_context(workspace, ranks, *four, "ray.solve_mode=data", "ray.score_mode=modules"), "solve", "score")
+    _assert_same_topk(ranks, reference)
