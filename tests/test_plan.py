@@ -245,6 +245,6 @@ def test_a_module_too_large_for_one_gpu_is_named_with_the_fix():
     assert plan.busiest_owner == ["transformer.h.0.mlp.c_fc"] and not plan.fits
     message = str(does_not_fit(plan))
     assert "transformer.h.0.mlp.c_fc, which more GPUs cannot split" in message
-    assert "model.tracked_modules" in message and "scoring.direction_dtype" in message
+    assert all(fix in message for fix in ("model.tracked_modules", "scoring.direction_dtype", "solver.state_dtype"))
     many = make_plan(load_config(None, TINY + ["plan.gpus=1", "plan.gpu_memory=1MB"]), search=False)
     assert many.busiest_owner_modules > 1 and "add GPUs" in str(does_not_fit(many))

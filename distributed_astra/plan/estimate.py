@@ -405,16 +405,22 @@ def does_not_fit(plan: Plan, also: str = "") -> DastraError:
             f"{plan.budget / GIB:.2f} GiB usable on {plan.device}, and its {worst.resident / GIB:.2f} GiB of "
             f"{worst.resident_what} belong to one module, {plan.busiest_owner[0]}, which more GPUs cannot split: "
             "track fewer or smaller modules (model.tracked_modules), store its state in bfloat16 "
-            "(scoring.direction_dtype) or low rank (scoring.direction_rank), or lower solver.query_batch_size"
+            "(solver.state_dtype, scoring.direction_dtype) or low rank (scoring.direction_rank), or lower "
+            "solver.query_batch_size"
             f"{', ' + also if also else ''}"
         )
     worst = max(plan.failing(), key=lambda s: s.per_gpu)
     most = f"={plan.max_scored_queries}" if plan.max_scored_queries else ""
-    scoring = "; scoring: store the directions in bfloat16 or low rank (scoring.direction_dtype, " \
-        "scoring.direction_rank), held by module owners (ray.score_mode=modules), or score fewer queries per pass " \
-        f"(scoring.queries_per_pass{most})" if worst.stage == "scoring" else ""
+    if worst.stage == "scoring":
+        storage = "; scoring: store the directions in bfloat16 or low rank (scoring.direction_dtype, " \
+            "scoring.direction_rank), held by module owners (ray.score_mode=modules), or score fewer queries per " \
+            f"pass (scoring.queries_per_pass{most})"
+    elif worst.stage == "query gradients" or " chunk (" in worst.stage:
+        storage = "; store the query gradients and the solver's vectors in bfloat16 (solver.state_dtype=bfloat16)"
+    else:
+        storage = ""
     return DastraError(
         f"the planner says stage '{worst.stage}' needs {worst.per_gpu / GIB:.2f} GiB per GPU, more than the "
         f"{plan.budget / GIB:.2f} GiB usable on {plan.device}: lower the batch sizes / solver.query_batch_size "
-        f"to what the table says fits, add GPUs (plan.gpus, ray.num_workers){scoring}{', ' + also if also else ''}"
+        f"to what the table says fits, add GPUs (plan.gpus, ray.num_workers){storage}{', ' + also if also else ''}"
     )

@@ -128,12 +128,11 @@ def score_shard(
     queries: tuple[int, int],
 ) -> dict[str, Any]:
     """The top-k documents of one shard per query of [q0, q1): scores [Q, k'] and document keys [Q, k']
-    (k' = min(k, docs));
-    every document's scores too under `scoring.dense`. The passes' sequence scores add up (SOURCE). On a group of
-    N ranks (`ray.score_mode: modules`) the ranks forward the shard's batches in turn (`rank_steps`), each holds
-    the directions of the modules it owns (`ownership.run_owners`) and scores every rank's ā and Ds of them
-    (`step_scores`): one forward+backward per batch in all, every query at once. Every rank returns the same
-    top-k; `direction_bytes` and the forward counts are its own."""
+    (k' = min(k, docs)); every document's scores too under `scoring.dense`. The passes' sequence scores add up
+    (SOURCE). On a group of N ranks (`ray.score_mode: modules`) the ranks forward the shard's batches in turn
+    (`rank_steps`), each holds the directions of the modules it owns (`ownership.run_owners`) and scores every
+    rank's ā and Ds of them (`step_scores`): one forward+backward per batch in all, every query of the chunk at
+    once. Every rank returns the same top-k; `direction_bytes` and the forward counts are its own."""
     started = time.perf_counter()
     cfg = rank.cfg
     compute = product_dtype(rank.model, STAT_DTYPES[cfg.factors.dtype])
