@@ -29,7 +29,10 @@ exactly, so their directions equal one rank's, in either mode (`distributed.solv
   modules (ihvp/products.py: the logit tangent J v for the GGN, the per-sequence coefficient for the Fisher), which
   is all-reduced, and every per-query scalar of the solver (h, residuals, power-iteration norms) is completed over
   the ranks (`ihvp.solvers.Sharding`), so every rank stops the same queries at the same iteration and the blocks
-  equal one rank's. Per rank: the factors and the [Q, ·] state of ~1/N of D; at most one rank per tracked module.
+  equal one rank's. Per rank: the factors and the [Q, ·] state of ~1/N of D. With more ranks than tracked
+  modules, a rank that owns none shadows the cheapest module: it computes that module like its owner (so it takes
+  part in every forward and collective), adds zeros to every sum over ranks (`sum_over_other_ranks`) and returns
+  no block of it.
 
 The held-out evaluation (`solver.heldout_every`, ihvp/solvers.py) runs in every mode: every rank draws the same
 fixed batch from its sampler's pool with the held-out generator (seed + 1), outside the minibatch stream. In mode
@@ -94,7 +97,7 @@ from distributed_astra.ihvp.solvers import (
     ekfac_preconditioner,
 )
 from distributed_astra.ihvp.solvers import solve as solve_ihvp
-from distributed_astra.ownership import owned, run_owners
+from distributed_astra.ownership import owned, run_costs, run_owners
 from distributed_astra.progress import console, progress_bar
 from distributed_astra.source.averaging import average_states
 from distributed_astra.source.trajectory import load_trajectory, weights
@@ -184,6 +187,11 @@ def fast_forward(sampler: MinibatchSampler, draws: int) -> None:
         sampler.sample()
 
 
+def sum_over_other_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Σ over ranks of the other ranks' `t`: this rank adds zeros (a shadowed module is counted by its owner)."""
+    return sum_over_ranks(torch.zeros_like(t))
+
+
 def memory_query_chunk(tracked: Mapping, dtype: torch.dtype, device: torch.device) -> int:
     """Queries one rank can iterate at once: half its free memory over LIVE_VECTORS_PER_QUERY direction-sized
     tensors."""
@@ -214,10 +222,15 @@ def _rank_solve(
     shapes = {n: t.shape for n, t in rank.tracked.items()}
     split = mode == "modules"
     mine = owned(run_owners(rank.cfg, shapes, rank.world_size), rank.rank) if split else list(rank.tracked)
+    shadow = split and not mine  # more ranks than modules: compute the cheapest module, count nothing of it
+    if shadow:
+        costs = run_costs(rank.cfg, shapes)
+        mine = [min(costs, key=costs.get)]
+    reduce = sum_over_other_ranks if shadow else sum_over_ranks
     # the solver state, the preconditioner and the products live on the rank
     factors = owned_factors(factors, mine, rank.device)
     grads = owned_gradients(grads, mine, rank.device)
-    sharding = Sharding(sum_over_ranks, shapes) if split else WHOLE
+    sharding = Sharding(reduce, shapes) if split else WHOLE
     preconditioner = ekfac_preconditioner(factors, cfg, damping, rank.cfg.factors.strategy)
     generator = torch.Generator().manual_seed(cfg.seed)  # minibatch indices
     label_samples = cfg.fisher_samples if cfg.product == "fisher" else 1
@@ -225,7 +238,7 @@ def _rank_solve(
     product: CurvatureProduct | None = None
     sampler: MinibatchSampler | None = None
     if cfg.name != "ekfac":  # the iterative solvers need G̃·v on minibatches of the corpus
-        combine = sum_over_ranks if split else on_this_rank
+        combine = reduce if split else on_this_rank
         micro = cfg.micro_batch_size
         # one label sample per call where a wrapper repeats the samples: SlicedProduct around the slice (mode
         # data), MicroBatchedProduct over the micro-batches
@@ -278,7 +291,7 @@ def _rank_solve(
             if mode != "data" or rank.rank == 0:
                 records.append({
                     "start": lo, "stop": hi, "chunk_start": chunk_start,
-                    "x": {name: x.cpu() for name, x in result.x.items()}, "status": result.status,
+                    "x": {} if shadow else {name: x.cpu() for name, x in result.x.items()}, "status": result.status,
                     "state_bytes": vec_nbytes(grads, result.x),
                     "iterations": result.iterations, "messages": result.messages, "trace": result.trace.columns(),
                     "heldout": result.heldout.columns(), "heldout_seconds": result.heldout_seconds,
@@ -342,12 +355,6 @@ def solve_directions(
     largest solver state a rank held under solve/<logger_name>/max_rank_state_bytes."""
     cfg = ctx.cfg.solver
     mode = solve_mode(ctx.cfg) if cfg.name != "ekfac" else "queries"
-    if mode == "modules" and ctx.executor.world_size > len(ctx.tracked):
-        raise DastraError(
-            f"ray.solve_mode=modules gives each of the {ctx.executor.world_size} ranks tracked modules to own, but "
-            f"model.tracked_modules selects {len(ctx.tracked)}: track more modules, lower ray.num_workers or use "
-            "ray.solve_mode=queries"
-        )
     iterative = cfg.name != "ekfac"
     num_queries = len(query_ids)
     steps = num_queries * cfg.iterations * (cfg.lissa_repeats if cfg.name == "lissa" else 1) if iterative else 0
