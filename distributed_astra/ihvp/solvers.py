@@ -118,6 +118,7 @@ class Sharding:
 
 WHOLE = Sharding()
 
+
 def state_storage(cfg: SolverConfig, stat_dtype: torch.dtype) -> torch.dtype:
     """The dtype of v and of the solver's vectors (`solver.state_dtype`): bfloat16, or the statistics' dtype."""
     return torch.bfloat16 if cfg.state_dtype == "bfloat16" else stat_dtype
