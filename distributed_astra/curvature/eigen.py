@@ -30,6 +30,7 @@ from distributed_astra.curvature.covariance import (
     product_dtype,
     sampled_fisher_capture,
 )
+from distributed_astra.curvature.hooks import sequence_gradients
 from distributed_astra.errors import DastraError
 from distributed_astra.models.modules import TrackedModule
 from distributed_astra.task import CAUSAL_LM, Task
@@ -83,7 +84,7 @@ def rotated_squared_gradients(ds: torch.Tensor, abar: torch.Tensor, eigen: Krone
     total = torch.zeros(out_dim, in_dim, dtype=ds.dtype, device=ds.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, out_dim * in_dim))
     for start in range(0, ds_rot.shape[0], chunk):
-        g = torch.einsum("bto,bti->boi", ds_rot[start : start + chunk], a_rot[start : start + chunk])
+        g = sequence_gradients(ds_rot[start : start + chunk], a_rot[start : start + chunk])
         total += (g * g).sum(dim=0)
     return total
 

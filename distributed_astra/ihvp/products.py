@@ -46,6 +46,7 @@ from distributed_astra.curvature.covariance import (
     product_dtype,
     sampled_fisher_capture,
 )
+from distributed_astra.curvature.hooks import sequence_gradients
 from distributed_astra.errors import DastraError
 from distributed_astra.models.modules import TrackedModule
 from distributed_astra.scoring.inner_products import materialise_per_sequence, sequence_scores
@@ -448,8 +449,8 @@ def weighted_gradient_sum(ds: torch.Tensor, abar: torch.Tensor, coeff: torch.Ten
     if materialise_per_sequence(batch, tokens, out_dim, in_dim, num_queries):
         step = max(1, _FISHER_CHUNK_ELEMENTS // max(1, out_dim * in_dim))
         flat = result.view(num_queries, -1)
-        for s in range(0, batch, step):  # bmm and one matmul: torch's einsum of them can be several times slower
-            grads = torch.bmm(ds[s : s + step].transpose(1, 2), abar[s : s + step])
+        for s in range(0, batch, step):  # one matmul: torch's einsum of it can be several times slower
+            grads = sequence_gradients(ds[s : s + step], abar[s : s + step])
             flat += coeff[s : s + step].T @ grads.reshape(len(grads), -1)
     else:
         step = max(1, _FISHER_CHUNK_ELEMENTS // max(1, num_queries * tokens * out_dim))

@@ -20,6 +20,7 @@ import torch
 from distributed_astra.context import Context, factor_meta, run_damping
 from distributed_astra.curvature.covariance import product_dtype
 from distributed_astra.curvature.factors import load_factors
+from distributed_astra.curvature.hooks import sequence_gradients
 from distributed_astra.data.sequences import iter_document_batches
 from distributed_astra.errors import DastraError
 from distributed_astra.ihvp.ekfac import ekfac_inverse
@@ -47,7 +48,7 @@ def preconditioned_queries(
     batches = iter_document_batches(ordered, ctx.tokenizer, ctx.sequence_format, ctx.cfg.scoring.batch_size)
     totals: dict[int, torch.Tensor] = {}
     for batch, capture in captured_batches(ctx.model, ctx.tracked, batches, compute):
-        grads = {name: torch.einsum("bto,bti->boi", capture.output_grads[name].float(), capture.activations[name].float())
+        grads = {name: sequence_gradients(capture.output_grad(name).float(), capture.activation(name).float())
                  for name in ctx.tracked}
         vectors = projection.project_matrices(ekfac_inverse(factors, grads, damping, strategy))
         for row, vector in zip(batch["row"].tolist(), vectors):

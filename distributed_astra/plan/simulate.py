@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from distributed_astra.config import ScoringConfig
+from distributed_astra.curvature.hooks import sequence_gradients
 from distributed_astra.ihvp.products import GGNProduct, _loss_weights, softmax_ce_hessian, weighted_gradient_sum
 from distributed_astra.ihvp.solvers import LIVE_VECTORS_PER_QUERY
 from distributed_astra.models.lm import forward_logits, summed_token_loss
@@ -202,7 +203,7 @@ def lambda_step(
             total = torch.zeros(*t.shape, dtype=compute, device=META)
             step = max(1, chunk_elements // max(1, t.shape[0] * t.shape[1]))
             for start in range(0, ds_rot.shape[0], step):
-                g = torch.einsum("bto,bti->boi", ds_rot[start : start + step], a_rot[start : start + step])
+                g = sequence_gradients(ds_rot[start : start + step], a_rot[start : start + step])
                 total += (g * g).sum(dim=0)
                 del g
             lam[name] += total.to(stat_dtype)
@@ -221,8 +222,8 @@ def query_step(
     inputs, grads = _forward_backward(model, tracked, batch, sample=False)
     mask = batch["attention_mask"]
     per_sequence = {
-        n: torch.einsum("bto,bti->boi", _output_grad(grads[n], mask, stat_dtype),
-                        _activation(inputs[n], tracked[n], mask, stat_dtype))
+        n: sequence_gradients(_output_grad(grads[n], mask, stat_dtype),
+                              _activation(inputs[n], tracked[n], mask, stat_dtype))
         for n in owned
     }
     del per_sequence, inputs, grads, kept
@@ -235,10 +236,9 @@ def astra_step(
     max_tangent_elements: int, owned: Collection[str] | None = None, state_dtype: torch.dtype | None = None,
 ) -> None:
     """One ASTRA iteration on a chunk of `num_queries` queries: the solver's vectors (in `state_dtype`, default
-    `stat_dtype`) and the EK-FAC factors of the
-    `owned` modules (default all; `ray.solve_mode=modules` gives a rank its own), and the exact GGN product
-    (`ihvp.products.GGNProduct.product_sum`, double-VJP) with tangents on those modules. FLOPs: the set-up and at
-    most two tangent chunks are replayed (`astra_flops` scales them)."""
+    `stat_dtype`) and the EK-FAC factors of the `owned` modules (default all; `ray.solve_mode=modules` gives a rank
+    its own), and the exact GGN product (`ihvp.products.GGNProduct.product_sum`, double-VJP) with tangents on those
+    modules. FLOPs: the set-up and at most two tangent chunks are replayed (`astra_flops` scales them)."""
     names = list(tracked) if owned is None else list(owned)
     factors = [
         torch.zeros(d, d, dtype=stat_dtype, device=META) for n in names for d in (tracked[n].in_dim, tracked[n].out_features)
@@ -284,8 +284,8 @@ def fisher_step(
 ) -> None:
     """One iteration with the hook-only Fisher product (`ihvp.products.FisherProduct.product_sum`, one label
     sample): the solver's vectors (in `state_dtype`, default `stat_dtype`) and factors of the `owned` modules
-    (default all), a forward/backward capturing
-    every module, the per-sequence coefficients and the weighted gradient sums of the owned ones."""
+    (default all), a forward/backward capturing every module, the per-sequence coefficients and the weighted
+    gradient sums of the owned ones."""
     names = list(tracked) if owned is None else list(owned)
     factors = [
         torch.zeros(d, d, dtype=stat_dtype, device=META) for n in names for d in (tracked[n].in_dim, tracked[n].out_features)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from distributed_astra.curvature.hooks import sequence_gradients
 from distributed_astra.scoring.low_rank import LowRank
 
 Direction = torch.Tensor | LowRank  # one module's directions of Q queries: [Q, O, I], or its rank-r factors
@@ -34,8 +35,8 @@ def module_scores(ds: torch.Tensor, a: torch.Tensor, directions: Direction) -> t
     batch, tokens, out_dim = ds.shape
     num_queries, _, in_dim = directions.shape
     materialise = materialise_per_sequence(batch, tokens, out_dim, in_dim, num_queries)
-    # the per-sequence gradients [B, O·I], once for every query, as one bmm
-    grads = torch.bmm(ds.transpose(1, 2), a).reshape(batch, -1) if materialise else None
+    # the per-sequence gradients [B, O·I], once for every query
+    grads = sequence_gradients(ds, a).reshape(batch, -1) if materialise else None
     # directions stored in another dtype (bfloat16) are cast a block of queries at a time: a copy no larger than
     # B sequence gradients or CAST_BLOCK_ELEMENTS numbers
     block = num_queries if directions.dtype == ds.dtype else max(batch, CAST_BLOCK_ELEMENTS // (out_dim * in_dim))

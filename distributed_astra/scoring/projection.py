@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distributed_astra.curvature.hooks import sequence_gradients
 from distributed_astra.errors import DastraError
 
 
@@ -131,7 +132,7 @@ class KroneckerProjection:
             in_matrix = projection.in_matrix.to(activations[name].device)
             ds = output_grads[name].float() @ out_matrix.t()  # [B, T, k_out]
             a = activations[name].float() @ in_matrix.t()  # [B, T, k_in]
-            parts.append(torch.einsum("bto,bti->boi", ds, a).flatten(1))
+            parts.append(sequence_gradients(ds, a).flatten(1))
         return torch.cat(parts, dim=1)
 
     def project_matrices(self, matrices: dict[str, torch.Tensor]) -> torch.Tensor:
