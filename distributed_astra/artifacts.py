@@ -98,12 +98,14 @@ def load_module_tensors(
 
 
 def load_tensors(
-    path: Path, what: str, stage: str, device: str = "cpu", fix: str | None = None, names: list[str] | None = None
+    path: Path, what: str, stage: str, device: str = "cpu", fix: str | None = None, names: list[str] | None = None,
+    rows: slice | None = None,
 ) -> dict[str, torch.Tensor]:
     """`safetensors.torch.load_file`, the one way this package reads tensors back: a missing, truncated or otherwise
     damaged file is a one-line DastraError naming it and the stage that rewrites it (`fix` replaces "re-run
     `dastra <stage>`" where no stage does); safetensors' own error names neither. With `names`, only those tensors
-    are read (one at a time: a rank loads the modules it owns)."""
+    are read (one at a time: a rank loads the modules it owns); with `rows` as well, only those rows of each (a
+    chunk of queries)."""
     path = Path(path)
     fix = fix or f"re-run `dastra {stage}`"
     if not path.is_file():
@@ -115,7 +117,9 @@ def load_tensors(
             missing = [n for n in names if n not in handle.keys()]
             if missing:
                 raise DastraError(f"{what} file '{path}' has no tensor(s) {missing}; {fix}")
-            return {n: handle.get_tensor(n) for n in names}
+            if rows is None:
+                return {n: handle.get_tensor(n) for n in names}
+            return {n: handle.get_slice(n)[rows] for n in names}
     except (SafetensorError, OSError) as exc:
         raise DastraError(f"{what} file '{path}' is damaged ({_reason(exc)}); {fix}") from None
 

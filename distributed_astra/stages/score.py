@@ -76,10 +76,11 @@ def held_directions(rank: Rank, passes: Sequence[DirectionsPass], names: list[st
         for p in passes:
             if (p.file, p.scale) in prepared:
                 continue
-            tensors = load_tensors(Path(p.file), "solved directions", "solve", names=names)
+            tensors = load_tensors(Path(p.file), "solved directions", "solve", names=names,
+                                   rows=slice(queries[0], queries[1]))
             held: dict[str, Direction] = {}
             for name in names:
-                x = tensors.pop(name)[queries[0] : queries[1]].to(rank.device)
+                x = tensors.pop(name).to(rank.device)
                 x = x * p.scale if p.scale != 1.0 else x
                 held[name] = stored_direction(x, sc, compute)
             prepared[p.file, p.scale] = held
