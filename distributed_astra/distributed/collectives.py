@@ -76,6 +76,12 @@ def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum({"t": t})["t"]
 
 
+def sum_over_other_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Σ over the other ranks of their `t`, this rank adding zeros (stages/solve.py: a module-less rank shadows a
+    module whose owner counts it)."""
+    return sum_over_ranks(torch.zeros_like(t))
+
+
 def all_reduce_counts(*counts: int, op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[int]:
     """Integer counts reduced over ranks (sum by default)."""
     if not in_group():

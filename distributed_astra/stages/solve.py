@@ -72,6 +72,7 @@ from distributed_astra.distributed.collectives import (
     label_draws,
     sent_bytes,
     slice_bounds,
+    sum_over_other_ranks,
     sum_over_ranks,
 )
 from distributed_astra.errors import DastraError
@@ -185,11 +186,6 @@ def fast_forward(sampler: MinibatchSampler, draws: int) -> None:
     """Draw `draws` minibatches as the iterations would."""
     for _ in range(draws):
         sampler.sample()
-
-
-def sum_over_other_ranks(t: torch.Tensor) -> torch.Tensor:
-    """Σ over ranks of the other ranks' `t`: this rank adds zeros (a shadowed module is counted by its owner)."""
-    return sum_over_ranks(torch.zeros_like(t))
 
 
 def memory_query_chunk(tracked: Mapping, dtype: torch.dtype, device: torch.device) -> int:
