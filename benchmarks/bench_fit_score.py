@@ -735,7 +735,7 @@ def main() -> None:
     train = {**lm_batch(torch.randint(VOCAB, (args.train, SEQ_LEN), generator=g)), "doc_id": torch.arange(args.train)}
     queries = {
         **lm_batch(torch.randint(VOCAB, (args.queries, SEQ_LEN), generator=g), PROMPT_LEN),
-        "query_id": torch.arange(args.queries),
+        "query_index": torch.arange(args.queries),  # what query_gradients orders the queries by
     }
     ours_model = prepare_for_attribution(copy.deepcopy(model))
     tracked = select_tracked_modules(ours_model, PATTERNS)
